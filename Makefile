@@ -1,0 +1,24 @@
+# Everything a fresh clone needs: `make test` and `make demo` create .venv and install first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not benchmark" tests
+
+demo: $(STAMP)
+	$(VENV)/bin/mkd demo --out demo
+
+clean:
+	rm -rf demo build *.egg-info .pytest_cache

@@ -1,0 +1,122 @@
+"""Method commands: train, evaluate, predict, compare, demo."""
+
+import click
+
+from mkd_cli.main import main
+from mkd_tf.config import METHODS
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Run folder (created; the same command resumes it).")
+@click.option("--method", type=click.Choice(METHODS), default=None, help="Method to train [config default: mkd].")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="YAML with any hyper-parameter (see mkd_tf/config.py).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs [config default: 20].")
+@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Steps per epoch [config default: 100].")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per stream per step, all replicas [config default: 8].")
+@click.option("--target-labeled", type=click.IntRange(0), default=None,
+              help="Use labels of only N of the cache's labelled target training volumes [default: all].")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default=None,
+              help="auto = MirroredStrategy over all GPUs, default strategy on CPU [config default: auto].")
+@click.option("--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0].")
+@click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32].")
+@click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4].")
+@click.option("--no-augment", is_flag=True, default=None, help="Turn augmentation off.")
+@click.option("--no-iam", is_flag=True, default=None, help="Ablation: no image alignment (S_syn sees raw assistant images).")
+@click.option("--no-kd-s2r", is_flag=True, default=None, help="Ablation: no S_syn -> S_real distillation.")
+@click.option("--no-kd-r2s", is_flag=True, default=None, help="Ablation: no S_real -> S_syn distillation.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(cache, out, method, config_path, epochs, steps_per_epoch, batch_size, target_labeled, strategy, seed,
+          base_filters, depth, no_augment, no_iam, no_kd_s2r, no_kd_r2s, quiet):
+    """Train a method on a slice CACHE into --out (flags override --config, which overrides defaults)."""
+    from mkd_tf.training import train as run_training
+
+    overrides = {
+        "method": method, "seed": seed, "strategy": strategy,
+        "data": {"batch_size": batch_size, "target_labeled": target_labeled,
+                 "augment": False if no_augment else None},
+        "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
+        "segmentor": {"base_filters": base_filters, "depth": depth},
+        "ablation": {"iam": False if no_iam else None, "kd_s2r": False if no_kd_s2r else None,
+                     "kd_r2s": False if no_kd_r2s else None},
+    }
+    result = run_training(cache, out, config_path, overrides, verbose=0 if quiet else 1)
+    best = result["best"]
+    click.echo(f"run: {result['run']}  best epoch {best['epoch']} ({best['predictor']} val Dice {best['score']:.3f})"
+               if best and best["score"] >= 0 else f"run: {result['run']}")
+    click.echo(f"tensorboard --logdir {result['logs']}")
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", help="Target split to evaluate.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to evaluate.")
+@click.option("--cache", type=click.Path(), default=None, help="Slice cache [default: the one the run was trained on].")
+def evaluate(run, split, checkpoint, cache):
+    """Dice, ASSD, HD95 (mm, original grid) of every predictor of RUN; writes metrics.json/.csv/.md."""
+    from mkd_tf.evaluation import evaluate_run
+
+    result = evaluate_run(run, split, checkpoint, cache)
+    click.echo(result["table"])
+    click.echo(f"wrote {run}/metrics.json, metrics.csv, metrics.md")
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.argument("image", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Label map to write (.nii.gz): input's shape, affine, label values.")
+@click.option("--overlay", type=click.Path(), default=None, help="Also write a PNG with contours on a few slices.")
+@click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (or the baseline's name).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to use.")
+def predict(run, image, out, overlay, which, checkpoint):
+    """Segment a target-modality NIfTI IMAGE with a trained RUN."""
+    from mkd_tf.inference import predict_file
+    from mkd_tf.training import load_run
+
+    model, _, record = load_run(run, checkpoint)
+    if which not in model.predictor_names():
+        which = model.predictor_names()[-1] if which == "ensemble" else which
+    if which not in model.predictor_names():
+        raise click.BadParameter(f"'{which}' (this run has {', '.join(model.predictor_names())})", param_hint="--which")
+    labels = predict_file(model, record, image, out, which, overlay)
+    click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--methods", default="target-only,joint,finetune,ummkd,mkd", help="Comma-separated methods (and mkd ablations: mkd-no-iam, mkd-no-kd-s2r, mkd-no-kd-r2s).")
+@click.option("--target-labeled", type=click.IntRange(0), default=None, help="Labelled target training volumes for every method.")
+@click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the runs, the table and the box plot.")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="YAML shared by every method.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs per run.")
+@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Steps per epoch.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per stream per step.")
+@click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters.")
+@click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(cache, methods, target_labeled, seeds, out, config_path, epochs, steps_per_epoch, batch_size,
+            base_filters, depth, quiet):
+    """Train and evaluate several methods on the same split and budget; one table + a box plot."""
+    from mkd_tf.compare import compare_methods
+
+    overrides = {"data": {"batch_size": batch_size, "target_labeled": target_labeled},
+                 "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
+                 "segmentor": {"base_filters": base_filters, "depth": depth}}
+    result = compare_methods(cache, [m.strip() for m in methods.split(",") if m.strip()], seeds, out,
+                             config_path, overrides, verbose=0 if quiet else 1, progress=click.echo)
+    click.echo(result["table"])
+    click.echo(f"wrote {result['table_path']} and {result['plot_path']}")
+
+
+@main.command()
+@click.option("--out", default="demo", type=click.Path(), help="Folder for the phantom, cache, run and exports.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Override the demo's epochs (4).")
+@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Override the demo's steps per epoch (75).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo(out, epochs, steps_per_epoch, quiet):
+    """Phantom -> prepare -> train MKD briefly -> evaluate -> export -> TFLite, in a few minutes on CPU."""
+    from mkd_tf.demo import run_demo
+
+    result = run_demo(out, steps_per_epoch, epochs, progress=click.echo, verbose=0 if quiet else 1)
+    click.echo(f"run: {result['run']}\ntensorboard --logdir {result['logs']}")

@@ -1,0 +1,186 @@
+"""Find cases in the folder layouts users already have: MM-WHS 2017 and nnU-Net v2 raw.
+
+A :class:`Dataset` lists :class:`Case` s (image path, label path or ``None``) and the dataset's label
+table (name -> value in its files). The two modalities' tables are matched **by name** with
+:func:`match_labels`, so their integer ids may differ.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mkd_tf.errors import fail
+
+# MM-WHS 2017 label values, in the challenge's order.
+MMWHS_LABELS = {
+    "background": 0,
+    "myocardium": 205,  # left-ventricle myocardium
+    "left_atrium": 420,  # LA blood cavity
+    "left_ventricle": 500,  # LV blood cavity
+    "right_atrium": 550,  # RA blood cavity
+    "right_ventricle": 600,  # RV blood cavity
+    "ascending_aorta": 820,
+    "pulmonary_artery": 850,
+}
+# The four structures SIFA / UMMKD report on; the others become background.
+MMWHS_FOUR = ("myocardium", "left_atrium", "left_ventricle", "ascending_aorta")
+
+_MMWHS_IMAGE = re.compile(r"^(?P<modality>[a-z]+)_(?P<split>[a-z]+)_(?P<id>\d+)_image\.nii(\.gz)?$")
+
+
+@dataclass
+class Case:
+    """One patient volume.
+
+    Args:
+        case_id: unique within its dataset, e.g. `ct_train_1001`.
+        image: path of the intensity volume.
+        label: path of the label volume, or `None` when the case has none.
+    """
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """The cases of one modality and their label table.
+
+    Args:
+        root: the folder that was read.
+        layout: `"mmwhs"` or `"nnunet"`.
+        modality: e.g. `"ct"`, `"mr"` (nnU-Net: channel 0's name, lower case).
+        cases: the :class:`Case` s, sorted by id.
+        labels: label name -> value in the files (background included).
+        label_source: the file that defined `labels` (for messages).
+    """
+
+    root: Path
+    layout: str
+    modality: str
+    cases: list = field(default_factory=list)
+    labels: dict = field(default_factory=dict)
+    label_source: str = ""
+
+
+def discover(path, modality=None):
+    """Detect the layout of ``path`` and list its cases.
+
+    Args:
+        path: an MM-WHS modality folder (`ct_train/`), an MM-WHS root holding `ct_train/` and
+            `mr_train/`, or an nnU-Net v2 raw dataset folder (`dataset.json`, `imagesTr/`, `labelsTr/`).
+        modality: for an MM-WHS root, which modality folder to read (`"ct"`, `"mr"`).
+
+    Returns:
+        :class:`Dataset`.
+    """
+    root = Path(path)
+    if not root.exists():
+        fail(root, "folder not found")
+    if not root.is_dir():
+        fail(root, "not a folder")
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        return _nnunet(root)
+    if any(_MMWHS_IMAGE.match(p.name) for p in root.iterdir()):
+        return _mmwhs_folder(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and re.match(r"^[a-z]+_train$", p.name))
+    if folders:
+        if modality is None:
+            fail(root, f"MM-WHS root holds {', '.join(folders)}: choose one with --target-modality/--assistant-modality")
+        folder = root / f"{modality.lower()}_train"
+        if not folder.is_dir():
+            fail(root, f"no {modality.lower()}_train/ folder (found {', '.join(folders)})")
+        return _mmwhs_folder(folder)
+    if not any(root.iterdir()):
+        fail(root, "folder is empty")
+    fail(root, "not an MM-WHS 2017 folder (*_image.nii.gz) nor an nnU-Net v2 raw folder (dataset.json, imagesTr/)")
+
+
+def _mmwhs_folder(folder):
+    cases, modalities = [], set()
+    for image in sorted(folder.iterdir()):
+        match = _MMWHS_IMAGE.match(image.name)
+        if not match:
+            continue
+        modalities.add(match["modality"])
+        case_id = f"{match['modality']}_{match['split']}_{match['id']}"
+        label = image.with_name(image.name.replace("_image.", "_label."))
+        cases.append(Case(case_id, image, label if label.exists() else None))
+    if not cases:
+        fail(folder, "no *_image.nii.gz cases found")
+    if len(modalities) > 1:
+        fail(folder, f"mixes modalities {sorted(modalities)}")
+    return Dataset(folder, "mmwhs", modalities.pop(), cases, dict(MMWHS_LABELS), "MM-WHS 2017 label values")
+
+
+def _nnunet(root):
+    spec_path = root / "dataset.json"
+    if not spec_path.exists():
+        fail(root, "nnU-Net folder has no dataset.json")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(spec_path, f"invalid JSON ({exc})")
+    labels = spec.get("labels") if isinstance(spec, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        fail(spec_path, 'no "labels" mapping (expected {"background": 0, "name": 1, ...})')
+    for name, value in labels.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail(spec_path, f'label "{name}" has value {value!r}; only integer labels are supported (no regions)')
+    if 0 not in labels.values():
+        fail(spec_path, "labels have no background (value 0)")
+    channels = spec.get("channel_names") or spec.get("modality") or {"0": "unknown"}
+    modality = str(channels.get("0", "unknown")).lower()
+    ending = spec.get("file_ending", ".nii.gz")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        fail(root, "nnU-Net folder has no imagesTr/")
+    cases = []
+    for image in sorted(images_dir.glob(f"*_0000{ending}")):
+        case_id = image.name[: -len(f"_0000{ending}")]
+        label = labels_dir / f"{case_id}{ending}"
+        cases.append(Case(case_id, image, label if label.exists() else None))
+    if not cases:
+        fail(images_dir, f"no *_0000{ending} images found")
+    return Dataset(root, "nnunet", modality, cases, {str(k): v for k, v in labels.items()}, str(spec_path))
+
+
+def structure_names(dataset, structures=None):
+    """The foreground names of ``dataset`` to keep: all, or MM-WHS's 4-structure set (`structures=4`)."""
+    names = [name for name, value in dataset.labels.items() if value != 0]
+    if structures in (None, 0) or structures == len(names):
+        return names
+    if structures == 4 and dataset.layout == "mmwhs":
+        return list(MMWHS_FOUR)
+    fail(dataset.root, f"--structures {structures} is not available (dataset has {len(names)} structures)")
+
+
+def match_labels(target, assistant, structures=None, ignore_unmatched=False):
+    """Match the two modalities' structures by name.
+
+    Args:
+        target, assistant: :class:`Dataset` s.
+        structures: `7`/`None` for all, `4` for MM-WHS's MYO/LA/LV/AA.
+        ignore_unmatched: keep only names present in both instead of failing.
+
+    Returns:
+        Class names, background first: index `i` is class `i` in the cache and the models.
+    """
+    target_names = structure_names(target, structures)
+    assistant_names = structure_names(assistant, structures)
+    only_target = [n for n in target_names if n not in assistant_names]
+    only_assistant = [n for n in assistant_names if n not in target_names]
+    if (only_target or only_assistant) and not ignore_unmatched:
+        parts = []
+        if only_target:
+            parts.append(f"{only_target} only in target {target.label_source}")
+        if only_assistant:
+            parts.append(f"{only_assistant} only in assistant {assistant.label_source}")
+        fail(target.label_source, "label names do not match across modalities: " + "; ".join(parts)
+             + " (use --ignore-unmatched to drop them)")
+    common = [n for n in target_names if n in assistant_names]
+    if not common:
+        fail(target.label_source, "the two modalities share no label names")
+    return ["background"] + common

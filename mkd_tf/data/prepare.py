@@ -1,0 +1,214 @@
+"""`mkd prepare`: two datasets (target, assistant) -> one verified slice cache.
+
+Decisions:
+- The patient-level split (`fractions` or an explicit split file) applies to the **target** modality.
+  Every labelled assistant case goes to `train`: the assistant modality is there to teach, and the
+  method is evaluated on target patients only. An explicit split file may still place assistant cases.
+- Target cases without a label file are training cases without labels. `target_labeled=N` keeps the
+  labels of only the first N target training cases (in seeded order); the rest stay, unlabelled.
+"""
+
+import json
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from mkd_tf import __version__
+from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter
+from mkd_tf.data.layouts import discover, match_labels
+from mkd_tf.data.nifti import check_same_grid, load_image, load_label
+from mkd_tf.data.preprocess import PreprocessConfig, preprocess_volume
+from mkd_tf.errors import MkdError, fail
+
+
+@dataclass
+class PrepareOptions:
+    """Everything `mkd prepare` can be told (see `mkd prepare --help`)."""
+
+    target_modality: str | None = None
+    assistant_modality: str | None = None
+    structures: int | None = None
+    ignore_unmatched: bool = False
+    split: tuple = (0.6, 0.2, 0.2)
+    split_file: str | None = None
+    target_labeled: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+def split_fractions(case_ids, fractions, seed):
+    """Seeded patient-level split: case id -> `"train"|"val"|"test"`.
+
+    Counts are rounded; when a split has a nonzero fraction and there are at least three cases it
+    gets at least one case, and train always keeps at least one.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise MkdError(f"--split {fractions}: expected three non-negative fractions train,val,test")
+    total = float(sum(fractions))
+    order = sorted(case_ids)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_test = int(round(n * fractions[2] / total))
+    n_val = int(round(n * fractions[1] / total))
+    if n >= 3:
+        n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+        n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+    while n - n_test - n_val < 1 and (n_test or n_val):
+        if n_val >= n_test and n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    assignment = {case: "test" for case in order[:n_test]}
+    assignment.update({case: "val" for case in order[n_test:n_test + n_val]})
+    assignment.update({case: "train" for case in order[n_test + n_val:]})
+    return assignment
+
+
+def _read_split_file(path, datasets):
+    try:
+        spec = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        fail(path, "split file not found")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(path, f"invalid JSON ({exc})")
+    assignments = {}
+    for role, dataset in datasets.items():
+        known = {case.case_id for case in dataset.cases}
+        assignment = {}
+        for split, cases in (spec.get(role) or {}).items():
+            if split not in SPLITS:
+                fail(path, f'unknown split "{split}" for {role} (use train, val, test)')
+            for case in cases:
+                if case not in known:
+                    fail(path, f'{role} case "{case}" is not in {dataset.root}')
+                if case in assignment:
+                    fail(path, f'{role} case "{case}" is listed in both {assignment[case]} and {split}')
+                assignment[case] = split
+        assignments[role] = assignment
+    return assignments
+
+
+def plan_splits(datasets, options):
+    """Case id -> split for each role, following the options (see module docstring)."""
+    if options.split_file:
+        plans = _read_split_file(options.split_file, datasets)
+        for role, dataset in datasets.items():
+            if not plans[role]:  # a role missing from the file: all its labelled cases train
+                plans[role] = {case.case_id: "train" for case in dataset.cases}
+        return plans
+    target = datasets["target"]
+    labelled = [case.case_id for case in target.cases if case.label is not None]
+    plans = {"target": split_fractions(labelled, options.split, options.seed)}
+    plans["target"].update({case.case_id: "train" for case in target.cases if case.label is None})
+    plans["assistant"] = {case.case_id: "train" for case in datasets["assistant"].cases}
+    return plans
+
+
+def _labelled_training_cases(dataset, plan, target_labeled, seed):
+    """Which training cases keep their labels."""
+    candidates = sorted(c.case_id for c in dataset.cases if plan.get(c.case_id) == "train" and c.label is not None)
+    if target_labeled is None:
+        return set(candidates)
+    if target_labeled > len(candidates):
+        fail(dataset.root, f"--target-labeled {target_labeled} but only {len(candidates)} labelled training cases")
+    random.Random(seed + 1).shuffle(candidates)
+    return set(candidates[:target_labeled])
+
+
+def prepare_cache(target_path, assistant_path, out, options=None, progress=None):
+    """Read both datasets, preprocess every case and write the slice cache atomically.
+
+    Args:
+        target_path: target-modality (e.g. CT) dataset folder, any layout :func:`discover` knows.
+        assistant_path: assistant-modality (e.g. MRI) dataset folder.
+        out: cache folder to create.
+        options: :class:`PrepareOptions`.
+        progress: optional `callable(str)` for one line per volume.
+
+    Returns:
+        Path of the finished cache.
+    """
+    options = options or PrepareOptions()
+    progress = progress or (lambda line: None)
+    datasets = {
+        "target": discover(target_path, options.target_modality),
+        "assistant": discover(assistant_path, options.assistant_modality),
+    }
+    classes = match_labels(datasets["target"], datasets["assistant"], options.structures, options.ignore_unmatched)
+    plans = plan_splits(datasets, options)
+    config = options.preprocess
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mkd_tf_version": __version__,
+        "classes": classes,
+        "preprocess": config.to_dict(),
+        "split": {"seed": options.seed, "fractions": list(options.split), "file": options.split_file,
+                  "target_labeled": options.target_labeled},
+        "modalities": {},
+    }
+    with CacheWriter(out, config.size, overwrite=options.overwrite) as writer:
+        for role in ROLES:
+            dataset, plan = datasets[role], plans[role]
+            keep_labels = _labelled_training_cases(dataset, plan, options.target_labeled if role == "target" else None,
+                                                   options.seed)
+            value_to_class = {value: (classes.index(name) if name in classes else 0)
+                              for name, value in dataset.labels.items()}
+            manifest["modalities"][role] = {
+                "name": dataset.modality, "layout": dataset.layout, "root": str(Path(dataset.root).resolve()),
+                "label_values": {name: dataset.labels[name] for name in classes},
+                "label_source": dataset.label_source,
+            }
+            for case in dataset.cases:
+                split = plan.get(case.case_id)
+                if split is None:
+                    continue
+                has_label = case.label is not None and (split != "train" or case.case_id in keep_labels)
+                if split != "train" and case.label is None:
+                    fail(case.image, f"{split} case has no label file")
+                image = load_image(case.image)
+                label = None
+                if case.label is not None:
+                    label = load_label(case.label)
+                    check_same_grid(image, label)
+                slices, label_slices, params = preprocess_volume(image, label, dataset.modality, config, value_to_class)
+                entry = {"case_id": case.case_id, "image": str(Path(case.image).resolve()),
+                         "label": str(Path(case.label).resolve()) if case.label is not None else None,
+                         "inverse": params}
+                writer.add_volume(role, slices, label_slices, split, has_label, entry)
+                progress(f"{role:9s} {case.case_id:24s} {split:5s} {'labelled' if has_label else 'unlabelled':10s} "
+                         f"{slices.shape[0]} slices")
+        if not any(plans["target"].get(c.case_id) for c in datasets["target"].cases):
+            fail(target_path, "no target cases to write")
+        return writer.finish(manifest)
+
+
+def cache_summary(cache):
+    """Human-readable summary of a :class:`mkd_tf.data.cache.SliceCache` (what `mkd info` prints)."""
+    lines = [f"slice cache {cache.path}  ({cache.manifest.get('created', '?')}, mkd-tf {cache.manifest.get('mkd_tf_version', '?')})"]
+    pre = cache.manifest["preprocess"]
+    lines.append(f"  slices {cache.size}x{cache.size}, spacing {pre['spacing']} mm, axis {pre['axis']}, "
+                 f"split seed {cache.manifest['split']['seed']}")
+    lines.append(f"  classes ({cache.num_classes}): {', '.join(cache.classes)}")
+    for role in ROLES:
+        modality = cache.modality(role)
+        lines.append(f"  {role} [{modality['name']}, {modality['layout']}] {modality['root']}")
+        for split in SPLITS:
+            volumes = cache.volumes(role, split)
+            if not volumes:
+                continue
+            labelled = sum(v["labelled"] for v in volumes)
+            slices = sum(v["slices"][1] - v["slices"][0] for v in volumes)
+            lines.append(f"    {split:5s}: {len(volumes)} cases ({labelled} labelled, {len(volumes) - labelled} "
+                         f"unlabelled), {slices} slices")
+        labels = cache.labels(role)
+        rows = cache.indices(role, labelled=True)
+        counts = np.zeros(cache.num_classes, np.int64)
+        for start in range(0, len(rows), 256):
+            counts += np.bincount(labels[rows[start:start + 256]].ravel(), minlength=cache.num_classes)
+        lines.append("    voxels per structure (labelled slices): "
+                     + ", ".join(f"{name} {int(count)}" for name, count in zip(cache.classes[1:], counts[1:])))
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""`mkd tflite`: an exported SavedModel -> a LiteRT (TFLite) flatbuffer, checked against the SavedModel.
+
+Conversion uses ``tf.lite.TFLiteConverter.from_saved_model(dir, signature_keys=["serving_default"])``
+with builtin ops only (``TFLITE_BUILTINS``; ``TFLITE_BUILTINS_INT8`` for ``int8``), so the result never
+needs the Flex (TensorFlow) delegate. The converted model keeps the ``serving_default`` signature:
+input ``image`` float32 `(batch, H, W, 1)`, outputs ``probabilities`` float32 `(batch, H, W, classes)`
+and ``labels`` int32 `(batch, H, W)`. The batch dimension stays dynamic (``shape_signature`` -1; the
+interpreter starts at batch 1 and resizes on demand): every op the U-Net needs converts with a dynamic
+batch, so no separate fixed-batch signature is exported.
+
+Quantisation modes:
+
+- ``none``: float32 weights and activations.
+- ``float16``: weights stored as float16 (dequantised at load), float32 compute. ~1/2 the size.
+- ``dynamic``: weights int8, activations quantised on the fly (dynamic range). ~1/4 the size.
+- ``int8``: full integer: weights and activations int8, calibrated on a representative dataset of
+  the cache's target TRAINING slices. The model's input and outputs stay float32 / int32 (the
+  converter adds QUANTIZE / DEQUANTIZE at the edges), so callers feed the same tensors as for the
+  float model. Softmax probabilities are int8 with a step of 1/256, so near-ties between classes
+  may flip: the default agreement threshold is lower (0.97).
+
+Parity: after converting, the flatbuffer (still under a temporary name) and the SavedModel both
+segment held-out slices (the cache's target TEST split, at most ``parity_slices`` of them, evenly
+spaced); the report gives the Dice agreement of the two label maps (mean over the foreground classes
+either one predicts; 1.0 when neither predicts any) and the largest absolute probability difference.
+Below ``min_agreement`` the file is not written and :class:`MkdError` is raised; otherwise it is moved
+into place atomically.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mkd_tf.errors import MkdError, fail
+
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+DEFAULT_MIN_AGREEMENT = {"none": 0.99, "float16": 0.99, "dynamic": 0.99, "int8": 0.97}
+SIGNATURE = "serving_default"
+
+
+def evenly_spaced(rows, limit):
+    """At most ``limit`` entries of ``rows``, spread evenly (deterministic)."""
+    rows = np.asarray(rows)
+    if limit is None or len(rows) <= limit:
+        return rows
+    return rows[np.unique(np.linspace(0, len(rows) - 1, int(limit)).round().astype(int))]
+
+
+def make_converter(saved_model_dir, quantize, representative_images=None):
+    """A configured ``tf.lite.TFLiteConverter`` for ``serving_default`` of ``saved_model_dir``.
+
+    Args:
+        saved_model_dir: an exported version folder.
+        quantize: one of :data:`QUANTIZATIONS`.
+        representative_images: `(n, H, W)` float32 preprocessed slices (``int8`` only).
+    """
+    import tensorflow as tf
+
+    if quantize not in QUANTIZATIONS:
+        raise MkdError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[SIGNATURE])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+        if representative_images is None or len(representative_images) == 0:
+            raise MkdError("--quantize int8 needs representative slices (the cache's target training split is empty)")
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        images = np.asarray(representative_images, np.float32)
+
+        def representative_dataset():
+            for image in images:
+                yield {"image": image[None, ..., None]}
+
+        converter.representative_dataset = representative_dataset
+    return converter
+
+
+def interpreter(model_path_or_content, num_threads=None):
+    """An ``ai_edge_litert`` interpreter with tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(model_path_or_content, (bytes, bytearray)):
+        result = Interpreter(model_content=bytes(model_path_or_content), num_threads=num_threads)
+    else:
+        result = Interpreter(model_path=str(model_path_or_content), num_threads=num_threads)
+    result.allocate_tensors()
+    return result
+
+
+def op_names(model_path_or_content):
+    """Set of operator names in a .tflite model (``FlexXxx`` would mean TensorFlow ops were embedded)."""
+    return {op["op_name"] for op in interpreter(model_path_or_content)._get_ops_details()}
+
+
+def run_tflite(model_path_or_content, images, batch_size=16):
+    """``serving_default`` of a .tflite model on `(n, H, W)` slices -> `(labels (n, H, W), probabilities)`."""
+    runner = interpreter(model_path_or_content).get_signature_runner(SIGNATURE)
+    labels, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        outputs = runner(image=np.asarray(images[start:start + batch_size], np.float32)[..., None])
+        labels.append(outputs["labels"])
+        probabilities.append(outputs["probabilities"])
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def run_saved_model(signature, images, batch_size=16):
+    """``serving_default`` of a loaded SavedModel on `(n, H, W)` slices -> `(labels, probabilities)`."""
+    import tensorflow as tf
+
+    labels, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        outputs = signature(image=tf.constant(np.asarray(images[start:start + batch_size], np.float32)[..., None]))
+        labels.append(outputs["labels"].numpy())
+        probabilities.append(outputs["probabilities"].numpy())
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def dice_agreement(labels_a, labels_b, num_classes):
+    """Mean Dice between two class maps over the foreground classes either contains (1.0 if none)."""
+    labels_a, labels_b = np.asarray(labels_a).ravel(), np.asarray(labels_b).ravel()
+    scores = []
+    for c in range(1, num_classes):
+        a, b = labels_a == c, labels_b == c
+        total = int(a.sum()) + int(b.sum())
+        if total:
+            scores.append(2.0 * int((a & b).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _temporary_sibling(path):
+    import uuid
+
+    return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
+def convert_to_tflite(saved_model_dir, out, quantize="none", cache=None, min_agreement=None, parity_slices=200,
+                      representative_slices=100, report=None):
+    """Convert ``serving_default`` of an exported SavedModel to .tflite and check parity.
+
+    Args:
+        saved_model_dir: an exported version folder (``saved_models/NAME/<version>``).
+        out: the .tflite file to write.
+        quantize: ``none``, ``float16``, ``dynamic`` or ``int8`` (see module docstring).
+        cache: slice cache for parity (target test split) and int8 calibration (target train split);
+            default: the cache recorded in the export's ``assets.extra/mkd_model.json``.
+        min_agreement: Dice agreement below which nothing is written and MkdError is raised
+            (default :data:`DEFAULT_MIN_AGREEMENT` of the mode).
+        parity_slices: at most this many test slices (evenly spaced) are compared.
+        representative_slices: at most this many training slices calibrate int8.
+        report: optional `callable(str)` receiving the parity line before any error is raised.
+
+    Returns:
+        dict: ``path``, ``bytes``, ``quantize``, ``agreement``, ``pixel_agreement``,
+        ``max_probability_difference``, ``slices``, ``ops`` (sorted operator names), ``min_agreement``.
+    """
+    import tensorflow as tf
+
+    from mkd_tf.data.cache import SliceCache
+    from mkd_tf.export.serving import read_model_asset
+
+    saved_model_dir, out = Path(saved_model_dir), Path(out)
+    if not (saved_model_dir / "saved_model.pb").exists():
+        fail(saved_model_dir, "not a SavedModel folder (no saved_model.pb); pass saved_models/NAME/<version>")
+    if out.suffix != ".tflite":
+        fail(out, "output must end in .tflite")
+    if quantize not in QUANTIZATIONS:
+        raise MkdError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
+    asset = read_model_asset(saved_model_dir)
+    threshold = DEFAULT_MIN_AGREEMENT[quantize] if min_agreement is None else float(min_agreement)
+    cache_path = cache or asset["cache"]
+    if not Path(cache_path).is_dir():
+        fail(cache_path, "slice cache for the parity check not found (pass --cache)")
+    slice_cache = SliceCache(cache_path, verify=False)
+    if slice_cache.classes != asset["classes"] or slice_cache.size != asset["size"]:
+        fail(slice_cache.path, f"classes/size ({slice_cache.size}) differ from the export's ({asset['size']})")
+    test_rows = evenly_spaced(slice_cache.indices("target", "test"), parity_slices)
+    if test_rows.size == 0:
+        fail(slice_cache.path, "no target test slices for the parity check")
+    images = slice_cache.images("target")
+    representative = None
+    if quantize == "int8":
+        representative = np.asarray(images[evenly_spaced(slice_cache.indices("target", "train"), representative_slices)])
+
+    converter = make_converter(saved_model_dir, quantize, representative)
+    try:
+        content = converter.convert()
+    except Exception as exc:  # the converter raises ConverterError and plain exceptions alike
+        raise MkdError(f"{saved_model_dir}: TFLite conversion ({quantize}) failed: {str(exc).splitlines()[0]}")
+    ops = sorted(op_names(content))
+    foreign = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
+    if foreign:
+        fail(saved_model_dir, f"conversion produced non-builtin ops {foreign}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_sibling(out)
+    try:
+        temporary.write_bytes(content)
+        held_out = np.asarray(images[test_rows])
+        signature = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE]
+        reference_labels, reference_probabilities = run_saved_model(signature, held_out)
+        lite_labels, lite_probabilities = run_tflite(temporary, held_out)
+        agreement = dice_agreement(lite_labels, reference_labels, len(asset["classes"]))
+        result = {
+            "path": str(out), "bytes": len(content), "quantize": quantize, "agreement": agreement,
+            "pixel_agreement": float(np.mean(lite_labels == reference_labels)),
+            "max_probability_difference": float(np.abs(lite_probabilities - reference_probabilities).max()),
+            "slices": int(test_rows.size), "ops": ops, "min_agreement": threshold,
+        }
+        if report:
+            report(parity_line(result))
+        if agreement < threshold:
+            raise MkdError(f"{out}: TFLite ({quantize}) labels agree with the SavedModel's at Dice {agreement:.4f} "
+                           f"< --min-agreement {threshold}; not written")
+        os.replace(temporary, out)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return result
+
+
+def parity_line(result):
+    """One line: the parity of a conversion (what `mkd tflite` prints)."""
+    return (f"parity ({result['quantize']}, {result['slices']} test slices): Dice agreement {result['agreement']:.4f} "
+            f"(threshold {result['min_agreement']}), pixel agreement {result['pixel_agreement']:.4f}, "
+            f"max |probability difference| {result['max_probability_difference']:.2e}")

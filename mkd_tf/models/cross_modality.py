@@ -1,0 +1,91 @@
+"""What every method trained by `mkd train` shares: batches, loss averaging, optimizers, predictors.
+
+A training batch is a dict of unpaired streams, each `{"image": (batch, height, width, 1),
+"label": (batch, height, width), "has_label": (batch,)}`:
+
+- `"assistant"`: labelled assistant-modality slices (e.g. MRI);
+- `"target"`: all target-modality training slices, labelled or not (e.g. CT);
+- `"target_labelled"`: labelled target training slices (absent when the target has no labels).
+
+Every method reads only the streams it needs, so all methods see the same data, augmentation and
+step budget: the comparison between them is fair.
+"""
+
+import keras
+import tensorflow as tf
+
+
+class CrossModalityModel(keras.Model):
+    """Base class of the methods: MKD and its baselines.
+
+    Subclasses implement :meth:`train_step` (returning a dict of scalar losses) and
+    :meth:`segmentors` (name -> model returning logits on target-modality slices).
+
+    Args:
+        num_classes: int, classes including background.
+        global_batch_size: int, slices per stream per step summed over replicas; per-example losses
+            are divided by it (:meth:`average`) so that an update on N replicas equals the
+            single-device update on the same global batch.
+    """
+
+    #: names of the batch streams the method reads
+    streams = ("assistant", "target", "target_labelled")
+
+    def __init__(self, num_classes, global_batch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.global_batch_size = int(global_batch_size)
+        self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_counter")
+
+    # --- losses -------------------------------------------------------------------------------
+    def average(self, per_example):
+        """Sum of per-example losses / global batch size (replica-safe mean)."""
+        return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
+
+    # --- models ----------------------------------------------------------------------------------
+    def segmentors(self):
+        """Name -> segmentor (logits) usable on target-modality slices."""
+        raise NotImplementedError
+
+    def predict_probabilities(self, images, which="ensemble"):
+        """Softmax probabilities `(batch, height, width, classes)` of one predictor on target slices.
+
+        Args:
+            images: `(batch, height, width, 1)` preprocessed target slices.
+            which: a key of :meth:`segmentors`, or `"ensemble"` (mean of all segmentors' softmax).
+        """
+        segmentors = self.segmentors()
+        if which == "ensemble":
+            probabilities = [tf.nn.softmax(model(images, training=False), axis=-1) for model in segmentors.values()]
+            return tf.add_n(probabilities) / float(len(probabilities))
+        if which not in segmentors:
+            raise KeyError(f"unknown predictor {which!r}; have {sorted(segmentors)} and 'ensemble'")
+        return tf.nn.softmax(segmentors[which](images, training=False), axis=-1)
+
+    def predictor_names(self):
+        names = list(self.segmentors())
+        return names + ["ensemble"] if len(names) > 1 else names
+
+    # --- building ------------------------------------------------------------------------------
+    def build_for(self, image_shape):
+        """Create every variable for slices of `image_shape = (height, width, 1)`."""
+        raise NotImplementedError
+
+    def optimizers(self):
+        """Name -> (optimizer, variables) pairs; built together inside the strategy scope."""
+        raise NotImplementedError
+
+    def build_optimizers(self):
+        """Build each optimizer on its variables (call inside `strategy.scope()`)."""
+        for optimizer, variables in self.optimizers().values():
+            optimizer.build(variables)
+
+    def step(self, tape, loss, name):
+        """One optimizer step for ``name`` from ``loss`` recorded on ``tape``."""
+        optimizer, variables = self.optimizers()[name]
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables))
+
+    def image_panels(self, batch):
+        """Images for TensorBoard, each `(batch, height, width, 1)` in [0, 1] (overridden by MKD)."""
+        return {}

@@ -1,0 +1,210 @@
+"""Online Mutual Knowledge Distillation (Li, Yu, Wang, Heng, AAAI 2020) as one Keras model.
+
+The model owns the Image Alignment Module (G: assistant -> target, F: target -> assistant, and their
+PatchGAN discriminators), the segmentor S_syn that learns on aligned assistant images and the
+segmentor S_real that learns on target images. :meth:`MKDModel.train_step` reads like the method:
+
+1. align assistant images to target appearance: ``aligned = G(assistant)``;
+2. supervised segmentation (cross-entropy + soft Dice): S_syn on ``aligned`` with assistant labels,
+   S_real on labelled target images;
+3. mutual distillation, KL(teacher_T || student_T) * T^2 on temperature-softened logits:
+   S_syn -> S_real on aligned images (weight lambda_s2r), S_real -> S_syn on all target images,
+   labelled and unlabelled (weight lambda_r2s). **The teacher side is stop-gradient**: each
+   segmentor is only taught, never pulled towards its student, which keeps the two from collapsing
+   onto each other's mistakes; the aligned images are stop-gradient in the KD terms too, so the
+   generator learns from adversarial, cycle and segmentation losses only;
+4. IAM: least-squares adversarial + L1 cycle losses for G and F, and S_syn's segmentation loss on
+   aligned images also flows into G so that alignment keeps anatomy; the discriminators learn to
+   tell real from aligned images;
+5. three optimizers (segmentors, generators, discriminators), built inside the strategy scope.
+
+Ablations: ``use_iam=False`` feeds raw assistant images to S_syn (no alignment); ``kd_s2r=False`` /
+``kd_r2s=False`` drop one direction of distillation.
+"""
+
+from dataclasses import asdict, dataclass
+
+import keras
+import tensorflow as tf
+
+from mkd_tf import losses
+from mkd_tf.models.alignment import ImageAlignmentModule
+from mkd_tf.models.cross_modality import CrossModalityModel
+from mkd_tf.models.segmentor import Segmentor
+
+
+@dataclass
+class MKDWeights:
+    """Loss weights and the distillation temperature.
+
+    Args:
+        temperature: T of the softened softmax in both KD directions.
+        lambda_s2r: weight of S_syn -> S_real distillation.
+        lambda_r2s: weight of S_real -> S_syn distillation.
+        adversarial: weight of the generators' LSGAN loss.
+        cycle: weight of the L1 cycle-consistency loss (CycleGAN's 10).
+        segmentation_to_generator: weight of S_syn's segmentation loss in G's objective.
+    """
+
+    temperature: float = 2.0
+    lambda_s2r: float = 1.0
+    lambda_r2s: float = 1.0
+    adversarial: float = 1.0
+    cycle: float = 10.0
+    segmentation_to_generator: float = 1.0
+
+
+def _to_unit(images):
+    """Min-max each image to [0, 1] for TensorBoard panels."""
+    low = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
+    high = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
+    return (images - low) / tf.maximum(high - low, 1e-6)
+
+
+class MKDModel(CrossModalityModel):
+    """IAM + two segmentors trained with online mutual knowledge distillation.
+
+    Args:
+        num_classes: int, classes including background.
+        global_batch_size: int, slices per stream per step over all replicas.
+        segmentor: dict of :class:`Segmentor` arguments (`base_filters`, `depth`, `norm`, `dropout`).
+        alignment: dict of :class:`ImageAlignmentModule` arguments.
+        weights: :class:`MKDWeights` or a dict of its fields.
+        use_iam, kd_s2r, kd_r2s: ablation switches (all on = the full method).
+        optimizers: dict with keras optimizers under `"segmentors"`, `"generators"`, `"discriminators"`.
+
+    Call: ``model.predict_probabilities(images, which="ensemble"|"syn"|"real")`` on target slices
+    `(batch, height, width, 1)` -> `(batch, height, width, num_classes)`.
+
+    Example:
+        >>> model = MKDModel(5, 8, segmentor={"base_filters": 4, "depth": 2},
+        ...                  alignment={"base_filters": 4, "num_blocks": 1, "disc_filters": 4})
+        >>> model.build_for((32, 32, 1))
+    """
+
+    def __init__(self, num_classes, global_batch_size, segmentor=None, alignment=None, weights=None,
+                 use_iam=True, kd_s2r=True, kd_r2s=True, optimizers=None, **kwargs):
+        super().__init__(num_classes, global_batch_size, **kwargs)
+        self.segmentor_args = dict(segmentor or {})
+        self.alignment_args = dict(alignment or {})
+        self.weights_config = weights if isinstance(weights, MKDWeights) else MKDWeights(**(weights or {}))
+        self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
+        self.synthetic_segmentor = Segmentor(num_classes, name="s_syn", **self.segmentor_args)
+        self.real_segmentor = Segmentor(num_classes, name="s_real", **self.segmentor_args)
+        self.alignment = ImageAlignmentModule(name="iam", **self.alignment_args) if self.use_iam else None
+        optimizers = optimizers or {}
+        self.segmentor_optimizer = optimizers.get("segmentors") or keras.optimizers.Adam(1e-3)
+        if self.use_iam:
+            self.generator_optimizer = optimizers.get("generators") or keras.optimizers.Adam(2e-4, beta_1=0.5)
+            self.discriminator_optimizer = optimizers.get("discriminators") or keras.optimizers.Adam(2e-4, beta_1=0.5)
+
+    def segmentors(self):
+        return {"syn": self.synthetic_segmentor, "real": self.real_segmentor}
+
+    def build_for(self, image_shape):
+        shape = (None,) + tuple(image_shape)
+        self.synthetic_segmentor.build(shape)
+        self.real_segmentor.build(shape)
+        if self.alignment is not None:
+            self.alignment.build(shape)
+        self.built = True
+
+    def optimizers(self):
+        segmentor_variables = self.synthetic_segmentor.trainable_variables + self.real_segmentor.trainable_variables
+        groups = {"segmentors": (self.segmentor_optimizer, segmentor_variables)}
+        if self.alignment is not None:
+            groups["generators"] = (self.generator_optimizer, self.alignment.generator_variables)
+            groups["discriminators"] = (self.discriminator_optimizer, self.alignment.discriminator_variables)
+        return groups
+
+    def train_step(self, batch):
+        w = self.weights_config
+        assistant, target = batch["assistant"], batch["target"]
+        labelled_target = batch.get("target_labelled")
+        logs = {}
+        with tf.GradientTape(persistent=True) as tape:
+            # 1. Align assistant images to the target appearance.
+            if self.use_iam:
+                aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
+            else:
+                aligned = assistant["image"]
+
+            # 2. Supervised segmentation losses.
+            syn_on_aligned = self.synthetic_segmentor(aligned, training=True)
+            logs["seg_syn"] = self.average(losses.segmentation_loss(assistant["label"], tf.nn.softmax(syn_on_aligned)))
+            segmentation = logs["seg_syn"]
+            if labelled_target is not None:
+                real_on_labelled = self.real_segmentor(labelled_target["image"], training=True)
+                logs["seg_real"] = self.average(losses.segmentation_loss(
+                    labelled_target["label"], tf.nn.softmax(real_on_labelled)) * labelled_target["has_label"])
+                segmentation += logs["seg_real"]
+
+            # 3. Mutual distillation; teachers (and the aligned images) are stop-gradient.
+            distillation = 0.0
+            if self.kd_s2r:
+                real_on_aligned = self.real_segmentor(tf.stop_gradient(aligned), training=True)
+                logs["kd_s2r"] = self.average(losses.distillation_loss(
+                    tf.stop_gradient(syn_on_aligned), real_on_aligned, w.temperature))
+                distillation += w.lambda_s2r * logs["kd_s2r"]
+            if self.kd_r2s:
+                real_on_target = self.real_segmentor(target["image"], training=True)
+                syn_on_target = self.synthetic_segmentor(target["image"], training=True)
+                logs["kd_r2s"] = self.average(losses.distillation_loss(
+                    tf.stop_gradient(real_on_target), syn_on_target, w.temperature))
+                distillation += w.lambda_r2s * logs["kd_r2s"]
+            segmentor_loss = segmentation + distillation
+
+            # 4. Image alignment: adversarial + cycle (+ segmentation keeps anatomy).
+            if self.use_iam:
+                iam = self.alignment
+                target_as_assistant = iam.target_to_assistant(target["image"], training=True)
+                assistant_cycle = iam.target_to_assistant(aligned, training=True)
+                target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
+                logs["adversarial"] = self.average(
+                    losses.lsgan_generator_loss(iam.target_discriminator(aligned, training=True))
+                    + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True)))
+                logs["cycle"] = self.average(losses.cycle_loss(assistant["image"], assistant_cycle)
+                                             + losses.cycle_loss(target["image"], target_cycle))
+                generator_loss = (w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
+                                  + w.segmentation_to_generator * logs["seg_syn"])
+                logs["discriminator"] = self.average(
+                    losses.lsgan_discriminator_loss(iam.target_discriminator(target["image"], training=True),
+                                                    iam.target_discriminator(tf.stop_gradient(aligned), training=True))
+                    + losses.lsgan_discriminator_loss(
+                        iam.assistant_discriminator(assistant["image"], training=True),
+                        iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True)))
+
+        # 5. Separate optimizers.
+        self.step(tape, segmentor_loss, "segmentors")
+        if self.use_iam:
+            self.step(tape, generator_loss, "generators")
+            self.step(tape, logs["discriminator"], "discriminators")
+        del tape
+        self.step_counter.assign_add(1)
+        logs["total"] = segmentor_loss
+        return logs
+
+    def image_panels(self, batch):
+        assistant, target = batch["assistant"], batch["target"]
+        aligned = self.alignment.align(assistant["image"]) if self.use_iam else assistant["image"]
+        scale = float(max(self.num_classes - 1, 1))
+
+        def labels(logits):
+            return tf.cast(tf.argmax(logits, -1)[..., None], tf.float32) / scale
+
+        return {
+            "target_image": _to_unit(target["image"]),
+            "assistant_image": _to_unit(assistant["image"]),
+            "aligned_assistant": _to_unit(aligned),
+            "target_prediction_syn": labels(self.synthetic_segmentor(target["image"])),
+            "target_prediction_real": labels(self.real_segmentor(target["image"])),
+            "target_ground_truth": tf.cast(target["label"][..., None], tf.float32) / scale,
+        }
+
+    def get_config(self):
+        return {
+            "num_classes": self.num_classes, "global_batch_size": self.global_batch_size,
+            "segmentor": self.segmentor_args, "alignment": self.alignment_args,
+            "weights": asdict(self.weights_config), "use_iam": self.use_iam, "kd_s2r": self.kd_s2r,
+            "kd_r2s": self.kd_r2s, "name": self.name,
+        }

@@ -1,0 +1,66 @@
+"""A PNG to eyeball a prediction: a few axial slices with coloured contours and a legend."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mkd_tf.data.nifti import temporary_sibling, to_canonical
+
+# Tableau-like colours, one per structure in class order.
+COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+           "#fabebe", "#008080"]
+
+
+def write_overlay(path, image, labels, record, count=3):
+    """Write `count` axial slices of `image` with the contours of `labels` (file label values).
+
+    Args:
+        path: PNG to write (atomically).
+        image: :class:`mkd_tf.data.nifti.Volume` the labels belong to.
+        labels: `(x, y, z)` label volume on the same grid (dataset label values).
+        record: the run's `cache.json` record (class names and label values).
+        count: number of slices shown (those with the most labelled voxels, spread out).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    canonical_image, _, _ = to_canonical(image.data, image.affine)
+    canonical_labels, _, _ = to_canonical(np.asarray(labels), image.affine)
+    foreground = (canonical_labels > 0).sum(axis=(0, 1))
+    if foreground.any():
+        candidates = np.flatnonzero(foreground)
+        picks = candidates[np.linspace(0, len(candidates) - 1, count + 2).astype(int)[1:-1]]
+    else:
+        picks = np.linspace(0, canonical_image.shape[2] - 1, count + 2).astype(int)[1:-1]
+    names = record["classes"][1:]
+    values = [int(record["target"]["label_values"][name]) for name in names]
+    low, high = np.percentile(canonical_image, (1, 99))
+    figure, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
+    for axis, z in zip(axes[0], picks):
+        # Transpose so that rows run anterior->posterior and columns right->left, as viewers show it.
+        axis.imshow(np.rot90(canonical_image[:, :, z]), cmap="gray", vmin=low, vmax=high)
+        for index, value in enumerate(values):
+            mask = np.rot90(canonical_labels[:, :, z] == value)
+            if mask.any():
+                axis.contour(mask.astype(float), levels=[0.5], colors=[COLOURS[index % len(COLOURS)]], linewidths=1.2)
+        axis.set_title(f"axial slice {int(z)}")
+        axis.axis("off")
+    handles = [Line2D([0], [0], color=COLOURS[i % len(COLOURS)], lw=2, label=f"{n} ({v})")
+               for i, (n, v) in enumerate(zip(names, values))]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    try:
+        figure.savefig(temporary, dpi=100, format="png")
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if temporary.exists():
+            temporary.unlink()
+    return path

@@ -1,0 +1,105 @@
+"""Shared fixtures: one tiny phantom per session and helpers that build datasets from it.
+
+The phantom is written once (3 CT + 2 MRI cases, CT grid 32 x 32 x 16 at 4.8 x 4.8 x 7.5 mm, MRI grid
+26 x 26 x 13 at 6 x 6 x 9 mm with permuted, flipped axes) and must never be modified: a test that
+breaks files works on a copy (:func:`copy_phantom`).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mkd_tf.data.layouts import MMWHS_LABELS
+from mkd_tf.data.nifti import load_label, save_volume
+from mkd_tf.data.phantom import write_phantom
+from mkd_tf.data.preprocess import PreprocessConfig
+
+PHANTOM_SHAPE = (32, 32, 16)
+PHANTOM_CT, PHANTOM_MR = 3, 2
+# Native CT spacing of the phantom (RAS order): with it, the cache is the CT grid itself.
+CT_SPACING = (4.8, 4.8, 7.5)
+# Native MRI spacing in canonical RAS order.
+MR_SPACING = (6.0, 6.0, 9.0)
+# A slice large enough to hold every resampled plane used in the tests (at most 38 x 38).
+FAST_SIZE = 48
+FAST_CONFIG = PreprocessConfig(spacing=CT_SPACING, size=FAST_SIZE)
+# The same as `mkd prepare` options.
+FAST_ARGS = ["--spacing", ",".join(str(s) for s in CT_SPACING), "--size", str(FAST_SIZE)]
+
+# nnU-Net label tables with the same structure names but different ids per modality.
+NNUNET_TARGET_LABELS = {"background": 0, "myocardium": 1, "left_atrium": 2, "left_ventricle": 3, "right_atrium": 4,
+                        "right_ventricle": 5, "ascending_aorta": 6, "pulmonary_artery": 7}
+NNUNET_ASSISTANT_LABELS = {"background": 0, "left_ventricle": 1, "pulmonary_artery": 2, "myocardium": 3,
+                           "ascending_aorta": 4, "right_atrium": 5, "left_atrium": 6, "right_ventricle": 7}
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """Read-only MM-WHS-layout phantom root holding `ct_train/` and `mr_train/`."""
+    return write_phantom(tmp_path_factory.mktemp("phantom") / "data", n_ct=PHANTOM_CT, n_mr=PHANTOM_MR,
+                         shape=PHANTOM_SHAPE)
+
+
+def copy_phantom(phantom_root, destination):
+    """A private, writable copy of the phantom root (a few hundred kB)."""
+    return Path(shutil.copytree(phantom_root, destination))
+
+
+def case_files(root, modality, number):
+    """`(image, label)` paths of an MM-WHS-layout phantom case, e.g. `("ct", 1001)`."""
+    folder = Path(root) / f"{modality}_train"
+    return (folder / f"{modality}_train_{number}_image.nii.gz", folder / f"{modality}_train_{number}_label.nii.gz")
+
+
+def write_nnunet(folder, mmwhs_folder, labels, channel, drop_label_of=()):
+    """Build an nnU-Net v2 raw dataset from MM-WHS-layout phantom volumes.
+
+    Args:
+        folder: the `DatasetXXX_Name` folder to create.
+        mmwhs_folder: a phantom modality folder (`ct_train/`).
+        labels: name -> id in this dataset; MM-WHS values are renamed by name, names not listed
+            become background.
+        channel: `channel_names["0"]`, e.g. `"CT"`.
+        drop_label_of: case ids written without a label file.
+
+    Returns:
+        `(folder, {case_id: mmwhs_image_path})`.
+    """
+    folder = Path(folder)
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    # Names the phantom does not draw (e.g. an extra structure) are listed but never painted.
+    value_of = {MMWHS_LABELS[name]: value for name, value in labels.items() if name in MMWHS_LABELS}
+    sources = {}
+    for image in sorted(Path(mmwhs_folder).glob("*_image.nii.gz")):
+        case_id = image.name[: -len("_image.nii.gz")]
+        sources[case_id] = image
+        shutil.copy(image, folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+        if case_id in drop_label_of:
+            continue
+        mmwhs = load_label(image.with_name(image.name.replace("_image.", "_label.")))
+        lookup = np.zeros(max(MMWHS_LABELS.values()) + 1, np.uint8)
+        for value, new in value_of.items():
+            lookup[value] = new
+        save_volume(folder / "labelsTr" / f"{case_id}.nii.gz", lookup[mmwhs.data], mmwhs.affine, np.uint8)
+    spec = {"channel_names": {"0": channel}, "labels": labels, "numTraining": len(sources),
+            "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(spec, indent=1))
+    return folder, sources
+
+
+def leftovers(out):
+    """Hidden staging/retired siblings of a cache folder `out` (`.NAME.tmp-*`, `.NAME.old-*`)."""
+    out = Path(out)
+    if not out.parent.exists():
+        return []
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def dice(a, b):
+    """Dice of two boolean masks (1 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total

@@ -1,0 +1,1 @@
+"""Helpers of the method tests: subprocess scripts and the tiny shared training runs."""

@@ -1,0 +1,379 @@
+"""The training loop (`mkd train`): replica scaling, resume after kill -9, divergence, every method.
+
+Runs are tiny (32 x 32 slices, 4 base filters, a few steps) and shared through
+:mod:`tests.scripts.tiny_runs`; most are eager (same loop, `distributed_step` not compiled), the main
+MKD run is compiled.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from mkd_cli.main import main as cli
+from mkd_tf import losses, training
+from mkd_tf.config import load_config
+from mkd_tf.data.cache import SliceCache
+from mkd_tf.errors import MkdError
+from mkd_tf.evaluation import evaluate_run
+from mkd_tf.metrics import volume_diagonal
+from mkd_tf.models.baselines import FinetuneModel
+from mkd_tf.training import build_method, load_run, train
+from tests.scripts import tiny_runs
+
+SCRIPTS = Path(__file__).parent / "scripts"
+MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
+ALL_MKD_TERMS = {"seg_syn", "seg_real", "kd_s2r", "kd_r2s", "adversarial", "cycle", "discriminator"}
+MKD_PREDICTORS = ["syn", "real", "ensemble"]
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory):
+    return tiny_runs.tiny_cache(tmp_path_factory)[1]
+
+
+def subprocess_env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def history_of(run):
+    return json.loads((Path(run) / "history.json").read_text())
+
+
+def latest_checkpoint_number(run):
+    latest = tf.train.latest_checkpoint(str(Path(run) / "checkpoints"))
+    return None if latest is None else int(latest.rsplit("-", 1)[1])
+
+
+def validation_images(cache):
+    rows = cache.indices("target", "val", labelled=True)
+    return np.asarray(cache.images("target")[rows])[..., None], np.asarray(cache.labels("target")[rows])
+
+
+# --- 1. replica scaling ------------------------------------------------------------------------------
+
+def test_two_replica_update_equals_single_device_update(tmp_path):
+    """One MKD step on 2 mirrored CPU replicas (2 slices each) == one step on 1 device with the 4 slices."""
+    out = tmp_path / "replicas.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "replica_update.py"), str(out)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["replicas"] == 2
+    assert report["replicas_in_sync"] == 0.0
+    # Every model and optimizer variable (144 of them, incl. SGD iterations) matches to float round-off ...
+    assert report["max_diff_mirrored"] < 1e-5, report
+    # ... while the same check would catch a loss divided by the per-replica batch (a 2x update).
+    assert report["max_change"] > 1e-2
+    assert report["max_diff_wrong"] > 1000 * 1e-5, report
+    # Reported losses are summed over replicas: each replica divides by the global batch.
+    assert set(report["losses_mirrored"]) == ALL_MKD_TERMS | {"total"}
+    for name, value in report["losses_single"].items():
+        assert report["losses_mirrored"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+# --- 2. resume ---------------------------------------------------------------------------------------
+
+RESUME_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, cache_path):
+    """A target-only run killed with SIGKILL during epoch 2 and resumed by running the same command."""
+    root = tmp_path_factory.mktemp("resume")
+    config = tiny_runs.write_yaml(root / "tiny.yaml", tiny_runs.TINY)
+    run = root / "run"
+    command = [str(MKD_EXECUTABLE), "train", str(cache_path), "--out", str(run), "--config", str(config),
+               "--method", "target-only", "--epochs", "3", "--steps-per-epoch", str(RESUME_STEPS)]
+    first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_file = run / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 600
+    while first.poll() is None and time.monotonic() < deadline:
+        if state_file.exists() and "ckpt-1" in state_file.read_text():
+            os.kill(first.pid, signal.SIGKILL)  # the worst moment: right after the checkpoint is written
+            break
+        time.sleep(0.01)
+    first.wait(timeout=60)
+    killed_at = latest_checkpoint_number(run)
+    second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    return {"run": run, "command": command, "config": config, "first_returncode": first.returncode,
+            "first_stderr": first.stderr.read().decode(), "killed_at": killed_at, "second": second}
+
+
+def test_resume_after_kill_trains_each_epoch_once(resumed_run):
+    run, second = resumed_run["run"], resumed_run["second"]
+    assert resumed_run["first_returncode"] == -signal.SIGKILL, resumed_run["first_stderr"][-2000:]
+    assert resumed_run["killed_at"] in (1, 2)  # the kill landed before the last epoch
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming {run} after epoch {resumed_run['killed_at']}" in second.stdout
+    assert [e["epoch"] for e in history_of(run)["epochs"]] == [1, 2, 3]
+    assert latest_checkpoint_number(run) == 3
+    # Optimizer state and step counter came back: 3 epochs of steps in total, not 2 or 1.
+    reader = tf.train.load_checkpoint(str(run / "checkpoints"))
+    keys = reader.get_variable_to_shape_map()
+    iterations = [k for k in keys if k.startswith("optimizer/segmentors/") and "iteration" in k]
+    assert len(iterations) == 1, sorted(keys)[:20]
+    assert int(reader.get_tensor(iterations[0])) == 3 * RESUME_STEPS
+    assert int(reader.get_tensor("step_counter/.ATTRIBUTES/VARIABLE_VALUE")) == 3 * RESUME_STEPS
+    assert int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 3
+
+
+def test_running_a_finished_run_again_trains_nothing(resumed_run, monkeypatch):
+    run = resumed_run["run"]
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    history = (run / "history.json").read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr("mkd_tf.models.baselines.TargetOnlyModel.train_step", no_training)
+    outcome = CliRunner().invoke(cli, resumed_run["command"][1:], catch_exceptions=False)
+    assert outcome.exit_code == 0, outcome.output
+    assert f"resuming {run} after epoch 3" in outcome.output
+    assert "epoch 4" not in outcome.output
+    assert (run / "history.json").read_bytes() == history
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+
+
+def test_a_different_config_in_the_same_run_fails_in_one_line(resumed_run):
+    outcome = CliRunner().invoke(cli, resumed_run["command"][1:] + ["--seed", "1"])
+    assert outcome.exit_code == 2
+    assert outcome.stdout == ""
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1, outcome.stderr
+    assert lines[0].startswith(f"error: {resumed_run['run']}: holds a run with a different config")
+    assert "differs in: seed" in lines[0]
+
+
+def test_kill_right_after_a_checkpoint_keeps_that_epoch_in_the_history(tmp_path, cache_path, monkeypatch):
+    """SIGKILL between the checkpoint and history.json must not lose the epoch's record on resume."""
+    saved = tf.train.CheckpointManager.save
+
+    def save_then_die(self, *args, **kwargs):
+        path = saved(self, *args, **kwargs)
+        if kwargs.get("checkpoint_number") == 2:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    overrides = tiny_runs.tiny_overrides(method="target-only", schedule={"epochs": 3, "steps_per_epoch": 1})
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save_then_die)
+    with tiny_runs.eager(), pytest.raises(KeyboardInterrupt):
+        train(cache_path, tmp_path / "run", overrides=overrides, verbose=0)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", saved)
+    with tiny_runs.eager():
+        train(cache_path, tmp_path / "run", overrides=overrides, verbose=0)
+    assert [e["epoch"] for e in history_of(tmp_path / "run")["epochs"]] == [1, 2, 3]
+
+
+# --- 3. divergence -----------------------------------------------------------------------------------
+
+def test_nan_loss_stops_training_naming_the_term_and_the_step(tmp_path, cache_path, monkeypatch):
+    calls = {"n": 0}
+    original = losses.distillation_loss
+
+    def poisoned(teacher, student, temperature):
+        calls["n"] += 1
+        value = original(teacher, student, temperature)
+        # Two KD terms per step (s2r first): call 7 is kd_s2r of epoch 2, step 2.
+        return value * np.nan if calls["n"] >= 7 else value
+
+    monkeypatch.setattr(losses, "distillation_loss", poisoned)
+    overrides = tiny_runs.tiny_overrides(method="mkd", ablation={"iam": False}, schedule={"epochs": 3})
+    run = tmp_path / "run"
+    with tiny_runs.eager(), pytest.raises(MkdError) as raised:
+        train(cache_path, run, overrides=overrides, verbose=0)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "training diverged: loss 'kd_s2r' is nan at epoch 2, step 2" in message
+    # Nothing of the diverged epoch was kept.
+    assert latest_checkpoint_number(run) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("ckpt-2")) == []
+    assert [e["epoch"] for e in history_of(run)["epochs"]] == [1]
+    assert history_of(run)["best"]["epoch"] == 1
+
+
+# --- 4. every method ---------------------------------------------------------------------------------
+
+# name -> (overrides, extra CLI args or None, loss terms besides "total", predictors, terms in "total")
+METHODS = {
+    "target-only": ({"method": "target-only"}, None, {"seg_real"}, ["real"], {"seg_real"}),
+    "assistant-only": ({"method": "assistant-only"}, None, {"seg_syn"}, ["syn"], {"seg_syn"}),
+    "joint": ({"method": "joint"}, None, {"seg_assistant", "seg_target"}, ["joint"], {"seg_assistant", "seg_target"}),
+    "finetune": ({"method": "finetune"}, None, {"seg"}, ["finetune"], {"seg"}),
+    "ummkd": ({"method": "ummkd"}, None, {"seg_assistant", "seg_target", "kd"}, ["ummkd"],
+              {"seg_assistant", "seg_target", "kd"}),
+    "mkd-no-iam": ({}, ["--no-iam"], {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"}, MKD_PREDICTORS,
+                   {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"}),
+    "mkd-no-kd-s2r": ({}, ["--no-kd-s2r"], ALL_MKD_TERMS - {"kd_s2r"}, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_r2s"}),
+    "mkd-no-kd-r2s": ({}, ["--no-kd-r2s"], ALL_MKD_TERMS - {"kd_r2s"}, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_s2r"}),
+    # The unsupervised setting of the paper: no target labels, so no S_real segmentation term.
+    "mkd-unlabelled-target": ({"method": "mkd", "data": {"target_labeled": 0}}, None, ALL_MKD_TERMS - {"seg_real"},
+                              MKD_PREDICTORS, {"seg_syn", "kd_s2r", "kd_r2s"}),
+    "mkd": (None, None, ALL_MKD_TERMS, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"}),
+}
+
+
+def method_run(tmp_path_factory, name):
+    overrides, cli_args, *_ = METHODS[name]
+    if name == "mkd":
+        return tiny_runs.main_mkd_run(tmp_path_factory)
+    if name == "ummkd" and not Path(training.__file__).with_name("models").joinpath("ummkd.py").exists():
+        pytest.skip("mkd_tf/models/ummkd.py does not exist yet")
+    return tiny_runs.trained_run(tmp_path_factory, name, overrides, cli_args)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_trains_checkpoints_restores_and_evaluates(tmp_path_factory, cache_path, name):
+    _, _, terms, predictors, in_total = METHODS[name]
+    run = method_run(tmp_path_factory, name)
+    config = load_config(run.path / "config.yaml")
+    epochs = config["schedule"]["epochs"]
+    history = history_of(run.path)
+
+    # Losses: exactly the method's terms, finite, non-negative, and "total" = what the segmentors minimise.
+    assert [e["epoch"] for e in history["epochs"]] == list(range(1, epochs + 1))
+    for record in history["epochs"]:
+        assert set(record["losses"]) == terms | {"total"}
+        assert all(math.isfinite(v) and v >= 0 for v in record["losses"].values()), record["losses"]
+        assert record["losses"]["total"] == pytest.approx(sum(record["losses"][t] for t in in_total), rel=1e-5)
+        assert set(record["val_dice"]) == set(predictors)
+        assert all(0.0 <= d <= 1.0 for values in record["val_dice"].values() for d in values)
+
+    # Checkpoints: best/ and the epoch checkpoints; restoring them gives the in-memory model's predictions.
+    assert (run.path / "best" / "weights.index").exists()
+    assert latest_checkpoint_number(run.path) == epochs
+    assert run.model.predictor_names() == predictors
+    cache = SliceCache(cache_path)
+    images, _ = validation_images(cache)
+    last, _, _ = load_run(run.path, "last")
+    best, _, _ = load_run(run.path, "best")
+    for predictor in predictors:
+        expected = run.model.predict_probabilities(images, predictor).numpy()
+        np.testing.assert_allclose(last.predict_probabilities(images, predictor).numpy(), expected, atol=1e-6)
+        if history["best"]["epoch"] == epochs:
+            np.testing.assert_allclose(best.predict_probabilities(images, predictor).numpy(), expected, atol=1e-6)
+
+    # Evaluation: the three files, values in range.
+    result = evaluate_run(run.path, "test")
+    for suffix in ("json", "csv", "md"):
+        assert (run.path / f"metrics.{suffix}").stat().st_size > 0
+    written = json.loads((run.path / "metrics.json").read_text())
+    assert written["method"] == config["method"] and list(written["cases"]) == predictors
+    test_volumes = cache.volumes("target", "test")
+    structures = cache.classes[1:]
+    for predictor in predictors:
+        assert sorted(written["cases"][predictor]) == sorted(v["case_id"] for v in test_volumes)
+        for case, per_structure in written["cases"][predictor].items():
+            assert list(per_structure) == structures
+            for values in per_structure.values():
+                assert 0.0 <= values["dice"] <= 1.0
+                assert 0.0 <= values["assd"] <= values["hd95"] + 1e-9 or values["dice"] in (0.0, 1.0)
+                assert 0.0 <= values["hd95"] <= volume_diagonal((32, 32, 16), (4.8, 4.8, 7.5)) + 1e-6
+    rows = (run.path / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0] == "predictor,case,structure,dice,assd_mm,hd95_mm"
+    assert len(rows) - 1 == len(predictors) * len(test_volumes) * len(structures)
+    table = (run.path / "metrics.md").read_text()
+    assert table == result["table"]
+    assert all(f"{config['method']} — {p} (test, 1 volumes)" in table for p in predictors)
+
+
+@pytest.mark.parametrize("method", ["target-only", "joint", "finetune", "ummkd"])
+def test_methods_needing_target_labels_fail_clearly_without_them(tmp_path, cache_path, method):
+    run = tmp_path / "run"
+    overrides = tiny_runs.tiny_overrides(method=method, data={"target_labeled": 0})
+    with pytest.raises(MkdError) as raised:
+        train(cache_path, run, overrides=overrides, verbose=0)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"method '{method}' needs labelled target training volumes" in message
+    # Nothing written: the corrected command can use the same --out.
+    assert not (run / "config.yaml").exists()
+
+
+def test_target_labeled_beyond_the_cache_fails_before_writing(tmp_path, cache_path):
+    with pytest.raises(MkdError, match="--target-labeled 2 but the cache has 1 labelled target training volumes"):
+        train(cache_path, tmp_path / "run", overrides=tiny_runs.tiny_overrides(data={"target_labeled": 2}), verbose=0)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# --- finetune ----------------------------------------------------------------------------------------
+
+def test_finetune_switch_step_is_the_configured_fraction_of_the_budget():
+    config = load_config(overrides=tiny_runs.tiny_overrides(
+        method="finetune", schedule={"epochs": 3, "steps_per_epoch": 10, "finetune_switch": 0.4}))
+    assert build_method(config, 8).switch_step == 12
+
+
+def test_finetune_trains_on_the_assistant_then_on_the_target():
+    """Compiled step: the stream is picked from the step counter at run time, not at trace time."""
+    import keras
+
+    rng = np.random.default_rng(0)
+
+    def stream(offset):
+        labels = rng.integers(0, 3, (2, 16, 16)).astype(np.int32)
+        images = (labels[..., None] + offset + rng.normal(0, 0.1, (2, 16, 16, 1))).astype(np.float32)
+        return {"image": tf.constant(images), "label": tf.constant(labels), "has_label": tf.ones(2)}
+
+    batch = {"assistant": stream(-3.0), "target": stream(0.0), "target_labelled": stream(5.0)}
+    # A zero learning rate keeps the weights, so each stream's loss is the same at every step.
+    model = FinetuneModel(3, 2, {"base_filters": 4, "depth": 1}, keras.optimizers.SGD(0.0), switch_step=2)
+    model.build_for((16, 16, 1))
+    model.build_optimizers()
+
+    def loss_on(stream_name):
+        logits = model.segmentor(batch[stream_name]["image"], training=True)
+        per_example = losses.segmentation_loss(batch[stream_name]["label"], tf.nn.softmax(logits))
+        return float(tf.reduce_mean(per_example))
+
+    on_assistant, on_target = loss_on("assistant"), loss_on("target_labelled")
+    assert abs(on_assistant - on_target) > 1e-3
+    step = tf.function(model.train_step)
+    reported = [float(step(batch)["seg"]) for _ in range(4)]
+    assert reported == pytest.approx([on_assistant, on_assistant, on_target, on_target], rel=1e-5)
+
+
+# --- the compiled main run ---------------------------------------------------------------------------
+
+def test_main_run_validation_dice_best_epoch_and_tensorboard(tmp_path_factory, cache_path):
+    run = tiny_runs.main_mkd_run(tmp_path_factory)
+    history = history_of(run.path)
+    cache = SliceCache(cache_path)
+    images, labels = validation_images(cache)
+
+    # Validation Dice of the last epoch, recomputed independently from the in-memory model.
+    for predictor in MKD_PREDICTORS:
+        predicted = np.argmax(run.model.predict_probabilities(images, predictor).numpy(), axis=-1)
+        expected = []
+        for c in range(1, cache.num_classes):
+            total = (predicted == c).sum() + (labels == c).sum()
+            expected.append(2.0 * ((predicted == c) & (labels == c)).sum() / total if total else 1.0)
+        assert history["epochs"][-1]["val_dice"][predictor] == pytest.approx(expected, abs=1e-9)
+    scores = [e["val_dice_mean"] for e in history["epochs"]]
+    assert scores[-1] == pytest.approx(np.mean(history["epochs"][-1]["val_dice"]["ensemble"]))
+    assert history["best"] == {"epoch": int(np.argmax(scores)) + 1, "score": max(scores), "predictor": "ensemble"}
+
+    # TensorBoard: every loss term per epoch, equal to the history's epoch means.
+    logged = {}
+    for event_file in (run.path / "logs" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                if value.tag.startswith("loss/"):
+                    logged[(value.tag[5:], event.step)] = float(tf.make_ndarray(value.tensor))
+    steps = load_config(run.path / "config.yaml")["schedule"]["steps_per_epoch"]
+    for record in history["epochs"]:
+        for name, value in record["losses"].items():
+            assert logged[(name, record["epoch"] * steps)] == pytest.approx(value, rel=1e-6)
+    validation = list((run.path / "logs" / "validation").glob("events.out.tfevents.*"))
+    assert validation and validation[0].stat().st_size > 0
