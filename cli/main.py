@@ -47,13 +47,16 @@ def load_tensorflow_quietly():
 class MkdGroup(click.Group):
     """A click group that turns MkdError (and a few OS errors) into one line and exit status 2."""
 
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name not in NO_TENSORFLOW and not {"--help", "-h"} & set(rest):
+            load_tensorflow_quietly()
+        return name, command, rest
+
     def invoke(self, ctx):
         from mkd_tf.errors import MkdError
 
         try:
-            if ctx.protected_args and ctx.protected_args[0] not in NO_TENSORFLOW and "--help" not in ctx.args \
-                    and "-h" not in ctx.args:
-                load_tensorflow_quietly()
             return super().invoke(ctx)
         except MkdError as exc:
             click.echo(f"error: {exc}", err=True)
@@ -77,4 +80,4 @@ def main():
     """mkd-tf: cross-modality segmentation with online Mutual Knowledge Distillation."""
 
 
-from mkd_cli import data_commands, method_commands  # noqa: E402,F401  (register commands on `main`)
+from mkd_cli import data_commands, export_commands, method_commands  # noqa: E402,F401  (register commands on `main`)

@@ -63,13 +63,37 @@ def evaluate(run, split, checkpoint, cache):
 
 @main.command()
 @click.argument("run", type=click.Path())
-@click.argument("image", type=click.Path())
+@click.argument("image", type=click.Path(), required=False)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Label map to write (.nii.gz): input's shape, affine, label values.")
 @click.option("--overlay", type=click.Path(), default=None, help="Also write a PNG with contours on a few slices.")
 @click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (or the baseline's name).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to use.")
-def predict(run, image, out, overlay, which, checkpoint):
-    """Segment a target-modality NIfTI IMAGE with a trained RUN."""
+@click.option("--server", default=None, help="Predict on TF Serving over REST: http://HOST:8501/v1/models/NAME.")
+@click.option("--grpc", "grpc_target", default=None, help="Predict on TF Serving over gRPC: HOST:8500 (with --model).")
+@click.option("--model", "model_name", default=None, help="Model name on the server (--grpc, or a bare --server URL).")
+@click.option("--version", "model_version", type=click.IntRange(1), default=None, help="Model version on the server [default: its latest].")
+@click.option("--model-dir", type=click.Path(), default=None,
+              help="Remote: local copy of the export (saved_models/NAME/<version>) giving preprocessing and labels instead of RUN.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, help="Remote: slices per request.")
+def predict(run, image, out, overlay, which, checkpoint, server, grpc_target, model_name, model_version, model_dir,
+            batch_size):
+    """Segment a target-modality NIfTI IMAGE with a trained RUN.
+
+    Remote: `mkd predict [RUN] IMAGE --server URL | --grpc HOST:PORT --model NAME`; the preprocessing and
+    label values come from RUN or from --model-dir (then RUN is omitted).
+    """
+    if server or grpc_target:
+        from mkd_tf.export.client import predict_file_remote
+
+        if image is None:  # `mkd predict IMAGE --server ... --model-dir ...`: the one argument is the image
+            run, image = None, run
+        labels = predict_file_remote(image, out, server=server, grpc_target=grpc_target, model=model_name,
+                                     version=model_version, model_dir=model_dir, run=run, batch_size=batch_size,
+                                     overlay=overlay)
+        click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
+        return
+    if image is None:
+        raise click.UsageError("Missing argument 'IMAGE'.")
     from mkd_tf.inference import predict_file
     from mkd_tf.training import load_run
 
@@ -113,10 +137,14 @@ def compare(cache, methods, target_labeled, seeds, out, config_path, epochs, ste
 @click.option("--out", default="demo", type=click.Path(), help="Folder for the phantom, cache, run and exports.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Override the demo's epochs (4).")
 @click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Override the demo's steps per epoch (75).")
+@click.option("--saved-models", default="saved_models", type=click.Path(file_okay=False),
+              help="Where the demo's SavedModel goes (saved_models/mkd-demo/<next version>).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(out, epochs, steps_per_epoch, quiet):
+def demo(out, epochs, steps_per_epoch, saved_models, quiet):
     """Phantom -> prepare -> train MKD briefly -> evaluate -> export -> TFLite, in a few minutes on CPU."""
     from mkd_tf.demo import run_demo
 
-    result = run_demo(out, steps_per_epoch, epochs, progress=click.echo, verbose=0 if quiet else 1)
-    click.echo(f"run: {result['run']}\ntensorboard --logdir {result['logs']}")
+    result = run_demo(out, steps_per_epoch, epochs, progress=click.echo, verbose=0 if quiet else 1,
+                      saved_models=saved_models)
+    click.echo(f"run: {result['run']}\ntensorboard --logdir {result['logs']}\n"
+               f"SavedModel: {result['savedmodel']}\nTFLite: {result['tflite']}")

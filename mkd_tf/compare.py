@@ -51,6 +51,8 @@ def run_overrides(name, seed, overrides):
 def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None, verbose=0, progress=None):
     """Train and evaluate each method for seeds 0..seeds-1; write comparison.{md,json,png} into `out`."""
     progress = progress or (lambda line: None)
+    for name in methods:  # an unknown name fails now, not after the methods before it have trained
+        run_overrides(name, 0, overrides)
     out = Path(out)
     rows = {}  # row name -> list over seeds of (summary, per-case overall dice list)
     for name in methods:

@@ -131,6 +131,17 @@ def _surface_metrics(to_reference, to_prediction):
     return {"assd": float(pooled.mean()), "hd95": float(np.percentile(pooled, 95))}
 
 
+def _surface_metric(prediction, reference, spacing, name):
+    """One surface metric of two masks, with the documented values for empty masks."""
+    prediction = _as_mask(prediction)
+    reference = _as_mask(reference)
+    _check_shapes(prediction, reference)
+    empty = _empty_case(prediction, reference, spacing)
+    if empty is not None:
+        return empty
+    return _surface_metrics(*surface_distances(prediction, reference, spacing))[name]
+
+
 def assd(prediction, reference, spacing=None):
     """Average symmetric surface distance in mm: mean of d(A, B) joined with d(B, A) (medpy 0.5's `assd`).
 
@@ -142,14 +153,7 @@ def assd(prediction, reference, spacing=None):
     Returns:
         float; 0.0 when both are empty, the volume diagonal when exactly one is.
     """
-    prediction = _as_mask(prediction)
-    reference = _as_mask(reference)
-    _check_shapes(prediction, reference)
-    empty = _empty_case(prediction, reference, spacing)
-    if empty is not None:
-        return empty
-    to_reference, to_prediction = surface_distances(prediction, reference, spacing)
-    return _surface_metrics(to_reference, to_prediction)["assd"]
+    return _surface_metric(prediction, reference, spacing, "assd")
 
 
 def hd95(prediction, reference, spacing=None):
@@ -163,14 +167,7 @@ def hd95(prediction, reference, spacing=None):
     Returns:
         float; 0.0 when both are empty, the volume diagonal when exactly one is.
     """
-    prediction = _as_mask(prediction)
-    reference = _as_mask(reference)
-    _check_shapes(prediction, reference)
-    empty = _empty_case(prediction, reference, spacing)
-    if empty is not None:
-        return empty
-    to_reference, to_prediction = surface_distances(prediction, reference, spacing)
-    return _surface_metrics(to_reference, to_prediction)["hd95"]
+    return _surface_metric(prediction, reference, spacing, "hd95")
 
 
 def evaluate_volume(prediction, reference, spacing, class_values):

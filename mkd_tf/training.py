@@ -60,16 +60,22 @@ def labelled_target_volumes(cache, count, seed):
     return sorted(order[:count])
 
 
-def training_streams(cache, config, epoch):
-    """The batch dict stream of one epoch (see :mod:`mkd_tf.models.cross_modality`)."""
-    data = config["data"]
-    seed = int(config["seed"]) * 1000 + epoch  # a fresh, reproducible order every epoch (and after resume)
-    keep = labelled_target_volumes(cache, data["target_labeled"], config["seed"])
+def usable_target_volumes(cache, config):
+    """:func:`labelled_target_volumes` of the config; fails when the method needs them and there are none."""
+    keep = labelled_target_volumes(cache, config["data"]["target_labeled"], config["seed"])
     from mkd_tf.models.baselines import NEEDS_LABELLED_TARGET
 
     if not keep and config["method"] in NEEDS_LABELLED_TARGET:
         fail(cache.path, f"method '{config['method']}' needs labelled target training volumes; "
                          "the cache (or --target-labeled) leaves none")
+    return keep
+
+
+def training_streams(cache, config, epoch):
+    """The batch dict stream of one epoch (see :mod:`mkd_tf.models.cross_modality`)."""
+    data = config["data"]
+    seed = int(config["seed"]) * 1000 + epoch  # a fresh, reproducible order every epoch (and after resume)
+    keep = usable_target_volumes(cache, config)
     return pipeline.training_dataset(cache, data["batch_size"], augment=data["augment"], seed=seed,
                                      labelled_target_volumes=keep)
 
@@ -152,16 +158,23 @@ def training_state(model, epoch_counter):
     return state
 
 
-def _restore(checkpoint, path, run, partial=False):
-    """Restore every variable of ``checkpoint`` from ``path`` or fail with one line."""
+def _restore(checkpoint, path, run, partial=False, saved=False):
+    """Restore every variable of ``checkpoint`` from ``path`` or fail with one line.
+
+    ``saved``: ``path`` was written by `CheckpointManager.save` (which also stores the checkpoint's
+    ``save_counter``: `restore` consumes it, `read` would leave it unmatched), not by `write`.
+    """
+    status = None
     try:
-        status = checkpoint.read(path)
+        status = checkpoint.restore(path) if saved else checkpoint.read(path)
         if partial:  # a training checkpoint also holds optimizer state, which inference does not need
             status.expect_partial().assert_existing_objects_matched()
         else:
             status.assert_consumed()
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
-        fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:200]})")
+        if status is not None:
+            status.expect_partial()  # else TF logs every unmatched value when the checkpoint is collected
+        fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:160]})")
 
 
 def _write_json(path, value):
@@ -223,6 +236,7 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         if previous != config:
             changed = sorted(k for k in config if config[k] != previous.get(k))
             fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
+    usable_target_volumes(cache, config)  # fail on missing labelled data before writing anything into RUN
     run.mkdir(parents=True, exist_ok=True)
     save_config(config, run / "config.yaml")
     _write_json(run / "cache.json", cache_record(cache))
@@ -239,7 +253,7 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     history_path = run / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {"epochs": [], "best": None}
     if manager.latest_checkpoint:
-        _restore(checkpoint, manager.latest_checkpoint, run)
+        _restore(checkpoint, manager.latest_checkpoint, run, saved=True)
         history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= int(epoch_counter.numpy())]
         if verbose:
             print(f"resuming {run} after epoch {int(epoch_counter.numpy())}")
@@ -292,14 +306,18 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
                     tf.summary.scalar(f"dice_{name}/mean", float(np.mean(values)), step=global_step)
         for writer in writers.values():
             writer.flush()
-        score = record.get("val_dice_mean", -epoch)  # without validation data the last epoch is "best"
+        # Without validation data the last epoch is "best": a negative score (no Dice to show) that
+        # grows with the epoch (-epoch would keep the first epoch and score it 0, i.e. a Dice).
+        score = record.get("val_dice_mean", -1.0 / (epoch + 1))
         if history["best"] is None or score > history["best"]["score"]:
             _save_best(model, run)
             history["best"] = {"epoch": epoch + 1, "score": score, "predictor": main}
-        epoch_counter.assign(epoch + 1)
-        manager.save(checkpoint_number=epoch + 1)
+        # History first: a kill between the two leaves a record newer than the checkpoint, which
+        # resume drops and trains again; the other order would lose the epoch's record for good.
         history["epochs"].append(record)
         _write_json(history_path, history)
+        epoch_counter.assign(epoch + 1)
+        manager.save(checkpoint_number=epoch + 1)
         if verbose:
             shown = f", val Dice ({main}) {record['val_dice_mean']:.3f}" if dice is not None else ""
             print(f"epoch {epoch + 1}: {steps / seconds:.2f} steps/s{shown}")

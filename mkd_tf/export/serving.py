@@ -253,6 +253,9 @@ def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", 
         fail(out, f"--version must be >= 1, got {version}")
     if out.exists() and not out.is_dir():
         fail(out, "exists and is not a folder")
+    if version is not None and (out / str(int(version))).exists():  # fail before the slow part
+        fail(out / str(int(version)), "already exists; exported versions are never overwritten "
+                                      "(omit --version for the next free one)")
     model, config, record = load_run(run_dir, checkpoint)
     which = resolve_predictor(model, which)
     size = int(record["preprocess"]["size"])
@@ -260,8 +263,6 @@ def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", 
     out.mkdir(parents=True, exist_ok=True)
     version = int(version) if version is not None else max(existing_versions(out), default=0) + 1
     target = out / str(version)
-    if target.exists():
-        fail(target, "already exists; exported versions are never overwritten (omit --version for the next free one)")
 
     chosen, probabilities = probability_function(model.segmentors(), which)
     serving_default, segment_slices = serving_functions(probabilities, size, values, record["target_intensity"],

@@ -79,21 +79,25 @@ def make_converter(saved_model_dir, quantize, representative_images=None):
     return converter
 
 
-def interpreter(model_path_or_content, num_threads=None):
-    """An ``ai_edge_litert`` interpreter with tensors allocated."""
-    from ai_edge_litert.interpreter import Interpreter
+def interpreter(model_path_or_content, num_threads=None, delegates=True):
+    """An ``ai_edge_litert`` interpreter with tensors allocated.
 
-    if isinstance(model_path_or_content, (bytes, bytearray)):
-        result = Interpreter(model_content=bytes(model_path_or_content), num_threads=num_threads)
-    else:
-        result = Interpreter(model_path=str(model_path_or_content), num_threads=num_threads)
+    ``delegates=False`` skips the default XNNPACK delegate, which would replace the operators it runs
+    by ``DELEGATE`` nodes (what :func:`op_names` must not see).
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    source = ({"model_content": bytes(model_path_or_content)} if isinstance(model_path_or_content, (bytes, bytearray))
+              else {"model_path": str(model_path_or_content)})
+    result = Interpreter(**source, num_threads=num_threads, experimental_op_resolver_type=resolver)
     result.allocate_tensors()
     return result
 
 
 def op_names(model_path_or_content):
-    """Set of operator names in a .tflite model (``FlexXxx`` would mean TensorFlow ops were embedded)."""
-    return {op["op_name"] for op in interpreter(model_path_or_content)._get_ops_details()}
+    """Set of operator names in a .tflite model as stored (``FlexXxx`` would mean TensorFlow ops were embedded)."""
+    return {op["op_name"] for op in interpreter(model_path_or_content, delegates=False)._get_ops_details()}
 
 
 def run_tflite(model_path_or_content, images, batch_size=16):

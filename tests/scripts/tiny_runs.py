@@ -7,11 +7,12 @@ Training is the expensive part of these tests: tracing the MKD train step into a
 - :func:`trained_run` trains a run once per session and memoises it (path, the in-memory model,
   the value `train` returned), so test_training, test_evaluation and test_inference share runs;
 - runs are eager (``tf.config.run_functions_eagerly``) unless ``graph=True``: the loop code is the
-  same, only `distributed_step` is not compiled. The main MKD run is a graph run, so the compiled
-  path is covered once; eager and graph give the same losses (checked in test_training).
+  same, only `distributed_step` is not compiled. The main MKD run is compiled, so the compiled path
+  of the loop is covered too (and the finetune switch and replica tests compile their steps).
 """
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import yaml
@@ -83,7 +84,9 @@ def eager(enabled=True):
     previous = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(enabled)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Even though the `tf.config.experimental_run_functions_eagerly`")
+            yield
     finally:
         tf.config.run_functions_eagerly(previous)
 
@@ -148,7 +151,28 @@ def trained_run(tmp_path_factory, name, overrides=None, cli_args=None, graph=Fal
     return run
 
 
+# The shared runs: name -> (overrides over TINY, extra `mkd train` CLI arguments or None, compiled).
+RUNS = {
+    # The full MKD method, compiled, 2 epochs x 10 steps (the one graph-mode run).
+    "mkd": ({"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": 10}}, None, True),
+    "target-only": ({"method": "target-only"}, None, False),
+    "assistant-only": ({"method": "assistant-only"}, None, False),
+    "joint": ({"method": "joint"}, None, False),
+    "finetune": ({"method": "finetune"}, None, False),
+    "ummkd": ({"method": "ummkd"}, None, False),
+    # The ablations go through the CLI flags (tiny settings from a --config YAML).
+    "mkd-no-iam": ({}, ["--no-iam"], False),
+    "mkd-no-kd-s2r": ({}, ["--no-kd-s2r"], False),
+    "mkd-no-kd-r2s": ({}, ["--no-kd-r2s"], False),
+}
+
+
+def shared_run(tmp_path_factory, name):
+    """One of :data:`RUNS`, trained once per session."""
+    overrides, cli_args, graph = RUNS[name]
+    return trained_run(tmp_path_factory, name, overrides, cli_args, graph)
+
+
 def main_mkd_run(tmp_path_factory):
-    """The full MKD method, compiled (graph), 2 epochs x 10 steps: shared by several test files."""
-    return trained_run(tmp_path_factory, "mkd", {"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": 10}},
-                       graph=True)
+    """The compiled full-MKD run (2 epochs x 10 steps) shared by several test files."""
+    return shared_run(tmp_path_factory, "mkd")

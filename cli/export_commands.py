@@ -1,0 +1,46 @@
+"""Deployment commands: export (TF Serving SavedModel) and tflite (LiteRT flatbuffer with a parity check)."""
+
+import click
+
+from mkd_cli.main import main
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Model folder saved_models/NAME (NAME is the TF Serving model name); versions go below it.")
+@click.option("--version", "model_version", type=click.IntRange(1), default=None,
+              help="Version number [default: the next free integer]; an existing version is never overwritten.")
+@click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (baselines: their one segmentor).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to export.")
+@click.option("--serving-root", default="/models",
+              help="Where saved_models/ is mounted in the server: base_path prefix in saved_models/models.config.")
+def export(run, out, model_version, which, checkpoint, serving_root):
+    """Export a trained RUN as a TF Serving SavedModel (signatures serving_default and segment_slices)."""
+    from mkd_tf.export.serving import export_run
+
+    result = export_run(run, out, model_version, which, checkpoint, serving_root)
+    click.echo(f"exported {result['method']} predictor '{result['predictor']}' to {result['path']} "
+               f"(model '{result['name']}', version {result['version']})")
+    click.echo(f"updated {result['models_config']}")
+
+
+@main.command()
+@click.argument("savedmodel", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .tflite file to write (atomically).")
+@click.option("--quantize", type=click.Choice(["none", "float16", "dynamic", "int8"]), default="none",
+              help="none: float32; float16: fp16 weights; dynamic: int8 weights; int8: full integer "
+                   "(calibrated on the cache's target training slices, float input/outputs).")
+@click.option("--cache", type=click.Path(), default=None,
+              help="Slice cache for the parity check and int8 calibration [default: the export's recorded cache].")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="Dice agreement with the SavedModel below which nothing is written "
+                   "[default: 0.99; 0.97 for int8].")
+@click.option("--parity-slices", type=click.IntRange(1), default=200,
+              help="Compare on at most this many target test slices (evenly spaced).")
+def tflite(savedmodel, out, quantize, cache, min_agreement, parity_slices):
+    """Convert an exported SAVEDMODEL version folder to TFLite (builtin ops only) and check parity."""
+    from mkd_tf.export.tflite import convert_to_tflite
+
+    result = convert_to_tflite(savedmodel, out, quantize, cache, min_agreement, parity_slices, report=click.echo)
+    click.echo(f"wrote {result['path']} ({result['bytes'] / 1024:.1f} KiB, ops: {', '.join(result['ops'])})")

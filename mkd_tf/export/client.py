@@ -1,0 +1,344 @@
+"""`mkd predict --server/--grpc`: segment a NIfTI volume with a model hosted by TensorFlow Serving.
+
+The client does what local `mkd predict` does around the network call, with the same functions:
+:func:`mkd_tf.data.preprocess.preprocess_image` (resample, normalise, slice, crop), then the
+``serving_default`` signature on batches of ``batch_size`` preprocessed slices (input ``image``
+`(batch, H, W, 1)`, output ``labels`` `(batch, H, W)` class indices), then the exact inverse
+:func:`mkd_tf.data.preprocess.labels_to_original` and the class-index -> label-value table. So a
+remote prediction equals the local one for the same weights.
+
+Where the preprocessing comes from: a remote client cannot read files on the server, and TF
+Serving's metadata only describes signatures. So the client takes classes, label values and
+preprocessing parameters from a local copy of the export (``--model-dir saved_models/NAME/<version>``,
+its ``assets.extra/mkd_model.json``) or from the training run (``RUN/cache.json``), and checks them
+against the server: it first fetches the model metadata (REST ``GET .../metadata``, gRPC
+``GetModelMetadata``) and refuses a ``serving_default`` whose input ``image`` is not float32
+`(batch, H, W, 1)` or whose output ``labels`` is not int32 `(batch, H, W)` for the local ``H = W = size``.
+
+Transports:
+    - REST: ``POST {url}:predict`` with the columnar body ``{"signature_name": "serving_default",
+      "inputs": {"image": [...]}}``; the response ``{"outputs": {"labels": ..., "probabilities": ...}}``.
+      (TF Serving's REST API cannot filter outputs, so the probabilities travel too: prefer gRPC for
+      large volumes.)
+    - gRPC: ``PredictionServiceStub.Predict`` with ``output_filter=["labels"]``.
+
+Errors are one-line :class:`MkdError`: unreachable server, unknown model or version (HTTP 404 /
+``NOT_FOUND``), signature mismatch, rejected requests.
+"""
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from mkd_tf.errors import MkdError, fail
+
+SIGNATURE = "serving_default"
+
+
+# --- what the client needs to know about the model ------------------------------------------------
+def model_info(model_dir=None, run=None):
+    """Classes, label values and preprocessing of a served model, from an export copy or a run.
+
+    Returns:
+        dict with ``classes``, ``class_values``, ``preprocess``, ``target_intensity``, ``size``, ``source``.
+    """
+    if (model_dir is None) == (run is None):
+        raise MkdError("remote prediction needs exactly one of RUN or --model-dir (for preprocessing and labels)")
+    if model_dir is not None:
+        from mkd_tf.export.serving import read_model_asset
+
+        asset = read_model_asset(model_dir)
+        return {"classes": asset["classes"], "class_values": [int(v) for v in asset["class_values"]],
+                "preprocess": asset["preprocess"], "target_intensity": asset["target_intensity"],
+                "size": int(asset["size"]), "source": str(model_dir)}
+    record_path = Path(run) / "cache.json"
+    if not record_path.exists():
+        fail(run, "not a training run (no cache.json); pass a run folder or --model-dir")
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(record_path, f"invalid JSON ({exc})")
+    from mkd_tf.inference import class_values
+
+    return {"classes": record["classes"], "class_values": class_values(record), "preprocess": record["preprocess"],
+            "target_intensity": record["target_intensity"], "size": int(record["preprocess"]["size"]),
+            "source": str(run)}
+
+
+def check_signature(signature, size, where):
+    """Refuse a ``serving_default`` that does not take ``image`` float32 `(batch, size, size, 1)`
+    and return ``labels`` int32 `(batch, size, size)`.
+
+    Args:
+        signature: ``{"inputs": {name: (dtype name, shape list or None)}, "outputs": {...}}``; -1 = any.
+        size: the slice size the local preprocessing produces.
+        where: the server (for the message).
+    """
+    expected = {("inputs", "image"): ("DT_FLOAT", [size, size, 1]), ("outputs", "labels"): ("DT_INT32", [size, size])}
+    for (side, name), (dtype, shape) in expected.items():
+        have = signature.get(side, {}).get(name)
+        wanted = f"{name} {dtype} (batch, {', '.join(map(str, shape))})"
+        if have is None:
+            raise MkdError(f"{where}: signature mismatch: {SIGNATURE} has no {side[:-1]} '{name}' "
+                           f"(has {sorted(signature.get(side, {}))}; expected {wanted})")
+        have_dtype, have_shape = have
+        compatible = have_shape is None or (len(have_shape) == len(shape) + 1 and all(
+            h in (-1, w) for h, w in zip(have_shape[1:], shape)))
+        if have_dtype != dtype or not compatible:
+            raise MkdError(f"{where}: signature mismatch: {SIGNATURE} {side[:-1]} '{name}' is {have_dtype} {have_shape}, "
+                           f"expected {wanted} (is the server running a different model than {name!r} was "
+                           "exported for? check --model-dir/RUN)")
+
+
+# --- REST -------------------------------------------------------------------------------------------
+class RestClient:
+    """TF Serving REST API of one model.
+
+    Args:
+        url: ``http://HOST:8501/v1/models/NAME`` (optionally ``/versions/N``); a bare ``http://HOST:8501``
+            needs ``model``.
+        model: model name, appended to a bare server URL.
+        version: model version (default: the server's latest).
+        timeout: seconds per request.
+    """
+
+    def __init__(self, url, model=None, version=None, timeout=120):
+        base = url.rstrip("/")
+        if "://" not in base:
+            base = "http://" + base
+        if "/v1/models/" not in base:
+            if not model:
+                raise MkdError(f"--server {url}: expected http://HOST:8501/v1/models/NAME (or pass --model NAME)")
+            base += f"/v1/models/{model}"
+        if version is not None:
+            if "/versions/" in base:
+                raise MkdError(f"--server {url} already names a version; drop --version")
+            base += f"/versions/{int(version)}"
+        self.url = base
+        self.timeout = timeout
+
+    def _request(self, suffix, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + suffix, data=data, method="GET" if body is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            message = _error_message(exc)
+            if exc.code == 404:
+                raise MkdError(f"{self.url}: model or version not found on the server ({message})")
+            raise MkdError(f"{self.url}: request rejected (HTTP {exc.code}: {message})")
+        except urllib.error.URLError as exc:
+            raise MkdError(f"{self.url}: cannot reach TF Serving ({getattr(exc, 'reason', exc)})")
+        except (TimeoutError, OSError) as exc:
+            raise MkdError(f"{self.url}: cannot reach TF Serving ({exc})")
+        try:
+            return json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MkdError(f"{self.url}: not a TF Serving response (invalid JSON)")
+
+    def signature(self):
+        """The ``serving_default`` signature from ``GET .../metadata`` (see :func:`check_signature`)."""
+        body = self._request("/metadata")
+        try:
+            signatures = body["metadata"]["signature_def"]["signature_def"]
+        except (KeyError, TypeError):
+            raise MkdError(f"{self.url}: not a TF Serving metadata response")
+        if SIGNATURE not in signatures:
+            raise MkdError(f"{self.url}: signature mismatch: the model has no '{SIGNATURE}' signature "
+                           f"(has {sorted(signatures)})")
+        definition = signatures[SIGNATURE]
+        return {side: {name: _json_tensor_info(info) for name, info in definition.get(side, {}).items()}
+                for side in ("inputs", "outputs")}
+
+    def labels(self, images):
+        """Class indices `(batch, H, W)` int32 for preprocessed slices `(batch, H, W, 1)`."""
+        body = self._request(":predict", {"signature_name": SIGNATURE,
+                                          "inputs": {"image": np.asarray(images, np.float32).tolist()}})
+        outputs = body.get("outputs") if isinstance(body, dict) else None
+        if isinstance(outputs, dict):
+            outputs = outputs.get("labels")
+        if outputs is None:
+            raise MkdError(f"{self.url}: predict response has no 'labels' output")
+        return np.asarray(outputs, np.int32)
+
+
+def _error_message(exc):
+    try:
+        return json.loads(exc.read()).get("error", exc.reason)
+    except Exception:  # a proxy's HTML page, an empty body: fall back to the status text
+        return exc.reason
+
+
+def _json_tensor_info(info):
+    """(dtype name, shape list or None) of a TensorInfo in TF Serving's JSON (either field naming)."""
+    shape = info.get("tensor_shape", info.get("tensorShape", {}))
+    if shape.get("unknown_rank", shape.get("unknownRank", False)):
+        return info.get("dtype"), None
+    return info.get("dtype"), [int(dim.get("size", -1)) for dim in shape.get("dim", [])]
+
+
+# --- gRPC -------------------------------------------------------------------------------------------
+class GrpcClient:
+    """TF Serving gRPC PredictionService of one model.
+
+    Args:
+        target: ``HOST:8500``.
+        model: model name.
+        version: model version (default: the server's latest).
+        timeout: seconds per call.
+    """
+
+    def __init__(self, target, model, version=None, timeout=120):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        if not model:
+            raise MkdError("--grpc needs --model NAME")
+        self.target, self.model, self.version, self.timeout = target, model, version, timeout
+        self.where = f"grpc://{target}/{model}" + (f"/versions/{version}" if version is not None else "")
+        # Responses carry a whole batch of label maps: lift gRPC's 4 MB default.
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def _spec(self, spec):
+        spec.name = self.model
+        spec.signature_name = SIGNATURE
+        if self.version is not None:
+            spec.version.value = int(self.version)
+
+    def _call(self, method, request):
+        import grpc
+
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise MkdError(f"{self.where}: cannot reach TF Serving ({details})")
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise MkdError(f"{self.where}: model or version not found on the server ({details})")
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise MkdError(f"{self.where}: no answer within {self.timeout} s")
+            raise MkdError(f"{self.where}: request rejected ({code.name}: {details})")
+
+    def signature(self):
+        """The ``serving_default`` signature from ``GetModelMetadata``."""
+        from tensorflow.core.framework import types_pb2
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec)
+        request.model_spec.signature_name = ""
+        response = self._call(self.stub.GetModelMetadata, request)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        if "signature_def" not in response.metadata or not response.metadata["signature_def"].Unpack(signature_map):
+            raise MkdError(f"{self.where}: not a TF Serving metadata response")
+        if SIGNATURE not in signature_map.signature_def:
+            raise MkdError(f"{self.where}: signature mismatch: the model has no '{SIGNATURE}' signature "
+                           f"(has {sorted(signature_map.signature_def)})")
+        definition = signature_map.signature_def[SIGNATURE]
+
+        def info(tensor):
+            shape = None if tensor.tensor_shape.unknown_rank else [int(d.size) for d in tensor.tensor_shape.dim]
+            return types_pb2.DataType.Name(tensor.dtype), shape
+
+        return {"inputs": {k: info(v) for k, v in definition.inputs.items()},
+                "outputs": {k: info(v) for k, v in definition.outputs.items()}}
+
+    def labels(self, images):
+        """Class indices `(batch, H, W)` int32 for preprocessed slices `(batch, H, W, 1)`."""
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest(output_filter=["labels"])
+        self._spec(request.model_spec)
+        request.inputs["image"].CopyFrom(tf.make_tensor_proto(np.asarray(images, np.float32)))
+        response = self._call(self.stub.Predict, request)
+        if "labels" not in response.outputs:
+            raise MkdError(f"{self.where}: predict response has no 'labels' output")
+        return tf.make_ndarray(response.outputs["labels"]).astype(np.int32)
+
+    def close(self):
+        self.channel.close()
+
+
+# --- the whole volume -------------------------------------------------------------------------------
+def predict_volume_remote(client, image, info, batch_size=16):
+    """Segment one target-modality volume on the server; same steps as :func:`mkd_tf.inference.predict_volume`.
+
+    Args:
+        client: :class:`RestClient` or :class:`GrpcClient`.
+        image: :class:`mkd_tf.data.nifti.Volume` in the modality's own units.
+        info: :func:`model_info`.
+        batch_size: slices per request.
+
+    Returns:
+        `(x, y, z)` label volume on the input's grid with the dataset's label values.
+    """
+    from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
+    from mkd_tf.inference import label_dtype
+
+    where = getattr(client, "url", None) or client.where
+    check_signature(client.signature(), info["size"], where)
+    slices, params = preprocess_image(image, info["target_intensity"], PreprocessConfig.from_dict(info["preprocess"]))
+    indices = np.zeros(slices.shape, np.uint8)
+    for start in range(0, len(slices), batch_size):
+        batch = slices[start:start + batch_size]
+        labels = client.labels(batch[..., None])
+        if labels.shape != batch.shape:
+            raise MkdError(f"{where}: 'labels' has shape {labels.shape}, expected {batch.shape}")
+        if labels.min() < 0 or labels.max() >= len(info["classes"]):
+            raise MkdError(f"{where}: 'labels' holds class {int(labels.max())}, the model has {len(info['classes'])}")
+        indices[start:start + batch_size] = labels
+    values = info["class_values"]
+    return labels_to_original(indices, params, values).astype(label_dtype(values))
+
+
+def predict_file_remote(image_path, out_path, server=None, grpc_target=None, model=None, version=None,
+                        model_dir=None, run=None, batch_size=16, timeout=120, overlay=None):
+    """`mkd predict --server/--grpc`: read a NIfTI, segment it on TF Serving, write the label map.
+
+    Args:
+        image_path: target-modality NIfTI.
+        out_path: label map to write (.nii/.nii.gz): the input's shape and affine, dataset label values.
+        server: REST URL ``http://HOST:8501/v1/models/NAME`` (exclusive with ``grpc_target``).
+        grpc_target: ``HOST:8500`` (needs ``model``).
+        model: model name (gRPC, or appended to a bare REST URL).
+        version: model version (default: latest).
+        model_dir: local copy of the export version folder (preprocessing and labels), or
+        run: the training run (its cache.json), instead.
+        batch_size: slices per request.
+        timeout: seconds per request.
+        overlay: optional PNG with contours on a few slices.
+
+    Returns:
+        the label volume written.
+    """
+    from mkd_tf.data.nifti import load_image, save_volume
+
+    if (server is None) == (grpc_target is None):
+        raise MkdError("pass exactly one of --server (REST) or --grpc")
+    if Path(out_path).suffix not in (".nii", ".gz"):
+        fail(out_path, "output must end in .nii or .nii.gz")
+    info = model_info(model_dir, run)
+    image = load_image(image_path)
+    client = RestClient(server, model, version, timeout) if server else GrpcClient(grpc_target, model, version, timeout)
+    try:
+        labels = predict_volume_remote(client, image, info, batch_size)
+    finally:
+        if isinstance(client, GrpcClient):
+            client.close()
+    save_volume(out_path, labels, image.affine, dtype=labels.dtype)
+    if overlay:
+        from mkd_tf.overlay import write_overlay
+
+        record = {"classes": info["classes"],
+                  "target": {"label_values": dict(zip(info["classes"], info["class_values"]))}}
+        write_overlay(overlay, image, labels, record)
+    return labels

@@ -1,0 +1,120 @@
+"""The method commands of the `mkd` CLI: help texts, one-line errors, `mkd compare`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mkd_cli.main import main as cli
+from mkd_tf.config import DEFAULTS
+from tests.scripts import tiny_runs
+
+MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# `mkd train` option -> the config entry whose default its help must state.
+CONFIG_DEFAULTS = {
+    "--method": ("method",), "--epochs": ("schedule", "epochs"), "--steps-per-epoch": ("schedule", "steps_per_epoch"),
+    "--batch-size": ("data", "batch_size"), "--strategy": ("strategy",), "--seed": ("seed",),
+    "--base-filters": ("segmentor", "base_filters"), "--depth": ("segmentor", "depth"),
+}
+FLAGS = ["--no-augment", "--no-iam", "--no-kd-s2r", "--no-kd-r2s", "--quiet"]
+
+
+def help_entries(command):
+    """Option name -> its help entry with the line wrapping undone."""
+    outcome = CliRunner().invoke(cli, [command, "--help"])
+    assert outcome.exit_code == 0
+    options = outcome.output.split("Options:\n", 1)[1]
+    entries = re.split(r"\n(?=  -)", "\n" + options)
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
+
+
+def test_train_help_lists_every_option_with_its_default():
+    entries = help_entries("train")
+    command = cli.commands["train"]
+    declared = {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+    assert declared <= set(entries) | {"--help"}
+    assert set(entries) == declared | {"-h"}
+    for option, keys in CONFIG_DEFAULTS.items():
+        value = DEFAULTS
+        for key in keys:
+            value = value[key]
+        assert f"[config default: {value}]" in entries[option], entries[option]
+    assert "[default: all]" in entries["--target-labeled"]
+    assert "[required]" in entries["--out"]
+    # Everything else is a flag (off unless given) or the optional --config file.
+    remaining = set(entries) - set(CONFIG_DEFAULTS) - {"--target-labeled", "--out", "--config", "-h"}
+    assert remaining == set(FLAGS)
+    for flag in FLAGS:
+        parameter = next(p for p in command.params if flag in p.opts)
+        assert parameter.is_flag
+
+
+def test_other_method_commands_show_their_defaults():
+    assert "[default: test]" in help_entries("evaluate")["--split"]
+    assert "[default: best]" in help_entries("evaluate")["--checkpoint"]
+    assert "[default: ensemble]" in help_entries("predict")["--which"]
+    compare = help_entries("compare")
+    methods = compare["--methods"].replace("target- only", "target-only")  # undo click's wrapping at a hyphen
+    assert "[default: target-only,joint,finetune,ummkd,mkd]" in methods
+    assert "[default: 3; x>=1]" in compare["--seeds"]
+
+
+def test_a_bad_cache_path_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")  # even with TensorFlow's own logging left on
+    done = subprocess.run([str(MKD_EXECUTABLE), "train", str(tmp_path / "no-cache"), "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == f"error: {tmp_path / 'no-cache'}: slice cache not found\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
+    out = tmp_path / "comparison"
+    with tiny_runs.eager():
+        outcome = CliRunner().invoke(cli, ["compare", str(cache), "--methods", "target-only,assistant-only",
+                                           "--seeds", "1", "--out", str(out), "--config", str(config), "--quiet"],
+                                     catch_exceptions=False)
+    assert outcome.exit_code == 0, outcome.output
+    assert f"wrote {out / 'comparison.md'} and {out / 'comparison.png'}" in outcome.output
+
+    table = (out / "comparison.md").read_text()
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | myocardium Dice |")
+    assert lines[0].endswith("| mean Dice | ASSD (mm) | HD95 (mm) |")
+    assert [line.split("|")[1].strip() for line in lines[2:4]] == ["target-only", "assistant-only"]
+    assert "mean ± std over 1 seed(s) of the mean over target test volumes" in table
+
+    data = json.loads((out / "comparison.json").read_text())
+    assert list(data) == ["target-only", "assistant-only"]
+    for method in data:
+        metrics = json.loads((out / method / "seed0" / "metrics.json").read_text())
+        summary = metrics["summary"][list(metrics["summary"])[-1]]
+        for key, entry in data[method].items():
+            structure, metric = key.split("/")
+            assert entry["seeds"] == [pytest.approx(summary[structure][metric]["mean"])]
+            assert entry["std"] == 0.0
+        dice = data[method]["overall/dice"]["mean"]
+        assert f"| {method} |" in table and f"{100 * dice:.1f} ± 0.0" in table
+    assert (out / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_compare_rejects_an_unknown_method_before_training_anything(tmp_path_factory, tmp_path):
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)  # bounds the cost if it did train
+    with tiny_runs.eager():
+        outcome = CliRunner().invoke(cli, ["compare", str(cache), "--methods", "target-only,sifa", "--config",
+                                           str(config), "--out", str(tmp_path / "c"), "--quiet"])
+    assert outcome.exit_code == 2
+    assert outcome.stderr.startswith("error: --methods: unknown method 'sifa' (choose from mkd, target-only,")
+    assert outcome.stderr.count("\n") == 1
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,233 @@
+"""MKDModel.train_step: what each loss term trains, the logged values, the ablations.
+
+Each test runs the real ``train_step`` eagerly on a fixed synthetic batch of 32 x 32 slices with a
+tiny model; the loss functions are wrapped to record their outputs so gradients of single terms can
+be taken from the step's own (persistent) tape.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mkd_tf import losses
+from mkd_tf.models.mkd import MKDModel, MKDWeights
+from tests.scripts import tiny_runs
+
+SIZE, BATCH, CLASSES = 32, 2, 4
+SEGMENTOR = {"base_filters": 4, "depth": 2}
+ALIGNMENT = {"base_filters": 4, "num_blocks": 1, "disc_filters": 4, "disc_layers": 2}
+
+
+def make_batch(seed=0, labelled_target=True):
+    rng = np.random.default_rng(seed)
+
+    def stream(offset):
+        labels = np.zeros((BATCH, SIZE, SIZE), np.int32)
+        for b in range(BATCH):  # a few rectangles of different classes
+            for c in range(1, CLASSES):
+                y, x = rng.integers(0, SIZE - 10, 2)
+                labels[b, y:y + 8, x:x + 8] = c
+        images = labels[..., None] * 0.7 + offset + rng.normal(0, 0.2, (BATCH, SIZE, SIZE, 1))
+        return {"image": tf.constant(images, tf.float32), "label": tf.constant(labels),
+                "has_label": tf.ones(BATCH)}
+
+    batch = {"assistant": stream(-1.0), "target": stream(0.5)}
+    if labelled_target:
+        batch["target_labelled"] = stream(0.5)
+    return batch
+
+
+def make_model(sgd=0.0, weights=None, **switches):
+    """A built model; SGD learning rates so that a zero rate freezes a group exactly."""
+    keras.utils.set_random_seed(1)
+    rates = sgd if isinstance(sgd, dict) else {k: sgd for k in ("segmentors", "generators", "discriminators")}
+    model = MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, weights=weights,
+                     optimizers={k: keras.optimizers.SGD(v) for k, v in rates.items()}, **switches)
+    model.build_for((SIZE, SIZE, 1))
+    model.build_optimizers()
+    return model
+
+
+def groups(model):
+    iam = model.alignment
+    return {"S_syn": model.synthetic_segmentor.trainable_variables,
+            "S_real": model.real_segmentor.trainable_variables,
+            "G": iam.assistant_to_target.trainable_variables, "F": iam.target_to_assistant.trainable_variables,
+            "D_target": iam.target_discriminator.trainable_variables,
+            "D_assistant": iam.assistant_discriminator.trainable_variables}
+
+
+def snapshot(model):
+    return {name: [v.numpy().copy() for v in variables] for name, variables in groups(model).items()}
+
+
+def changed(before, after):
+    return {name for name in before
+            if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+
+
+def gradient_norm(tape, tensor, variables):
+    # A vector target is summed by the tape (a reduce_sum here would run outside the recording).
+    gradients = tape.gradient(tensor, variables)
+    return sum(float(tf.reduce_sum(tf.abs(g))) for g in gradients if g is not None)
+
+
+@pytest.fixture(scope="module")
+def gradient_map():
+    """For each recorded loss term of one step: which variable groups its gradient reaches."""
+    model = make_model(sgd=0.01)
+    recorded = []
+    originals = {}
+    names = ["segmentation_loss", "distillation_loss", "lsgan_generator_loss", "cycle_loss",
+             "lsgan_discriminator_loss"]
+    for name in names:
+        originals[name] = getattr(losses, name)
+
+        def recorder(*args, _name=name, **kwargs):
+            value = originals[_name](*args, **kwargs)
+            recorded.append((_name, value))
+            return value
+
+        setattr(losses, name, recorder)
+    reached = {}
+    original_step = model.step
+
+    def inspecting_step(tape, loss, group):
+        if not reached:  # first optimizer step: the tape holds the whole forward pass
+            for index, (name, value) in enumerate(recorded):
+                key = f"{name}#{sum(1 for n, _ in recorded[:index] if n == name)}"
+                reached[key] = {g: gradient_norm(tape, value, v) for g, v in groups(model).items()}
+        return original_step(tape, loss, group)
+
+    model.step = inspecting_step
+    try:
+        model.train_step(make_batch())
+    finally:
+        for name in names:
+            setattr(losses, name, originals[name])
+    return {key: {g for g, norm in norms.items() if norm > 0} for key, norms in reached.items()}
+
+
+# Call order inside train_step: segmentation (S_syn on aligned, S_real on target), distillation
+# (s2r, r2s), generator LSGAN (G, F), cycle (assistant, target), discriminator LSGAN (D_T, D_A).
+@pytest.mark.parametrize("term, expected", [
+    ("segmentation_loss#0", {"S_syn", "G"}),  # seg on aligned images reaches the generator G
+    ("segmentation_loss#1", {"S_real"}),
+    ("distillation_loss#0", {"S_real"}),  # kd_s2r: teacher S_syn and the aligned images are stop-gradient
+    ("distillation_loss#1", {"S_syn"}),  # kd_r2s: teacher S_real is stop-gradient
+    ("lsgan_generator_loss#0", {"G", "D_target"}),
+    ("lsgan_generator_loss#1", {"F", "D_assistant"}),
+    ("cycle_loss#0", {"G", "F"}),
+    ("cycle_loss#1", {"G", "F"}),
+    ("lsgan_discriminator_loss#0", {"D_target"}),  # never the generators: fakes are stop-gradient
+    ("lsgan_discriminator_loss#1", {"D_assistant"}),
+])
+def test_each_loss_term_reaches_exactly_its_networks(gradient_map, term, expected):
+    assert len(gradient_map) == 10
+    assert gradient_map[term] == expected
+
+
+def test_optimizers_update_only_their_groups():
+    # Generator objective switched off entirely: G and F must not move, everything else does.
+    model = make_model(sgd=0.1, weights={"adversarial": 0.0, "cycle": 0.0, "segmentation_to_generator": 0.0})
+    before = snapshot(model)
+    model.train_step(make_batch())
+    assert changed(before, snapshot(model)) == {"S_syn", "S_real", "D_target", "D_assistant"}
+
+    # Only the segmentation term in G's objective: G moves (anatomy-preserving alignment), F does not.
+    model = make_model(sgd={"segmentors": 0.0, "generators": 0.1, "discriminators": 0.0},
+                       weights={"adversarial": 0.0, "cycle": 0.0, "segmentation_to_generator": 1.0})
+    before = snapshot(model)
+    model.train_step(make_batch())
+    assert changed(before, snapshot(model)) == {"G"}
+
+
+def test_kd_terms_alone_train_only_the_students():
+    """With the supervised terms removed, each KD direction moves only its student."""
+    original = losses.segmentation_loss
+    try:
+        losses.segmentation_loss = lambda labels, probabilities: 0.0 * original(labels, probabilities)
+        for switches, student in (({"kd_r2s": False}, "S_real"), ({"kd_s2r": False}, "S_syn")):
+            model = make_model(sgd={"segmentors": 0.5, "generators": 0.0, "discriminators": 0.0}, **switches)
+            before = snapshot(model)
+            model.train_step(make_batch())
+            assert changed(before, snapshot(model)) & {"S_syn", "S_real"} == {student}
+    finally:
+        losses.segmentation_loss = original
+
+
+def independent_terms(model, batch, temperature, aligned=True):
+    """Loss terms of the step computed outside it, from the same weights."""
+    def mean(values):
+        return float(tf.reduce_mean(values))
+
+    assistant, target, labelled = batch["assistant"], batch["target"], batch.get("target_labelled")
+    images = (model.alignment.assistant_to_target(assistant["image"], training=True) if aligned
+              else assistant["image"])
+    syn, real = model.synthetic_segmentor, model.real_segmentor
+    terms = {
+        "seg_syn": mean(losses.segmentation_loss(assistant["label"], tf.nn.softmax(syn(images, training=True)))),
+        "kd_s2r": mean(losses.distillation_loss(syn(images, training=True), real(images, training=True),
+                                                temperature)),
+        "kd_r2s": mean(losses.distillation_loss(real(target["image"], training=True),
+                                                syn(target["image"], training=True), temperature)),
+    }
+    if labelled is not None:
+        terms["seg_real"] = mean(losses.segmentation_loss(labelled["label"],
+                                                          tf.nn.softmax(real(labelled["image"], training=True))))
+    return terms
+
+
+@pytest.mark.parametrize("use_iam", [True, False])
+def test_logged_terms_and_total_match_an_independent_computation(use_iam):
+    weights = MKDWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9)
+    model = make_model(sgd=0.1, weights=weights, use_iam=use_iam)
+    batch = make_batch()
+    expected = independent_terms(model, batch, 3.0, aligned=use_iam)
+    logs = {name: float(value) for name, value in model.train_step(batch).items()}
+    iam_terms = {"adversarial", "cycle", "discriminator"} if use_iam else set()
+    assert set(logs) == set(expected) | iam_terms | {"total"}
+    for name, value in expected.items():
+        assert logs[name] == pytest.approx(value, rel=1e-5), name
+    assert logs["total"] == pytest.approx(expected["seg_syn"] + expected["seg_real"] + 0.7 * expected["kd_s2r"]
+                                          + 1.9 * expected["kd_r2s"], rel=1e-5)
+    # Without the IAM S_syn learned from the raw assistant images: its loss differs from the aligned one.
+    if not use_iam:
+        assert model.alignment is None and set(model.optimizers()) == {"segmentors"}
+
+
+def test_without_target_labels_s_real_learns_from_distillation_only():
+    """The unsupervised setting: no labelled target stream, no seg_real; S_real still moves (kd_s2r)."""
+    model = make_model(sgd={"segmentors": 0.1, "generators": 0.0, "discriminators": 0.0})
+    batch = make_batch(labelled_target=False)
+    expected = independent_terms(model, batch, 2.0)
+    before = snapshot(model)
+    logs = {name: float(value) for name, value in model.train_step(batch).items()}
+    assert "seg_real" not in logs and "seg_real" not in expected
+    assert logs["total"] == pytest.approx(expected["seg_syn"] + expected["kd_s2r"] + expected["kd_r2s"], rel=1e-5)
+    assert {"S_syn", "S_real"} <= changed(before, snapshot(model))
+
+
+def test_a_short_training_lowers_the_segmentation_losses(tmp_path_factory):
+    """The compiled MKD run on the phantom (2 epochs x 10 steps): both supervised losses go down."""
+    run = tiny_runs.main_mkd_run(tmp_path_factory)
+    first, second = (e["losses"] for e in json.loads((run.path / "history.json").read_text())["epochs"])
+    assert second["seg_syn"] < first["seg_syn"]
+    assert second["seg_real"] < first["seg_real"]
+    assert second["discriminator"] < first["discriminator"]
+
+
+def test_get_config_and_image_panels():
+    model = make_model(weights={"temperature": 4.0}, kd_r2s=False)
+    config = model.get_config()
+    assert config["weights"]["temperature"] == 4.0 and config["kd_r2s"] is False and config["use_iam"] is True
+    assert config["segmentor"] == SEGMENTOR and config["num_classes"] == CLASSES
+    panels = model.image_panels(make_batch())
+    assert set(panels) == {"target_image", "assistant_image", "aligned_assistant", "target_prediction_syn",
+                           "target_prediction_real", "target_ground_truth"}
+    for images in panels.values():
+        assert images.shape == (BATCH, SIZE, SIZE, 1)
+        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0

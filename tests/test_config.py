@@ -1,0 +1,120 @@
+"""Configuration: defaults <- YAML file <- command-line flags; strict keys; safe YAML only."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mkd_cli.main import main as cli
+from mkd_tf.config import DEFAULTS, load_config, save_config
+from mkd_tf.errors import MkdError
+from tests.scripts import tiny_runs
+
+
+def write(path, text):
+    Path(path).write_text(text)
+    return Path(path)
+
+
+def test_defaults_are_returned_as_an_independent_copy():
+    config = load_config()
+    assert config == DEFAULTS
+    config["schedule"]["epochs"] = 1
+    assert DEFAULTS["schedule"]["epochs"] == 20 and load_config()["schedule"]["epochs"] == 20
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = write(tmp_path / "cfg.yaml", "method: joint\nschedule:\n  epochs: 7\n  steps_per_epoch: 11\n"
+                                        "loss:\n  temperature: 3.5\n")
+    from_file = load_config(path)
+    assert from_file["method"] == "joint" and from_file["loss"]["temperature"] == 3.5
+    assert from_file["schedule"] == {**DEFAULTS["schedule"], "epochs": 7, "steps_per_epoch": 11}
+    expected = copy.deepcopy(DEFAULTS)
+    expected["method"] = "joint"
+    expected["schedule"].update(epochs=7, steps_per_epoch=11)
+    expected["loss"]["temperature"] = 3.5
+    assert from_file == expected
+
+    # Flags win over the file; flags left unset (None) do not override anything.
+    merged = load_config(path, {"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": None},
+                                "data": {"batch_size": None}})
+    expected.update(method="mkd")
+    expected["schedule"]["epochs"] = 2
+    assert merged == expected
+
+
+def test_train_command_flags_reach_the_config_over_the_yaml(tmp_path, monkeypatch):
+    """`mkd train --config cfg.yaml --epochs 3 --no-kd-r2s` resolves flags > YAML > defaults."""
+    captured = {}
+
+    def fake_train(cache, out, config_path, overrides, verbose):
+        captured.update(config=load_config(config_path, overrides), verbose=verbose)
+        return {"run": out, "best": None, "logs": f"{out}/logs"}
+
+    monkeypatch.setattr("mkd_tf.training.train", fake_train)
+    path = write(tmp_path / "cfg.yaml", "schedule: {epochs: 9, steps_per_epoch: 4}\nsegmentor: {base_filters: 6}\n"
+                                        "data: {augment: true, batch_size: 3}\n")
+    outcome = CliRunner().invoke(cli, ["train", "cache", "--out", str(tmp_path / "run"), "--config", str(path),
+                                       "--epochs", "3", "--no-kd-r2s", "--no-augment", "--depth", "2", "--quiet"])
+    assert outcome.exit_code == 0, outcome.output
+    config = captured["config"]
+    assert config["schedule"]["epochs"] == 3  # flag over YAML
+    assert config["schedule"]["steps_per_epoch"] == 4  # YAML over default
+    assert config["segmentor"] == {**DEFAULTS["segmentor"], "base_filters": 6, "depth": 2}
+    assert config["data"] == {"batch_size": 3, "augment": False, "target_labeled": None}
+    assert config["ablation"] == {"iam": True, "kd_s2r": True, "kd_r2s": False}
+    assert captured["verbose"] == 0
+    assert outcome.output == f"run: {tmp_path / 'run'}\ntensorboard --logdir {tmp_path / 'run'}/logs\n"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("schedule:\n  epoch: 3\n", "unknown setting 'epoch' (known: epochs, finetune_switch, steps_per_epoch, "
+                                "validation_batch)"),
+    ("learning_rate: 0.1\n", "unknown setting 'learning_rate' (known: ablation, alignment, data, loss, method, "
+                             "optimizer, schedule, seed, segmentor, strategy)"),
+    ("schedule: 5\n", "setting 'schedule' must be a mapping"),
+    ("- 1\n- 2\n", "config must be a mapping"),
+    ("schedule: {epochs: [1\n", "invalid YAML (while parsing a flow sequence)"),
+])
+def test_bad_config_files_fail_in_one_line_naming_the_file(tmp_path, text, problem):
+    path = write(tmp_path / "cfg.yaml", text)
+    with pytest.raises(MkdError) as raised:
+        load_config(path)
+    assert str(raised.value) == f"{path}: {problem}"
+
+
+def test_unknown_flag_values_and_missing_files(tmp_path):
+    with pytest.raises(MkdError, match="^config: unknown method 'sifa' \\(choose from mkd, target-only, "):
+        load_config(overrides={"method": "sifa"})
+    with pytest.raises(MkdError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_python_object_tags_are_rejected_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+    path = write(tmp_path / "evil.yaml", f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(MkdError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: invalid YAML (could not determine a constructor for the tag")
+    assert "\n" not in message
+    assert not marker.exists()
+
+
+def test_save_config_round_trips_and_writes_atomically(tmp_path):
+    config = load_config(overrides={"method": "finetune", "loss": {"cycle": 5.0}})
+    save_config(config, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config
+    assert load_config(tmp_path / "config.yaml") == config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_the_resolved_config_is_saved_in_the_run(tmp_path_factory):
+    """A CLI run (`--config tiny.yaml --no-iam`): RUN/config.yaml is the full resolved config."""
+    run = tiny_runs.shared_run(tmp_path_factory, "mkd-no-iam")
+    saved = yaml.safe_load((run.path / "config.yaml").read_text())
+    expected = load_config(overrides=tiny_runs.tiny_overrides(ablation={"iam": False}))
+    assert saved == expected
+    assert saved["ablation"]["iam"] is False and saved["segmentor"]["base_filters"] == 4
