@@ -7,6 +7,7 @@
 - `ummkd`: Dou et al. (TMI 2020), see :mod:`mkd_tf.models.ummkd`.
 """
 
+import keras
 import tensorflow as tf
 
 from mkd_tf import losses
@@ -33,8 +34,6 @@ class SingleSegmentorModel(CrossModalityModel):
     def __init__(self, num_classes, global_batch_size, segmentor=None, optimizer=None, predictor="segmentor",
                  **kwargs):
         super().__init__(num_classes, global_batch_size, **kwargs)
-        import keras
-
         self.segmentor_args = dict(segmentor or {})
         self.predictor = predictor
         self.segmentor = Segmentor(num_classes, name=predictor, **self.segmentor_args)
