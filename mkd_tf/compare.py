@@ -18,6 +18,7 @@ import numpy as np
 
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.errors import fail
+from mkd_tf.files import write_text_atomic
 from mkd_tf.training import train
 
 VARIANTS = {
@@ -71,8 +72,8 @@ def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None
     table, data = _table(rows)
     out.mkdir(parents=True, exist_ok=True)
     table_path, plot_path = out / "comparison.md", out / "comparison.png"
-    _write(table_path, table)
-    _write(out / "comparison.json", json.dumps(data, indent=1))
+    write_text_atomic(table_path, table)
+    write_text_atomic(out / "comparison.json", json.dumps(data, indent=1))
     _box_plot(rows, plot_path)
     return {"table": table, "table_path": str(table_path), "plot_path": str(plot_path), "data": data}
 
@@ -99,12 +100,6 @@ def _table(rows):
         data[row] = record
     note = f"\nmean ± std over {len(next(iter(rows.values())))} seed(s) of the mean over target test volumes\n"
     return "\n".join(lines) + "\n" + note, data
-
-
-def _write(path, text):
-    temporary = Path(path).with_name(f".{Path(path).name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _box_plot(rows, path):

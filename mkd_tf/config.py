@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from mkd_tf.errors import fail
+from mkd_tf.files import write_text_atomic
 
 METHODS = ("mkd", "target-only", "assistant-only", "joint", "finetune", "ummkd")
 
@@ -95,7 +96,4 @@ def _drop_none(values):
 
 def save_config(config, path):
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(yaml.safe_dump(config, sort_keys=False))
-    temporary.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))

@@ -13,7 +13,6 @@ structure) and `metrics.md` (one mean ± std table per predictor) into the run f
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,9 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.data.nifti import load_label
 from mkd_tf.data.preprocess import labels_to_original, map_label_values
 from mkd_tf.errors import fail
+from mkd_tf.files import read_json, write_text_atomic
 from mkd_tf.inference import predict_slices
 from mkd_tf.training import load_run
-
-
-def _atomic_write(path, text):
-    temporary = Path(path).with_name(f".{Path(path).name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=None):
@@ -76,9 +70,9 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"method": config["method"], "split": split, "checkpoint": which, "cases": cases, "summary": summary}
-    _atomic_write(out / "metrics.json", json.dumps(result, indent=1))
-    _atomic_write(out / "metrics.csv", _csv(cases))
-    _atomic_write(out / "metrics.md", table)
+    write_text_atomic(out / "metrics.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "metrics.csv", _csv(cases))
+    write_text_atomic(out / "metrics.md", table)
     result["table"] = table
     return result
 
@@ -89,7 +83,7 @@ def _all_label_values(cache):
     values = dict(modality["label_values"])
     source = modality.get("label_source", "")
     if source.endswith("dataset.json") and Path(source).exists():
-        values.update(json.loads(Path(source).read_text())["labels"])
+        values.update(read_json(source)["labels"])
     elif modality["layout"] == "mmwhs":
         from mkd_tf.data.layouts import MMWHS_LABELS
 

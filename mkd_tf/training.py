@@ -33,6 +33,7 @@ from mkd_tf.config import load_config, save_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
+from mkd_tf.files import read_json, write_text_atomic
 
 
 def make_strategy(name):
@@ -178,9 +179,7 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
 
 
 def _write_json(path, value):
-    temporary = Path(path).with_name(f".{Path(path).name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def _save_best(model, run):
@@ -338,7 +337,7 @@ def load_run(run_dir, which="best"):
     if not (run / "config.yaml").exists():
         fail(run, "not a training run (no config.yaml)")
     config = load_config(run / "config.yaml")
-    record = json.loads((run / "cache.json").read_text())
+    record = read_json(run / "cache.json", "missing: the run folder is incomplete")
     model = build_method(config, len(record["classes"]))
     size = int(record["preprocess"]["size"])
     model.build_for((size, size, 1))

@@ -5,12 +5,12 @@ table (name -> value in its files). The two modalities' tables are matched **by 
 :func:`match_labels`, so their integer ids may differ.
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mkd_tf.errors import fail
+from mkd_tf.files import read_json
 
 # MM-WHS 2017 label values, in the challenge's order.
 MMWHS_LABELS = {
@@ -119,10 +119,7 @@ def _nnunet(root):
     spec_path = root / "dataset.json"
     if not spec_path.exists():
         fail(root, "nnU-Net folder has no dataset.json")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        fail(spec_path, f"invalid JSON ({exc})")
+    spec = read_json(spec_path)
     labels = spec.get("labels") if isinstance(spec, dict) else None
     if not isinstance(labels, dict) or not labels:
         fail(spec_path, 'no "labels" mapping (expected {"background": 0, "name": 1, ...})')

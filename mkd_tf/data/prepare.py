@@ -8,7 +8,6 @@ Decisions:
   labels of only the first N target training cases (in seeded order); the rest stay, unlabelled.
 """
 
-import json
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from mkd_tf.data.layouts import discover, match_labels
 from mkd_tf.data.nifti import check_same_grid, load_image, load_label
 from mkd_tf.data.preprocess import PreprocessConfig, preprocess_volume
 from mkd_tf.errors import MkdError, fail
+from mkd_tf.files import read_json
 
 
 @dataclass
@@ -69,12 +69,7 @@ def split_fractions(case_ids, fractions, seed):
 
 
 def _read_split_file(path, datasets):
-    try:
-        spec = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        fail(path, "split file not found")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        fail(path, f"invalid JSON ({exc})")
+    spec = read_json(path, "split file not found")
     assignments = {}
     for role, dataset in datasets.items():
         known = {case.case_id for case in dataset.cases}

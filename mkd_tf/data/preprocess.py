@@ -15,7 +15,7 @@ canonical grid, undo the reorientation, and map class indices to the file's labe
 ``spacing`` equal to the input spacing and a window that holds the body, the round trip is exact.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage

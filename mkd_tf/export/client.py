@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import MkdError, fail
+from mkd_tf.files import read_json
 
 SIGNATURE = "serving_default"
 
@@ -57,10 +58,7 @@ def model_info(model_dir=None, run=None):
     record_path = Path(run) / "cache.json"
     if not record_path.exists():
         fail(run, "not a training run (no cache.json); pass a run folder or --model-dir")
-    try:
-        record = json.loads(record_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        fail(record_path, f"invalid JSON ({exc})")
+    record = read_json(record_path)
     from mkd_tf.inference import class_values
 
     return {"classes": record["classes"], "class_values": class_values(record), "preprocess": record["preprocess"],

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import MkdError, fail
+from mkd_tf.files import read_json, write_text_atomic
 
 FORMAT = "mkd-serving-model"
 FORMAT_VERSION = 1
@@ -103,10 +104,7 @@ def read_model_asset(version_dir):
     path = Path(version_dir) / "assets.extra" / MODEL_ASSET
     if not path.exists():
         fail(version_dir, f"not an mkd export (no assets.extra/{MODEL_ASSET}); use a saved_models/NAME/<version> folder")
-    try:
-        asset = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        fail(path, f"invalid JSON ({exc})")
+    asset = read_json(path)
     if asset.get("format") != FORMAT:
         fail(path, f"not an {FORMAT} asset")
     return asset
@@ -213,13 +211,7 @@ def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT):
 def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT):
     """(Re)write ``saved_models/models.config`` atomically; returns its path."""
     path = Path(saved_models) / MODELS_CONFIG
-    temporary = path.with_name(f".{MODELS_CONFIG}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        temporary.write_text(models_config_text(saved_models, serving_root))
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_text_atomic(path, models_config_text(saved_models, serving_root))
     return path
 
 
