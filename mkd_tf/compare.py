@@ -25,6 +25,11 @@ VARIANTS = {
     "mkd-no-iam": ("mkd", {"ablation": {"iam": False}}),
     "mkd-no-kd-s2r": ("mkd", {"ablation": {"kd_s2r": False}}),
     "mkd-no-kd-r2s": ("mkd", {"ablation": {"kd_r2s": False}}),
+    "mkd-no-pretrain": ("mkd", {"schedule": {"mkd_pretrain": 0.0}}),
+    "mkd-plain-iam": ("mkd", {"alignment": {"residual": False}}),
+    "mkd-no-ema": ("mkd", {"optimizer": {"ema": False}}),
+    "finetune-no-ema": ("finetune", {"optimizer": {"ema": False}}),
+    "target-only-no-ema": ("target-only", {"optimizer": {"ema": False}}),
 }
 
 

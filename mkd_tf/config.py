@@ -28,10 +28,14 @@ DEFAULTS = {
         "epochs": 20,
         "steps_per_epoch": 100,
         "finetune_switch": 0.5,  # finetune: fraction of steps on the assistant before switching to target
+        # mkd: fraction of steps of warm start (both segmentors on raw assistant slices, as finetune's
+        # first phase; the IAM trains alone) before mutual distillation; 0 = none
+        "mkd_pretrain": 0.5,
         "validation_batch": 32,
     },
     "segmentor": {"base_filters": 32, "depth": 4, "norm": "batch", "dropout": 0.0},
-    "alignment": {"base_filters": 32, "num_blocks": 6, "disc_filters": 64, "disc_layers": 3, "norm": "instance"},
+    "alignment": {"base_filters": 32, "num_blocks": 6, "disc_filters": 64, "disc_layers": 3, "norm": "instance",
+                  "residual": True},  # G(x) = x + r(x), starts as the identity
     "loss": {
         "temperature": 2.0,
         "lambda_s2r": 1.0,
@@ -47,6 +51,9 @@ DEFAULTS = {
         "generator_lr": 2.0e-4,
         "discriminator_lr": 2.0e-4,
         "gan_beta_1": 0.5,
+        # every method: evaluate, select and export an exponential moving average of the segmentor weights
+        "ema": True,
+        "ema_momentum": 0.99,
     },
     "ablation": {"iam": True, "kd_s2r": True, "kd_r2s": True},
 }

@@ -88,7 +88,9 @@ def build_method(config, num_classes):
 
     method, optimizer = config["method"], config["optimizer"]
     batch = config["data"]["batch_size"]
-    segmentor_optimizer = keras.optimizers.Adam(optimizer["segmentor_lr"])
+    steps = config["schedule"]["epochs"] * config["schedule"]["steps_per_epoch"]
+    segmentor_optimizer = keras.optimizers.Adam(optimizer["segmentor_lr"], use_ema=bool(optimizer["ema"]),
+                                                ema_momentum=float(optimizer["ema_momentum"]))
     if method == "mkd":
         gan = {"beta_1": optimizer["gan_beta_1"]}
         return MKDModel(
@@ -97,22 +99,22 @@ def build_method(config, num_classes):
                                                      "cycle", "segmentation_to_generator")},
             use_iam=config["ablation"]["iam"], kd_s2r=config["ablation"]["kd_s2r"],
             kd_r2s=config["ablation"]["kd_r2s"],
+            pretrain_steps=int(config["schedule"]["mkd_pretrain"] * steps),
             optimizers={"segmentors": segmentor_optimizer,
                         "generators": keras.optimizers.Adam(optimizer["generator_lr"], **gan),
                         "discriminators": keras.optimizers.Adam(optimizer["discriminator_lr"], **gan)})
-    steps = config["schedule"]["epochs"] * config["schedule"]["steps_per_epoch"]
     return baselines.build(method, num_classes, batch, config["segmentor"], segmentor_optimizer,
                            loss=config["loss"], switch_step=int(config["schedule"]["finetune_switch"] * steps))
 
 
-def validation_dice(model, cache, batch_size=32):
-    """Dice per predictor and foreground class over all target validation slices.
+def validation_dice(model, cache, batch_size=32, split="val"):
+    """Dice per predictor and foreground class over all labelled target slices of ``split``.
 
     Intersections and sums are accumulated over the whole split (so it is the Dice of the split's
     volumes stacked together, not a mean over slices). Returns `{predictor: [dice per class]}`, or
-    `None` when the cache has no labelled target validation slices.
+    `None` when the cache has no labelled target slices in the split.
     """
-    rows = cache.indices("target", "val", labelled=True)
+    rows = cache.indices("target", split, labelled=True)
     if rows.size == 0:
         return None
     names = model.predictor_names()
@@ -257,11 +259,15 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         if verbose:
             print(f"resuming {run} after epoch {int(epoch_counter.numpy())}")
 
-    @tf.function
-    def distributed_step(batch):
-        per_replica = strategy.run(model.train_step, args=(batch,))
-        return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                for name, value in per_replica.items()}
+    def distributed(step_function):
+        @tf.function
+        def run_step(batch):
+            per_replica = strategy.run(step_function, args=(batch,))
+            return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                    for name, value in per_replica.items()}
+        return run_step
+
+    train_step, pretrain_step = distributed(model.train_step), distributed(model.pretrain_step)
 
     schedule = config["schedule"]
     epochs, steps = int(schedule["epochs"]), int(schedule["steps_per_epoch"])
@@ -278,7 +284,8 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             print(f"epoch {epoch + 1}/{epochs}")
         totals, started = {}, time.perf_counter()
         for step in range(steps):
-            logs = {name: float(value) for name, value in distributed_step(next(iterator)).items()}
+            step_function = pretrain_step if epoch * steps + step < model.pretrain_steps else train_step
+            logs = {name: float(value) for name, value in step_function(next(iterator)).items()}
             _check_finite(logs, epoch, step)
             for name, value in logs.items():
                 totals[name] = totals.get(name, 0.0) + value
@@ -286,8 +293,12 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
                 progress.update(step + 1, list(logs.items()))
         means = {name: value / steps for name, value in totals.items()}
         seconds = time.perf_counter() - started
-        dice = validation_dice(model, cache, int(schedule["validation_batch"]))
-        record = {"epoch": epoch + 1, "losses": means, "steps_per_second": steps / seconds, "val_dice": dice}
+        with model.averaged_weights():
+            dice = validation_dice(model, cache, int(schedule["validation_batch"]))
+            # For learning curves only (`mkd compare` plots them); never used to select a checkpoint.
+            test_dice = validation_dice(model, cache, int(schedule["validation_batch"]), split="test")
+        record = {"epoch": epoch + 1, "losses": means, "steps_per_second": steps / seconds, "val_dice": dice,
+                  "test_dice": test_dice}
         global_step = (epoch + 1) * steps
         with writers["train"].as_default():
             for name, value in means.items():
@@ -309,7 +320,8 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         # grows with the epoch (-epoch would keep the first epoch and score it 0, i.e. a Dice).
         score = record.get("val_dice_mean", -1.0 / (epoch + 1))
         if history["best"] is None or score > history["best"]["score"]:
-            _save_best(model, run)
+            with model.averaged_weights():
+                _save_best(model, run)
             history["best"] = {"epoch": epoch + 1, "score": score, "predictor": main}
         # History first: a kill between the two leaves a record newer than the checkpoint, which
         # resume drops and trains again; the other order would lose the epoch's record for good.
@@ -349,5 +361,9 @@ def load_run(run_dir, which="best"):
         latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
         if latest is None:
             fail(run, "has no checkpoint")
-        _restore(tf.train.Checkpoint(**model_state(model)), latest, run, partial=True)
+        # The raw weights and the optimizers' moving averages: evaluate the averages, as training did.
+        model.build_optimizers()
+        state = training_state(model, tf.Variable(0, dtype=tf.int64, trainable=False))
+        _restore(tf.train.Checkpoint(**state), latest, run, partial=True)
+        model.load_averaged_weights()
     return model, config, record

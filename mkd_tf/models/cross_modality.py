@@ -11,6 +11,8 @@ Every method reads only the streams it needs, so all methods see the same data, 
 step budget: the comparison between them is fair.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -85,6 +87,40 @@ class CrossModalityModel(keras.Model):
         optimizer, variables = self.optimizers()[name]
         gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
+
+    #: steps at the start of training that run :meth:`pretrain_step` instead of :meth:`train_step`
+    pretrain_steps = 0
+
+    def pretrain_step(self, batch):
+        """The step of the first :attr:`pretrain_steps` steps (methods with a warm start override it)."""
+        return self.train_step(batch)
+
+    def load_averaged_weights(self):
+        """Assign to every variable whose optimizer keeps an exponential moving average (Keras
+        ``use_ema=True``) that average. Returns ``[(variable, raw value)]`` to undo it.
+
+        Evaluation, the best checkpoint and export use the averaged weights; training and the resume
+        checkpoints keep the raw ones (the averages are optimizer variables, checkpointed with it).
+        """
+        swapped = []
+        for optimizer, variables in self.optimizers().values():
+            if not (optimizer.use_ema and optimizer.built) or int(optimizer.iterations.numpy()) == 0:
+                continue  # no average yet (it starts at the first step's weights)
+            # Keras keeps the averages in this list, aligned with the variables given to build().
+            for variable, average in zip(variables, optimizer._model_variables_moving_average):
+                swapped.append((variable, tf.identity(variable.value)))
+                variable.assign(average)
+        return swapped
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside the block the model holds its averaged weights (:meth:`load_averaged_weights`)."""
+        swapped = self.load_averaged_weights()
+        try:
+            yield
+        finally:
+            for variable, raw in swapped:
+                variable.assign(raw)
 
     def image_panels(self, batch):
         """Images for TensorBoard, each `(batch, height, width, 1)` in [0, 1] (overridden by MKD)."""

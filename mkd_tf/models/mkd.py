@@ -71,6 +71,8 @@ class MKDModel(CrossModalityModel):
         alignment: dict of :class:`ImageAlignmentModule` arguments.
         weights: :class:`MKDWeights` or a dict of its fields.
         use_iam, kd_s2r, kd_r2s: ablation switches (all on = the full method).
+        pretrain_steps: int, steps of :meth:`pretrain_step` (warm start on the assistant) before
+            :meth:`train_step`; 0 starts with mutual distillation.
         optimizers: dict with keras optimizers under `"segmentors"`, `"generators"`, `"discriminators"`.
 
     Call: ``model.predict_probabilities(images, which="ensemble"|"syn"|"real")`` on target slices
@@ -83,8 +85,9 @@ class MKDModel(CrossModalityModel):
     """
 
     def __init__(self, num_classes, global_batch_size, segmentor=None, alignment=None, weights=None,
-                 use_iam=True, kd_s2r=True, kd_r2s=True, optimizers=None, **kwargs):
+                 use_iam=True, kd_s2r=True, kd_r2s=True, optimizers=None, pretrain_steps=0, **kwargs):
         super().__init__(num_classes, global_batch_size, **kwargs)
+        self.pretrain_steps = int(pretrain_steps)
         self.segmentor_args = dict(segmentor or {})
         self.alignment_args = dict(alignment or {})
         self.weights_config = weights if isinstance(weights, MKDWeights) else MKDWeights(**(weights or {}))
@@ -156,27 +159,54 @@ class MKDModel(CrossModalityModel):
 
             # 4. Image alignment: adversarial + cycle (+ segmentation keeps anatomy).
             if self.use_iam:
-                iam = self.alignment
-                target_as_assistant = iam.target_to_assistant(target["image"], training=True)
-                assistant_cycle = iam.target_to_assistant(aligned, training=True)
-                target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
-                logs["adversarial"] = self.average(
-                    losses.lsgan_generator_loss(iam.target_discriminator(aligned, training=True))
-                    + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True)))
-                logs["cycle"] = self.average(losses.cycle_loss(assistant["image"], assistant_cycle)
-                                             + losses.cycle_loss(target["image"], target_cycle))
-                generator_loss = (w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
-                                  + w.segmentation_to_generator * logs["seg_syn"])
-                logs["discriminator"] = self.average(
-                    losses.lsgan_discriminator_loss(iam.target_discriminator(target["image"], training=True),
-                                                    iam.target_discriminator(tf.stop_gradient(aligned), training=True))
-                    + losses.lsgan_discriminator_loss(
-                        iam.assistant_discriminator(assistant["image"], training=True),
-                        iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True)))
+                generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
+                generator_loss += w.segmentation_to_generator * logs["seg_syn"]
 
         # 5. Separate optimizers.
+        return self.finish_step(tape, segmentor_loss, generator_loss if self.use_iam else None, logs)
+
+    def pretrain_step(self, batch):
+        """Warm start, the first ``pretrain_steps`` steps: both segmentors learn the assistant's labels on
+        raw assistant images (no target, no distillation: exactly the first phase of the finetune
+        baseline), while the IAM trains on its adversarial and cycle losses alone, so that G already
+        aligns when distillation starts."""
+        assistant, target = batch["assistant"], batch["target"]
+        logs = {}
+        with tf.GradientTape(persistent=True) as tape:
+            per_example = [losses.segmentation_loss(assistant["label"], tf.nn.softmax(model(assistant["image"], training=True)))
+                           for model in (self.synthetic_segmentor, self.real_segmentor)]
+            logs["seg_syn"], logs["seg_real"] = (self.average(loss) for loss in per_example)
+            segmentor_loss = logs["seg_syn"] + logs["seg_real"]
+            generator_loss = None
+            if self.use_iam:
+                aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
+                generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
+        return self.finish_step(tape, segmentor_loss, generator_loss, logs)
+
+    def alignment_losses(self, assistant_images, target_images, aligned, logs):
+        """CycleGAN losses of the IAM (call inside the tape): returns the generators' adversarial +
+        cycle loss and records ``adversarial``, ``cycle`` and ``discriminator`` in ``logs``."""
+        w, iam = self.weights_config, self.alignment
+        target_as_assistant = iam.target_to_assistant(target_images, training=True)
+        assistant_cycle = iam.target_to_assistant(aligned, training=True)
+        target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
+        logs["adversarial"] = self.average(
+            losses.lsgan_generator_loss(iam.target_discriminator(aligned, training=True))
+            + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True)))
+        logs["cycle"] = self.average(losses.cycle_loss(assistant_images, assistant_cycle)
+                                     + losses.cycle_loss(target_images, target_cycle))
+        logs["discriminator"] = self.average(
+            losses.lsgan_discriminator_loss(iam.target_discriminator(target_images, training=True),
+                                            iam.target_discriminator(tf.stop_gradient(aligned), training=True))
+            + losses.lsgan_discriminator_loss(
+                iam.assistant_discriminator(assistant_images, training=True),
+                iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True)))
+        return w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
+
+    def finish_step(self, tape, segmentor_loss, generator_loss, logs):
+        """Apply the segmentor, generator and discriminator updates recorded on ``tape``."""
         self.step(tape, segmentor_loss, "segmentors")
-        if self.use_iam:
+        if generator_loss is not None:
             self.step(tape, generator_loss, "generators")
             self.step(tape, logs["discriminator"], "discriminators")
         del tape
@@ -206,5 +236,5 @@ class MKDModel(CrossModalityModel):
             "num_classes": self.num_classes, "global_batch_size": self.global_batch_size,
             "segmentor": self.segmentor_args, "alignment": self.alignment_args,
             "weights": asdict(self.weights_config), "use_iam": self.use_iam, "kd_s2r": self.kd_s2r,
-            "kd_r2s": self.kd_r2s, "name": self.name,
+            "kd_r2s": self.kd_r2s, "pretrain_steps": self.pretrain_steps, "name": self.name,
         }

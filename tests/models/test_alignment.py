@@ -48,9 +48,30 @@ def test_generator_shapes_and_parameter_count():
     assert two_blocks.count_params() == 8025 + block
 
 
+def test_untrained_residual_generator_returns_its_input_exactly():
+    x = images(seed=3) * 3.0
+    for generator in small_module().generators:  # G and F of the default (residual) module
+        np.testing.assert_array_equal(np.asarray(generator(x, training=True)), x)
+    plain = ResnetGenerator(base_filters=4, num_blocks=1, residual=False)
+    assert np.abs(np.asarray(plain(x)) - x).mean() > 0.1
+
+
+def test_residual_generator_learns_a_change_of_appearance():
+    # r's zero last layer still gets gradients, so one step moves G away from the identity.
+    generator = ResnetGenerator(base_filters=4, num_blocks=1)
+    x = tf.constant(images(seed=4))
+    optimizer = keras.optimizers.Adam(1e-2)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.abs(generator(x, training=True) - (2.0 * x + 1.0)))
+    gradients = tape.gradient(loss, generator.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, generator.trainable_variables))
+    after = float(tf.reduce_mean(tf.abs(generator(x, training=True) - (2.0 * x + 1.0))))
+    assert after < float(loss)
+
+
 def test_generator_output_is_linear_not_squashed():
     # No tanh: scaling the last convolution's weights scales the output exactly, beyond (-1, 1).
-    generator = ResnetGenerator(base_filters=4, num_blocks=1)
+    generator = ResnetGenerator(base_filters=4, num_blocks=1, residual=False)
     x = images()
     before = np.asarray(generator(x))
     kernel, bias = generator.head.get_weights()
