@@ -13,13 +13,18 @@ Layout of a cache folder::
 Raw arrays (not .npy) so that :class:`CacheWriter` can append volume after volume without holding the
 dataset in memory; :class:`SliceCache` opens them as read-only memory maps.
 
-Atomicity: everything is written into a hidden sibling folder and renamed into place only after the
-manifest (written last) is complete, so a killed ``prepare`` leaves no cache that looks complete.
+Atomicity: everything is written into a hidden sibling folder (``.CACHE.tmp-<8 hex>``) and renamed into
+place only after the manifest (written last) is complete, so a killed ``prepare`` leaves no cache that
+looks complete. Replacing a cache (``overwrite``) moves the old one aside (``.CACHE.old-<8 hex>``) and
+deletes it once the new one is in place. Only a folder that is a slice cache is ever replaced, and the
+next successful write of ``CACHE`` removes stale ``.CACHE.tmp-*`` / ``.CACHE.old-*`` siblings left by a
+killed run (never one that another running ``prepare`` still holds, never one holding foreign files).
 """
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -28,6 +33,11 @@ import numpy as np
 
 from mkd_tf.errors import fail
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 FORMAT = "mkd-slice-cache"
 VERSION = 1
 ROLES = ("target", "assistant")
@@ -35,6 +45,155 @@ SPLITS = ("train", "val", "test")
 # Columns of slices.i32.
 VOLUME, SLICE, SPLIT, HAS_LABEL = range(4)
 _FILES = {"images": ("images.f32", np.float32), "labels": ("labels.u8", np.uint8), "slices": ("slices.i32", np.int32)}
+# Every path a cache folder may hold, relative to it.
+_CACHE_ENTRIES = frozenset(["manifest.json", *ROLES,
+                            *(f"{role}/{name}" for role in ROLES for name, _ in _FILES.values())])
+
+
+def _output_folder(out):
+    """The folder path to create for ``out`` (absolute when ``out`` has no name of its own, e.g. `.`)."""
+    path = Path(out)
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.realpath(path))
+    if path.name in ("", ".", ".."):
+        fail(out, "not a folder name a slice cache can be written to")
+    return path
+
+
+def _foreign_entries(folder):
+    """Paths under ``folder`` (relative, sorted) that a slice cache never holds; symbolic links included."""
+    foreign = []
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name == "manifest.json" and entry.is_file(follow_symlinks=False):
+                continue
+            if entry.name in ROLES and entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as inner:
+                    for item in sorted(inner, key=lambda e: e.name):
+                        relative = f"{entry.name}/{item.name}"
+                        if relative not in _CACHE_ENTRIES or not item.is_file(follow_symlinks=False):
+                            foreign.append(relative)
+                continue
+            foreign.append(entry.name)
+    return foreign
+
+
+def not_a_slice_cache(path):
+    """Why ``path`` is not a slice cache that may be replaced, or `None` when it is one.
+
+    A slice cache is a real folder (not a symbolic link) holding a `manifest.json` of this format and
+    nothing but the files a cache has; a damaged cache (bad checksums, an older version) still counts.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is a file, not a folder"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "it has no manifest.json"
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"its manifest.json is unreadable ({type(exc).__name__})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"),
+                                                                                             dict):
+        return f"its manifest.json is not an {FORMAT} manifest"
+    foreign = _foreign_entries(path)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        return f"it holds {foreign[0]}{more}, which a slice cache does not"
+    return None
+
+
+def _refuse_existing(out, overwrite, when=""):
+    """Fail unless ``out`` (which exists) may be replaced."""
+    problem = not_a_slice_cache(out)
+    if not overwrite:
+        if problem is None:
+            fail(out, f"already exists{when} (use --overwrite to replace it)")
+        fail(out, f"already exists{when} and is not a slice cache ({problem}); choose another --out")
+    if problem is not None:
+        fail(out, f"--overwrite replaces only a slice cache, and this is not one ({problem}); nothing was changed")
+
+
+def check_parent_folders(out):
+    """Refuse an output path whose nearest existing parent is not a folder (e.g. a regular file).
+
+    Returns:
+        The output folder's path (see :func:`_output_folder`).
+    """
+    folder = _output_folder(out)
+    for parent in folder.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                fail(parent, f"is not a folder, so {out} cannot be created in it")
+            break
+    return folder
+
+
+def check_output(out, overwrite=False):
+    """Refuse, before anything is written, an ``out`` that cannot be created or must not be replaced.
+
+    Raises:
+        MkdError: a parent is a file; ``out`` exists and ``overwrite`` is off; or ``out`` exists and is
+            not a slice cache (see :func:`not_a_slice_cache`).
+    """
+    folder = check_parent_folders(out)
+    if folder.exists() or folder.is_symlink():
+        _refuse_existing(out, overwrite)
+    return folder
+
+
+def _stale_pattern(name):
+    return re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-[0-9a-f]{{8}}$")
+
+
+def _try_lock(folder):
+    """An open descriptor holding an exclusive `flock` on ``folder``; `None` if another process holds one."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    if fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            return None
+    return descriptor
+
+
+def remove_stale_siblings(out):
+    """Delete the `.NAME.tmp-*` / `.NAME.old-*` folders a killed write of ``out`` left next to it.
+
+    Only folders matching exactly that pattern for ``out``'s own name, holding nothing but slice cache
+    files, and not locked by a running writer are removed. Returns the removed paths.
+    """
+    folder = _output_folder(out)
+    pattern = _stale_pattern(folder.name)
+    removed = []
+    try:
+        candidates = sorted(p for p in folder.parent.iterdir() if pattern.match(p.name))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        if candidate.is_symlink() or not candidate.is_dir():
+            continue
+        try:
+            if _foreign_entries(candidate):
+                continue
+        except OSError:
+            continue
+        descriptor = _try_lock(candidate)
+        if descriptor is None:  # a running writer's staging folder
+            continue
+        try:
+            shutil.rmtree(candidate, ignore_errors=True)
+        finally:
+            os.close(descriptor)
+        if not candidate.exists():
+            removed.append(candidate)
+    return removed
 
 
 class CacheWriter:
@@ -54,29 +213,57 @@ class CacheWriter:
     def __init__(self, out, size, overwrite=False):
         self.out = Path(out)
         self.size = int(size)
-        if self.out.exists() and not overwrite:
-            fail(self.out, "already exists (use --overwrite to replace it)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.out.with_name(f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.staging.mkdir()
         self.overwrite = overwrite
+        self._folder = check_output(self.out, overwrite)
         self._handles, self._hashes, self._counts, self._volumes = {}, {}, {}, {}
-        for role in ROLES:
-            (self.staging / role).mkdir()
-            self._counts[role] = 0
-            self._volumes[role] = []
-            for key, (name, _) in _FILES.items():
-                self._handles[role, key] = open(self.staging / role / name, "wb")
-                self._hashes[role, key] = hashlib.sha256()
+        self._created, self._lock, self._finished = [], None, False
+        self.staging = self._folder.with_name(f".{self._folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            self._make_parents()
+            self.staging.mkdir()
+            self._lock = _try_lock(self.staging)  # tells remove_stale_siblings that this one is in use
+            for role in ROLES:
+                (self.staging / role).mkdir()
+                self._counts[role] = 0
+                self._volumes[role] = []
+                for key, (name, _) in _FILES.items():
+                    self._handles[role, key] = open(self.staging / role / name, "wb")
+                    self._hashes[role, key] = hashlib.sha256()
+        except BaseException:
+            self._clean_up()
+            raise
+
+    def _make_parents(self):
+        missing = []
+        for parent in self._folder.parents:
+            if parent.exists():
+                break
+            missing.append(parent)
+        for parent in reversed(missing):
+            parent.mkdir()
+            self._created.append(parent)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        self._clean_up()
+        return False
+
+    def _clean_up(self):
         self._close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         if self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
-        return False
+        if not self._finished:
+            for parent in reversed(self._created):  # folders this writer made for `out`, if still empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            self._created = []
 
     def _write(self, role, key, array):
         data = np.ascontiguousarray(array, dtype=_FILES[key][1]).tobytes()
@@ -140,14 +327,78 @@ class CacheWriter:
             json.dump(manifest, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
-        if self.out.exists():
-            retired = self.out.with_name(f".{self.out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.out, retired)
-            os.replace(self.staging, self.out)
+        folder = self._folder
+        if folder.exists() or folder.is_symlink():
+            # Checked again: the folder may have appeared or changed while the volumes were written.
+            _refuse_existing(self.out, self.overwrite, when=" (it appeared or changed while preparing)"
+                             if not self.overwrite else "")
+            retired = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(folder, retired)
+            try:
+                os.replace(self.staging, folder)
+            except BaseException:
+                os.replace(retired, folder)
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
-            os.replace(self.staging, self.out)
+            os.replace(self.staging, folder)
+        self._finished = True
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        remove_stale_siblings(folder)
         return self.out
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest):
+    """What is structurally wrong with a manifest of this format and version (`None` when nothing).
+
+    Checked before any array is opened, so that a hand-edited manifest is one line, not a traceback
+    from a memory map of the wrong shape (and so that `files` cannot point outside the cache).
+    """
+    size = manifest.get("size")
+    if not _is_count(size) or size < 1:
+        return f'"size" is {size!r}'
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return '"classes" is not a list of names'
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return '"files" is not a mapping'
+    for relative, record in files.items():
+        if relative not in _CACHE_ENTRIES or relative in ROLES or relative == "manifest.json":
+            return f'"files" lists {relative!r}, which is not a slice cache file'
+        if not isinstance(record, dict) or not _is_count(record.get("bytes")) or not isinstance(record.get("sha256"),
+                                                                                                str):
+            return f'"files" record of {relative} is not {{"bytes": int, "sha256": str}}'
+    modalities = manifest.get("modalities")
+    if not isinstance(modalities, dict):
+        return '"modalities" is not a mapping'
+    for role in ROLES:
+        record = modalities.get(role)
+        if not isinstance(record, dict) or not _is_count(record.get("slices")) or not isinstance(
+                record.get("volumes"), list):
+            return f'"modalities" has no valid "{role}" record (slices, volumes)'
+        count = record["slices"]
+        for key, (name, dtype) in _FILES.items():
+            relative = f"{role}/{name}"
+            per_slice = 4 * np.dtype(dtype).itemsize if key == "slices" else size * size * np.dtype(dtype).itemsize
+            if relative not in files:
+                return f'"files" does not list {relative}'
+            if files[relative]["bytes"] != count * per_slice:
+                return f"{relative} is listed with {files[relative]['bytes']} bytes, but {count} slices need " \
+                       f"{count * per_slice}"
+        for volume in record["volumes"]:
+            bounds = volume.get("slices") if isinstance(volume, dict) else None
+            if (not isinstance(bounds, list) or len(bounds) != 2 or not all(_is_count(b) for b in bounds)
+                    or not bounds[0] <= bounds[1] <= count or volume.get("split") not in SPLITS
+                    or not isinstance(volume.get("labelled"), bool)):
+                return f'a "{role}" volume record is malformed ({str(volume)[:80]})'
+    return None
 
 
 def _sha256(path, chunk=1 << 22):
@@ -173,8 +424,10 @@ class SliceCache:
 
     def __init__(self, path, verify=True):
         self.path = Path(path)
-        if not self.path.is_dir():
+        if not self.path.exists():
             fail(self.path, "slice cache not found")
+        if not self.path.is_dir():
+            fail(self.path, "not a slice cache (a file, not a folder)")
         manifest_path = self.path / "manifest.json"
         if not manifest_path.exists():
             fail(self.path, "not a complete slice cache (no manifest.json); run `mkd prepare` again")
@@ -182,10 +435,15 @@ class SliceCache:
             self.manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             fail(manifest_path, f"corrupt manifest ({exc})")
+        except OSError as exc:
+            fail(manifest_path, f"cannot read the manifest ({exc.strerror or exc})")
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             fail(manifest_path, f"not an {FORMAT} manifest")
         if self.manifest.get("version") != VERSION:
             fail(manifest_path, f"cache format version {self.manifest.get('version')}, expected {VERSION}")
+        problem = _manifest_problem(self.manifest)
+        if problem:
+            fail(manifest_path, f"altered or incomplete manifest: {problem}")
         for relative, expected in self.manifest["files"].items():
             file = self.path / relative
             if not file.exists():

@@ -27,6 +27,7 @@ MMWHS_LABELS = {
 MMWHS_FOUR = ("myocardium", "left_atrium", "left_ventricle", "ascending_aorta")
 
 _MMWHS_IMAGE = re.compile(r"^(?P<modality>[a-z]+)_(?P<split>[a-z]+)_(?P<id>\d+)_image\.nii(\.gz)?$")
+_MMWHS_LABEL = re.compile(r"^(?P<modality>[a-z]+)_(?P<split>[a-z]+)_(?P<id>\d+)_label\.nii(\.gz)?$")
 
 
 @dataclass
@@ -99,19 +100,28 @@ def discover(path, modality=None):
 
 
 def _mmwhs_folder(folder):
-    cases, modalities = [], set()
-    for image in sorted(folder.iterdir()):
-        match = _MMWHS_IMAGE.match(image.name)
-        if not match:
-            continue
-        modalities.add(match["modality"])
-        case_id = f"{match['modality']}_{match['split']}_{match['id']}"
-        label = image.with_name(image.name.replace("_image.", "_label."))
-        cases.append(Case(case_id, image, label if label.exists() else None))
-    if not cases:
+    images, labels, modalities = {}, {}, set()
+    for path in sorted(folder.iterdir()):
+        for pattern, found in ((_MMWHS_IMAGE, images), (_MMWHS_LABEL, labels)):
+            match = pattern.match(path.name)
+            if not match:
+                continue
+            case_id = f"{match['modality']}_{match['split']}_{match['id']}"
+            if case_id in found:
+                fail(path, f"a second {'image' if found is images else 'label'} file of case {case_id} "
+                           f"(the other is {found[case_id].name}); keep one")
+            found[case_id] = path
+            if found is images:
+                modalities.add(match["modality"])
+    if not images:
         fail(folder, "no *_image.nii.gz cases found")
     if len(modalities) > 1:
         fail(folder, f"mixes modalities {sorted(modalities)}")
+    for case_id, label in labels.items():
+        if case_id not in images:
+            expected = label.with_name(label.name.replace("_label.", "_image."))
+            fail(label, f"label file without its image (expected {expected})")
+    cases = [Case(case_id, image, labels.get(case_id)) for case_id, image in sorted(images.items())]
     return Dataset(folder, "mmwhs", modalities.pop(), cases, dict(MMWHS_LABELS), "MM-WHS 2017 label values")
 
 
@@ -134,6 +144,8 @@ def _nnunet(root):
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         fail(root, "nnU-Net folder has no imagesTr/")
+    if labels_dir.exists() and not labels_dir.is_dir():
+        fail(labels_dir, "is not a folder (expected labelsTr/ holding the label files)")
     cases = []
     for image in sorted(images_dir.glob(f"*_0000{ending}")):
         case_id = image.name[: -len(f"_0000{ending}")]
@@ -141,6 +153,12 @@ def _nnunet(root):
         cases.append(Case(case_id, image, label if label.exists() else None))
     if not cases:
         fail(images_dir, f"no *_0000{ending} images found")
+    if labels_dir.is_dir():
+        known = {case.case_id for case in cases}
+        for label in sorted(labels_dir.glob(f"*{ending}")):
+            case_id = label.name[: -len(ending)]
+            if case_id not in known:
+                fail(label, f"label file without its image (expected {images_dir / (case_id + '_0000' + ending)})")
     return Dataset(root, "nnunet", modality, cases, {str(k): v for k, v in labels.items()}, str(spec_path))
 
 

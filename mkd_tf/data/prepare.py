@@ -6,8 +6,12 @@ Decisions:
   method is evaluated on target patients only. An explicit split file may still place assistant cases.
 - Target cases without a label file are training cases without labels. `target_labeled=N` keeps the
   labels of only the first N target training cases (in seeded order); the rest stay, unlabelled.
+- Every option, the output path and the split are checked before anything is written. The crop window
+  must hold every labelled voxel: a window that drops some is refused with the count per case, unless
+  `allow_crop` is set, in which case the counts are printed and recorded in the manifest.
 """
 
+import math
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf import __version__
-from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter
+from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter, check_output
 from mkd_tf.data.layouts import discover, match_labels
 from mkd_tf.data.nifti import check_same_grid, load_image, load_label
 from mkd_tf.data.preprocess import PreprocessConfig, preprocess_volume
@@ -37,7 +41,33 @@ class PrepareOptions:
     target_labeled: int | None = None
     seed: int = 0
     overwrite: bool = False
+    # A crop window that cuts off labelled voxels: reported (progress, manifest) when allowed, an error
+    # otherwise (`mkd prepare --allow-crop`).
+    allow_crop: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def check(self):
+        """Refuse option values that cannot work, naming the option (before anything is read or written)."""
+        self.preprocess.check()
+        _check_fractions(self.split)
+        if self.target_labeled is not None and (isinstance(self.target_labeled, bool) or not isinstance(
+                self.target_labeled, (int, np.integer)) or self.target_labeled < 0):
+            fail("--target-labeled", f"must be an integer >= 0, got {self.target_labeled!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            fail("--seed", f"must be an integer, got {self.seed!r}")
+        if self.split_file is not None and Path(self.split_file).is_dir():
+            fail(self.split_file, "split file is a folder, expected a JSON file")
+        return self
+
+
+def _check_fractions(fractions):
+    try:
+        values = [float(f) for f in fractions]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(math.isfinite(f) and f >= 0 for f in values) or sum(values) <= 0:
+        raise MkdError(f"--split {tuple(fractions)}: expected three non-negative fractions train,val,test")
+    return values
 
 
 def split_fractions(case_ids, fractions, seed):
@@ -46,8 +76,7 @@ def split_fractions(case_ids, fractions, seed):
     Counts are rounded; when a split has a nonzero fraction and there are at least three cases it
     gets at least one case, and train always keeps at least one.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise MkdError(f"--split {fractions}: expected three non-negative fractions train,val,test")
+    fractions = _check_fractions(fractions)
     total = float(sum(fractions))
     order = sorted(case_ids)
     random.Random(seed).shuffle(order)
@@ -69,14 +98,26 @@ def split_fractions(case_ids, fractions, seed):
 
 
 def _read_split_file(path, datasets):
+    if Path(path).is_dir():
+        fail(path, "split file is a folder, expected a JSON file")
     spec = read_json(path, "split file not found")
+    if not isinstance(spec, dict):
+        fail(path, 'expected a JSON object {"target": {"train": [...], "val": [...], "test": [...]}, "assistant": ...}')
+    for key in spec:
+        if key not in ROLES:
+            fail(path, f'unknown key "{key}" (use target, assistant)')
     assignments = {}
     for role, dataset in datasets.items():
         known = {case.case_id for case in dataset.cases}
         assignment = {}
-        for split, cases in (spec.get(role) or {}).items():
+        section = spec.get(role) or {}
+        if not isinstance(section, dict):
+            fail(path, f'"{role}" must map train/val/test to lists of case ids')
+        for split, cases in section.items():
             if split not in SPLITS:
                 fail(path, f'unknown split "{split}" for {role} (use train, val, test)')
+            if not isinstance(cases, list) or not all(isinstance(case, str) for case in cases):
+                fail(path, f'{role} "{split}" must be a list of case ids')
             for case in cases:
                 if case not in known:
                     fail(path, f'{role} case "{case}" is not in {dataset.root}')
@@ -127,14 +168,26 @@ def prepare_cache(target_path, assistant_path, out, options=None, progress=None)
     Returns:
         Path of the finished cache.
     """
-    options = options or PrepareOptions()
+    options = (options or PrepareOptions()).check()
     progress = progress or (lambda line: None)
+    check_output(out, options.overwrite)
     datasets = {
         "target": discover(target_path, options.target_modality),
         "assistant": discover(assistant_path, options.assistant_modality),
     }
     classes = match_labels(datasets["target"], datasets["assistant"], options.structures, options.ignore_unmatched)
     plans = plan_splits(datasets, options)
+    if not any(plans["target"].get(c.case_id) for c in datasets["target"].cases):
+        fail(target_path, "no target cases to write")
+    keep_labels = {}
+    for role in ROLES:
+        dataset, plan = datasets[role], plans[role]
+        for case in dataset.cases:
+            split = plan.get(case.case_id)
+            if split not in (None, "train") and case.label is None:
+                fail(case.image, f"{split} case has no label file")
+        keep_labels[role] = _labelled_training_cases(dataset, plan, options.target_labeled if role == "target"
+                                                     else None, options.seed)
     config = options.preprocess
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -145,11 +198,10 @@ def prepare_cache(target_path, assistant_path, out, options=None, progress=None)
                   "target_labeled": options.target_labeled},
         "modalities": {},
     }
+    cropped = {role: {} for role in ROLES}  # case id -> labelled voxels outside the window
     with CacheWriter(out, config.size, overwrite=options.overwrite) as writer:
         for role in ROLES:
             dataset, plan = datasets[role], plans[role]
-            keep_labels = _labelled_training_cases(dataset, plan, options.target_labeled if role == "target" else None,
-                                                   options.seed)
             value_to_class = {value: (classes.index(name) if name in classes else 0)
                               for name, value in dataset.labels.items()}
             manifest["modalities"][role] = {
@@ -161,36 +213,64 @@ def prepare_cache(target_path, assistant_path, out, options=None, progress=None)
                 split = plan.get(case.case_id)
                 if split is None:
                     continue
-                has_label = case.label is not None and (split != "train" or case.case_id in keep_labels)
-                if split != "train" and case.label is None:
-                    fail(case.image, f"{split} case has no label file")
+                has_label = case.label is not None and (split != "train" or case.case_id in keep_labels[role])
                 image = load_image(case.image)
                 label = None
                 if case.label is not None:
                     label = load_label(case.label)
                     check_same_grid(image, label)
                 slices, label_slices, params = preprocess_volume(image, label, dataset.modality, config, value_to_class)
+                lost = int(params.get("cropped_label_voxels", 0))
+                if lost:
+                    cropped[role][case.case_id] = lost
                 entry = {"case_id": case.case_id, "image": str(Path(case.image).resolve()),
                          "label": str(Path(case.label).resolve()) if case.label is not None else None,
                          "inverse": params}
-                writer.add_volume(role, slices, label_slices, split, has_label, entry)
+                if options.allow_crop or not any(cropped.values()):  # once refused, only count
+                    writer.add_volume(role, slices, label_slices, split, has_label, entry)
                 progress(f"{role:9s} {case.case_id:24s} {split:5s} {'labelled' if has_label else 'unlabelled':10s} "
-                         f"{slices.shape[0]} slices")
-        if not any(plans["target"].get(c.case_id) for c in datasets["target"].cases):
-            fail(target_path, "no target cases to write")
+                         f"{slices.shape[0]} slices" + (f", {lost} labelled voxels outside the window" if lost else ""))
+        losses = _losses(cropped)
+        if losses and not options.allow_crop:
+            spacing = ",".join(f"{s:g}" for s in config.spacing)
+            fail(f"--size {config.size}", f"the {config.size}x{config.size} window at --spacing {spacing} mm cuts off "
+                 f"labelled voxels: {losses}; use a larger --size or a coarser --spacing, or --allow-crop to "
+                 f"accept the loss")
+        manifest["crop"] = {"allow_crop": bool(options.allow_crop),
+                            "dropped_label_voxels": {role: dict(cropped[role]) for role in ROLES}}
         return writer.finish(manifest)
+
+
+def _losses(cropped):
+    """`"target ct_train_1001 loses 36, ..."` from role -> case id -> cropped labelled voxels."""
+    return ", ".join(f"{role} {case_id} loses {count}" for role in ROLES
+                     if isinstance(cropped.get(role), dict) for case_id, count in cropped[role].items())
+
+
+def _field(record, *keys):
+    """``record[k1][k2]...``, or `"?"` when a (hand-edited) manifest lacks it."""
+    for key in keys:
+        if not isinstance(record, dict) or key not in record:
+            return "?"
+        record = record[key]
+    return record
 
 
 def cache_summary(cache):
     """Human-readable summary of a :class:`mkd_tf.data.cache.SliceCache` (what `mkd info` prints)."""
-    lines = [f"slice cache {cache.path}  ({cache.manifest.get('created', '?')}, mkd-tf {cache.manifest.get('mkd_tf_version', '?')})"]
-    pre = cache.manifest["preprocess"]
-    lines.append(f"  slices {cache.size}x{cache.size}, spacing {pre['spacing']} mm, axis {pre['axis']}, "
-                 f"split seed {cache.manifest['split']['seed']}")
+    manifest = cache.manifest
+    lines = [f"slice cache {cache.path}  ({manifest.get('created', '?')}, mkd-tf {manifest.get('mkd_tf_version', '?')})"]
+    lines.append(f"  slices {cache.size}x{cache.size}, spacing {_field(manifest, 'preprocess', 'spacing')} mm, "
+                 f"axis {_field(manifest, 'preprocess', 'axis')}, split seed {_field(manifest, 'split', 'seed')}")
     lines.append(f"  classes ({cache.num_classes}): {', '.join(cache.classes)}")
+    crop = manifest.get("crop")
+    if isinstance(crop, dict) and isinstance(crop.get("dropped_label_voxels"), dict):
+        losses = _losses(crop["dropped_label_voxels"])
+        if losses:
+            lines.append(f"  cropped with --allow-crop, labelled voxels outside the window: {losses}")
     for role in ROLES:
         modality = cache.modality(role)
-        lines.append(f"  {role} [{modality['name']}, {modality['layout']}] {modality['root']}")
+        lines.append(f"  {role} [{_field(modality, 'name')}, {_field(modality, 'layout')}] {_field(modality, 'root')}")
         for split in SPLITS:
             volumes = cache.volumes(role, split)
             if not volumes:
@@ -203,7 +283,8 @@ def cache_summary(cache):
         rows = cache.indices(role, labelled=True)
         counts = np.zeros(cache.num_classes, np.int64)
         for start in range(0, len(rows), 256):
-            counts += np.bincount(labels[rows[start:start + 256]].ravel(), minlength=cache.num_classes)
+            counts += np.bincount(labels[rows[start:start + 256]].ravel(), minlength=cache.num_classes)[
+                :cache.num_classes]  # an index beyond the classes can only come from an unverified, altered file
         lines.append("    voxels per structure (labelled slices): "
                      + ", ".join(f"{name} {int(count)}" for name, count in zip(cache.classes[1:], counts[1:])))
     return "\n".join(lines)

@@ -42,6 +42,27 @@ class PreprocessConfig:
     ct_window: tuple = (-200.0, 800.0)
     percentiles: tuple = (0.5, 99.5)
 
+    def check(self):
+        """Refuse values that cannot work, naming the `mkd prepare` option (one line, before any work).
+
+        Raises:
+            MkdError: e.g. `--spacing: every value must be a finite number > 0 (mm), got [0.0, 0.0, 0.0]`.
+        """
+        spacing = _numbers(self.spacing, 3, "--spacing")
+        if not all(np.isfinite(s) and s > 0 for s in spacing):
+            fail("--spacing", f"every value must be a finite number > 0 (mm), got {spacing}")
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 8:
+            fail("--size", f"must be an integer >= 8 (pixels), got {self.size!r}")
+        if self.axis not in (0, 1, 2) or isinstance(self.axis, bool):
+            fail("--axis", f"must be 0, 1 or 2 (sagittal, coronal, axial), got {self.axis!r}")
+        low, high = _numbers(self.ct_window, 2, "--ct-window")
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            fail("--ct-window", f"must be two finite HU values low,high with low < high, got {low:g},{high:g}")
+        low, high = _numbers(self.percentiles, 2, "--percentiles")
+        if not (np.isfinite(low) and np.isfinite(high) and 0 <= low < high <= 100):
+            fail("--percentiles", f"must be two percentiles low,high with 0 <= low < high <= 100, got {low:g},{high:g}")
+        return self
+
     def to_dict(self):
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
@@ -51,6 +72,17 @@ class PreprocessConfig:
         for key in ("spacing", "ct_window", "percentiles"):
             values[key] = tuple(values[key])
         return cls(**values)
+
+
+def _numbers(values, count, option):
+    """``values`` as a list of ``count`` floats, or an :class:`MkdError` naming ``option``."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        fail(option, f"expected {count} numbers, got {values!r}")
+    if len(numbers) != count:
+        fail(option, f"expected {count} numbers, got {len(numbers)}")
+    return numbers
 
 
 def intensity_kind(modality):
@@ -157,7 +189,9 @@ def preprocess_volume(image, label, modality, config, value_to_class=None):
 
     Returns:
         `(images (slices, size, size) float32, labels (slices, size, size) uint8 or None, params)`;
-        `params` is the JSON-able record :func:`labels_to_original` inverts.
+        `params` is the JSON-able record :func:`labels_to_original` inverts. With a label it also holds
+        `cropped_label_voxels`: the labelled voxels (class > 0, after resampling) outside the
+        `size x size` window, which the slices lose and the inverse cannot bring back.
     """
     canonical, _, ornt = to_canonical(image.data, image.affine)
     original_spacing = tuple(float(s) for s in np.asarray(image.spacing)[np.argsort(ornt[:, 0])])
@@ -185,6 +219,7 @@ def preprocess_volume(image, label, modality, config, value_to_class=None):
         canonical_label, _, _ = to_canonical(classes, label.affine)
         resampled_label = resample(canonical_label, original_spacing, config.spacing, order=0)
         label_slices = _extract_slices(resampled_label, config.axis, plane_axes, starts, config.size, 0)
+        params["cropped_label_voxels"] = int(np.count_nonzero(resampled_label)) - int(np.count_nonzero(label_slices))
     return slices.astype(np.float32), label_slices, params
 
 

@@ -175,3 +175,45 @@ def test_incomplete_or_foreign_caches(cache_path, tmp_path):
     manifest.unlink()
     assert _message(cache_path) == (f"{cache_path}: not a complete slice cache (no manifest.json); "
                                     "run `mkd prepare` again")
+
+
+# --- what may be replaced, and stale siblings ------------------------------------------------------------
+
+
+def test_not_a_slice_cache(cache_path, tmp_path):
+    from mkd_tf.data.cache import not_a_slice_cache
+
+    assert not_a_slice_cache(cache_path) is None
+    (tmp_path / "plain").mkdir()
+    assert not_a_slice_cache(tmp_path / "plain") == "it has no manifest.json"
+    (cache_path / "target" / "notes.md").write_text("mine")
+    assert not_a_slice_cache(cache_path) == "it holds target/notes.md, which a slice cache does not"
+    with pytest.raises(MkdError) as info:
+        CacheWriter(cache_path, SIZE, overwrite=True)
+    assert str(info.value) == (f"{cache_path}: --overwrite replaces only a slice cache, and this is not one (it holds "
+                               "target/notes.md, which a slice cache does not); nothing was changed")
+    assert (cache_path / "target" / "notes.md").read_text() == "mine" and leftovers(cache_path) == []
+
+
+def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
+    out = tmp_path / "cache"
+    with pytest.raises(MkdError) as info:
+        with CacheWriter(out, SIZE) as writer:
+            writer.add_volume("target", _slices(1, 0), None, "train", False, {"case_id": "t1"})
+            out.mkdir()
+            (out / "thesis.txt").write_text("mine")
+            writer.finish({"classes": ["background", "x"]})
+    assert str(info.value).startswith(f"{out}: already exists (it appeared or changed while preparing) and is not a "
+                                      "slice cache")
+    assert [p.name for p in out.iterdir()] == ["thesis.txt"] and leftovers(out) == []
+
+
+def test_a_running_writers_staging_folder_is_not_removed_as_stale(tmp_path):
+    out = tmp_path / "cache"
+    running = CacheWriter(out, SIZE)  # another prepare of the same output, still writing
+    running.add_volume("target", _slices(1, 0), None, "train", False, {"case_id": "t1"})
+    _write(out)
+    assert leftovers(out) == [running.staging.name]
+    running.__exit__(None, None, None)
+    assert leftovers(out) == []
+    SliceCache(out)

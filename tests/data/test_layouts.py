@@ -157,3 +157,47 @@ def test_four_structures(phantom_root, tmp_path):
     with pytest.raises(MkdError) as info:
         structure_names(discover(folder), 4)
     assert "--structures 4 is not available (dataset has 7 structures)" in _message(info)
+
+
+def test_mmwhs_label_without_image(phantom_root, tmp_path):
+    root = copy_phantom(phantom_root, tmp_path / "data")
+    image = root / "mr_train" / "mr_train_1002_image.nii.gz"
+    image.unlink()
+    with pytest.raises(MkdError) as info:
+        discover(root / "mr_train")
+    label = root / "mr_train" / "mr_train_1002_label.nii.gz"
+    assert _message(info) == f"{label}: label file without its image (expected {image})"
+
+
+def test_mmwhs_label_pairs_by_case_not_by_extension(phantom_root, tmp_path):
+    root = copy_phantom(phantom_root, tmp_path / "data")
+    folder = root / "ct_train"
+    label = folder / "ct_train_1001_label.nii.gz"
+    label.rename(folder / "ct_train_1001_label.nii")  # an uncompressed label next to a .nii.gz image
+    case = discover(folder).cases[0]
+    assert case.case_id == "ct_train_1001" and case.label == folder / "ct_train_1001_label.nii"
+    (folder / "ct_train_1001_image.nii").write_bytes(b"")
+    with pytest.raises(MkdError) as info:
+        discover(folder)
+    assert _message(info) == (f"{folder / 'ct_train_1001_image.nii.gz'}: a second image file of case ct_train_1001 "
+                              "(the other is ct_train_1001_image.nii); keep one")
+
+
+def test_nnunet_label_without_image(phantom_root, tmp_path):
+    folder, _ = write_nnunet(tmp_path / "Dataset001_Heart", phantom_root / "ct_train", NNUNET_TARGET_LABELS, "CT")
+    image = folder / "imagesTr" / "ct_train_1001_0000.nii.gz"
+    image.unlink()
+    with pytest.raises(MkdError) as info:
+        discover(folder)
+    assert _message(info) == (f"{folder / 'labelsTr' / 'ct_train_1001.nii.gz'}: label file without its image "
+                              f"(expected {image})")
+
+
+def test_nnunet_labels_tr_that_is_a_file(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "heart": 1}}))
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "imagesTr" / "case_0000.nii.gz").write_bytes(b"")
+    (tmp_path / "labelsTr").write_text("oops")
+    with pytest.raises(MkdError) as info:
+        discover(tmp_path)
+    assert _message(info) == f"{tmp_path / 'labelsTr'}: is not a folder (expected labelsTr/ holding the label files)"

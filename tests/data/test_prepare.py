@@ -451,3 +451,41 @@ def test_coarser_spacing_loses_detail_but_keeps_the_grid(phantom_root, tmp_path)
     assert restored.shape == original.shape
     assert not np.array_equal(restored, original)
     assert dice(restored > 0, original > 0) > 0.5
+
+
+# --- options checked before anything is read or written -------------------------------------------------
+
+
+@pytest.mark.parametrize("fractions", [(float("nan"), 0.5, 0.5), (float("inf"), 0, 0), ("a", "b", "c")])
+def test_non_finite_fractions(fractions):
+    with pytest.raises(MkdError, match="expected three non-negative fractions"):
+        split_fractions(["a", "b"], fractions, 0)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"preprocess": replace(FAST_CONFIG, spacing=(0.0, 0.0, 0.0))}, "--spacing: every value must be a finite number"),
+    ({"split": (float("nan"), 0.5, 0.5)}, "--split (nan, 0.5, 0.5): expected three non-negative fractions"),
+    ({"target_labeled": -1}, "--target-labeled: must be an integer >= 0, got -1"),
+])
+def test_bad_options_fail_before_anything_is_read(phantom_root, tmp_path, options, message):
+    options.setdefault("preprocess", FAST_CONFIG)
+    with pytest.raises(MkdError) as info:
+        prepare_cache(tmp_path / "missing", tmp_path / "missing", tmp_path / "cache", PrepareOptions(**options))
+    assert str(info.value).startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_crop_is_reported_or_refused(phantom_root, tmp_path):
+    small = replace(FAST_CONFIG, size=16)
+    with pytest.raises(MkdError) as info:
+        _prepare(phantom_root, tmp_path / "refused", preprocess=small, allow_crop=False)
+    assert str(info.value).startswith("--size 16: the 16x16 window at --spacing 4.8,4.8,7.5 mm cuts off labelled "
+                                      "voxels: target ct_train_1001 loses ")
+    assert list(tmp_path.iterdir()) == []
+    lines = []
+    cache = SliceCache(prepare_cache(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "allowed",
+                                     PrepareOptions(preprocess=small, allow_crop=True), progress=lines.append))
+    dropped = cache.manifest["crop"]["dropped_label_voxels"]
+    assert cache.manifest["crop"]["allow_crop"] is True
+    assert sorted(dropped["target"]) == ["ct_train_1001", "ct_train_1002", "ct_train_1003"]
+    assert sum("labelled voxels outside the window" in line for line in lines) == 5
