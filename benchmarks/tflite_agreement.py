@@ -8,6 +8,10 @@ every mode with the threshold off, and prints per mode the Dice agreement on the
 each model's value, min, mean and max.
 
     .venv/bin/python benchmarks/tflite_agreement.py --seeds 8 [--out DIR]
+    .venv/bin/python benchmarks/tflite_agreement.py --runs bench/compare/*/seed* [--out DIR]
+
+With ``--runs`` it converts those trained runs instead (e.g. the phantom comparison's 48 x 48 runs,
+parity on their cache's test slices).
 """
 
 import argparse
@@ -39,26 +43,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--runs", nargs="*", default=None, help="trained run folders to convert instead")
     args = parser.parse_args()
     tf.config.experimental.enable_op_determinism()
     out = Path(args.out or tempfile.mkdtemp(prefix="tflite-agreement-"))
     phantom = out / "phantom"
-    if not phantom.exists():
+    if not args.runs and not phantom.exists():
         write_phantom(phantom, n_ct=5, n_mr=2, shape=(48, 48, 16))
     cache = out / "cache"
-    if not cache.exists():
+    if not args.runs and not cache.exists():
         prepare_cache(phantom / "ct_train", phantom / "mr_train", cache,
-                      PrepareOptions(preprocess=PreprocessConfig(spacing=(3.2, 3.2, 7.5), size=32)))
+                      PrepareOptions(preprocess=PreprocessConfig(spacing=(3.2, 3.2, 7.5), size=32), allow_crop=True))
     agreements = {mode: [] for mode in tflite.QUANTIZATIONS}
-    for seed in range(args.seeds):
-        run = out / f"run{seed}"
-        train(cache, run, overrides={**CONFIDENT, "seed": seed}, verbose=0)
-        exported = export_run(run, out / "saved_models" / f"seed{seed}")
+    runs = [Path(run) for run in args.runs] if args.runs else range(args.seeds)
+    for index, run in enumerate(runs):
+        if isinstance(run, int):
+            run = out / f"run{index}"
+            train(cache, run, overrides={**CONFIDENT, "seed": index}, verbose=0)
+        exported = export_run(run, out / "saved_models" / f"model{index}")
         for mode in tflite.QUANTIZATIONS:
-            result = tflite.convert_to_tflite(exported["path"], out / f"seed{seed}_{mode}.tflite", mode,
+            result = tflite.convert_to_tflite(exported["path"], out / f"model{index}_{mode}.tflite", mode,
                                               min_agreement=0.0)
             agreements[mode].append(result["agreement"])
-            print(f"seed {seed} {mode}: {result['agreement']:.4f}", flush=True)
+            print(f"model {index} ({run}) {mode}: {result['agreement']:.4f}", flush=True)
     print("\n| mode | models | min | mean | max | per model |\n| --- | ---: | ---: | ---: | ---: | --- |")
     for mode, values in agreements.items():
         values = np.array(values)

@@ -5,8 +5,13 @@ size and step budget; only the method (and the seed) changes. Each method is sco
 predictor on the target test split (the ensemble for MKD, the single segmentor otherwise); MKD's
 two segmentors are reported as extra rows (`mkd [syn]`, `mkd [real]`).
 
-The table gives, per method, the mean ± std **over seeds** of the per-seed mean over test volumes.
-The box plot shows per-volume mean Dice pooled over seeds.
+The table gives, per method, the mean ± std **over seeds** of the per-seed mean over test volumes,
+then the **paired differences** of the first MKD entry against every other method: per seed (same
+seed = same split, same data order) its mean Dice minus the other's, and their mean ± std.
+The box plot shows per-volume mean Dice pooled over seeds; ``curves.png`` the learning curves: the
+validation and test Dice of each method's main predictor (averaged weights, slices of the split
+pooled) after every epoch, mean over seeds with a min–max band, so instability and over-fitting show.
+The test curve is for looking only: checkpoints are selected on validation Dice.
 """
 
 import copy
@@ -15,6 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.errors import fail
@@ -75,12 +81,81 @@ def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None
                             for case in result["cases"][predictor].values()]
                 rows.setdefault(row, []).append((result["summary"][predictor], per_case))
     table, data = _table(rows)
+    differences, paired = _paired_differences(data)
+    table += differences
+    if paired:
+        data["paired_differences"] = paired  # row -> per-seed MKD minus row, in Dice points
     out.mkdir(parents=True, exist_ok=True)
-    table_path, plot_path = out / "comparison.md", out / "comparison.png"
+    table_path, plot_path, curves_path = out / "comparison.md", out / "comparison.png", out / "curves.png"
     write_text_atomic(table_path, table)
     write_text_atomic(out / "comparison.json", json.dumps(data, indent=1))
     _box_plot(rows, plot_path)
-    return {"table": table, "table_path": str(table_path), "plot_path": str(plot_path), "data": data}
+    _learning_curves({name: [out / name / f"seed{seed}" for seed in range(seeds)] for name in methods}, curves_path)
+    return {"table": table, "table_path": str(table_path), "plot_path": str(plot_path),
+            "curves_path": str(curves_path), "data": data}
+
+
+def _paired_differences(data):
+    """Markdown lines and a dict: per seed, the first MKD row's mean Dice minus each other row's."""
+    reference = next((row for row in data if row.split(" ")[0] == "mkd"), None)
+    if reference is None or len(data) < 2:
+        return "", {}
+    ours = np.array(data[reference]["overall/dice"]["seeds"])
+    lines = [f"\npaired differences of {reference} (mean Dice, points; per seed, then mean ± std over seeds)\n",
+             "| against | per seed | mean ± std |", "| --- | --- | --- |"]
+    result = {}
+    for row, record in data.items():
+        if row == reference:
+            continue
+        difference = 100 * (ours - np.array(record["overall/dice"]["seeds"]))
+        result[row] = {"seeds": difference.tolist(), "mean": float(difference.mean()), "std": float(difference.std())}
+        lines.append(f"| {row} | " + ", ".join(f"{d:+.1f}" for d in difference)
+                     + f" | {difference.mean():+.1f} ± {difference.std():.1f} |")
+    return "\n".join(lines) + "\n", result
+
+
+def learning_curve(run):
+    """`(steps, validation Dice, test Dice)` after each epoch of a run (mean over structures of its
+    main predictor; NaN where the split has no labelled slices)."""
+    history = json.loads((Path(run) / "history.json").read_text())
+    steps_per_epoch = yaml.safe_load((Path(run) / "config.yaml").read_text())["schedule"]["steps_per_epoch"]
+    steps, curves = [], {"val_dice": [], "test_dice": []}
+    for record in history["epochs"]:
+        steps.append(record["epoch"] * steps_per_epoch)
+        for key, values in curves.items():
+            dice = record.get(key)
+            values.append(float(np.mean(list(dice.values())[-1])) if dice else float("nan"))
+    return np.array(steps), np.array(curves["val_dice"]), np.array(curves["test_dice"])
+
+
+def _learning_curves(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, folders in runs.items():
+        curves = [learning_curve(folder) for folder in folders if (Path(folder) / "history.json").exists()]
+        if not curves:
+            continue
+        length = min(len(steps) for steps, _, _ in curves)
+        steps = curves[0][0][:length]
+        for axis, index in zip(axes, (1, 2)):
+            values = 100 * np.array([curve[index][:length] for curve in curves])
+            line, = axis.plot(steps, values.mean(axis=0), label=f"{name} ({len(curves)} seeds)")
+            axis.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+    for axis, title in zip(axes, ("validation", "test (not used for selection)")):
+        axis.set_title(f"target {title}: mean Dice, averaged weights")
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("mean Dice over structures (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    temporary = Path(path).with_name(f".{Path(path).stem}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
 
 
 def _table(rows):

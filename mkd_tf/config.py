@@ -14,6 +14,10 @@ from mkd_tf.errors import fail
 from mkd_tf.files import write_text_atomic
 
 METHODS = ("mkd", "target-only", "assistant-only", "joint", "finetune", "ummkd")
+STRATEGIES = ("auto", "default", "mirrored")
+NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config does not import models)
+#: settings of how a run executes, not of what it learns: a resumed run may change them
+RUNTIME_SETTINGS = ("strategy",)
 
 DEFAULTS = {
     "method": "mkd",
@@ -59,6 +63,81 @@ DEFAULTS = {
 }
 
 
+class Rule:
+    """The type and range of one setting: ``kind`` is "int", "number", "bool" or "choice"."""
+
+    def __init__(self, kind, low=None, high=None, choices=(), optional=False, high_open=False, low_open=False):
+        self.kind, self.low, self.high, self.choices = kind, low, high, choices
+        self.optional, self.high_open, self.low_open = optional, high_open, low_open
+
+    def problem(self, value):
+        """Why ``value`` is not allowed, or None."""
+        if value is None:
+            return None if self.optional else "must be set"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        if self.kind == "choice":
+            return None if value in self.choices else f"must be one of {', '.join(self.choices)}, got {value!r}"
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind == "int" and not (is_number and float(value).is_integer()):
+            return f"must be a whole number, got {value!r}"
+        if not is_number or value != value or value in (float("inf"), float("-inf")):
+            return f"must be a finite number, got {value!r}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            low = "-inf" if self.low is None else self.low
+            high = "inf" if self.high is None else self.high
+            return f"must be in {left}{low}, {high}{right}, got {value!r}"
+        return None
+
+
+def _int(low=None, high=None, optional=False):
+    return Rule("int", low, high, optional=optional)
+
+
+def _fraction(high_open=False):
+    return Rule("number", 0.0, 1.0, high_open=high_open)
+
+
+_POSITIVE = Rule("number", 0.0, low_open=True)
+_NON_NEGATIVE = Rule("number", 0.0)
+_BOOL = Rule("bool")
+
+#: every setting's type and range, checked before anything is written
+RULES = {
+    "method": Rule("choice", choices=METHODS),
+    "seed": _int(0),
+    "strategy": Rule("choice", choices=STRATEGIES),
+    "data": {"batch_size": _int(1), "augment": _BOOL, "target_labeled": _int(0, optional=True)},
+    "schedule": {"epochs": _int(1), "steps_per_epoch": _int(1), "finetune_switch": _fraction(),
+                 "mkd_pretrain": _fraction(high_open=True), "validation_batch": _int(1)},
+    "segmentor": {"base_filters": _int(1), "depth": _int(1, 8), "norm": Rule("choice", choices=NORMS),
+                  "dropout": _fraction(high_open=True)},
+    "alignment": {"base_filters": _int(1), "num_blocks": _int(0), "disc_filters": _int(1), "disc_layers": _int(1, 8),
+                  "norm": Rule("choice", choices=NORMS), "residual": _BOOL},
+    "loss": {"temperature": _POSITIVE, "lambda_s2r": _NON_NEGATIVE, "lambda_r2s": _NON_NEGATIVE,
+             "adversarial": _NON_NEGATIVE, "cycle": _NON_NEGATIVE, "segmentation_to_generator": _NON_NEGATIVE,
+             "ummkd_temperature": _POSITIVE, "ummkd_weight": _NON_NEGATIVE},
+    "optimizer": {"segmentor_lr": _POSITIVE, "generator_lr": _POSITIVE, "discriminator_lr": _POSITIVE,
+                  "gan_beta_1": _fraction(high_open=True), "ema": _BOOL, "ema_momentum": _fraction(high_open=True)},
+    "ablation": {"iam": _BOOL, "kd_s2r": _BOOL, "kd_r2s": _BOOL},
+}
+
+
+def check_config(config, where, rules=RULES, prefix=""):
+    """Fail with one line naming ``where`` and the first setting whose type or range is wrong."""
+    for key, rule in rules.items():
+        if isinstance(rule, dict):
+            check_config(config[key], where, rule, f"{prefix}{key}.")
+            continue
+        problem = rule.problem(config[key])
+        if problem:
+            fail(where, f"setting '{prefix}{key}' {problem}")
+
+
 def _merge(base, update, where):
     for key, value in update.items():
         if key not in base:
@@ -94,7 +173,13 @@ def load_config(path=None, overrides=None):
         _merge(config, _drop_none(overrides), "command line")
     if config["method"] not in METHODS:
         fail("config", f"unknown method '{config['method']}' (choose from {', '.join(METHODS)})")
+    check_config(config, path if path is not None else "config")
     return config
+
+
+def learning_settings(config):
+    """``config`` without :data:`RUNTIME_SETTINGS`: what a resumed run must share with the first."""
+    return {key: value for key, value in config.items() if key not in RUNTIME_SETTINGS}
 
 
 def _drop_none(values):

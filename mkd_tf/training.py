@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mkd_tf.config import load_config, save_config
+from mkd_tf.config import learning_settings, load_config, save_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
@@ -184,6 +184,30 @@ def _write_json(path, value):
     write_text_atomic(path, json.dumps(value, indent=1))
 
 
+def _clean_stale_staging(run):
+    """Finish or remove what a killed run left half-done in its own folder.
+
+    - a kill between the two renames of :func:`_save_best` leaves ``.best.old`` and no ``best/``:
+      the old best comes back (history.json still names its epoch);
+    - ``.best.tmp`` (a best checkpoint being written) and ``checkpoints/ckpt-N_temp`` (TF's staging of
+      a checkpoint being saved) are incomplete and removed.
+    """
+    retired = run / ".best.old"
+    if retired.is_dir() and not (run / "best").exists():
+        os.replace(retired, run / "best")
+    for stale in [run / ".best.tmp", retired, *(run / "checkpoints").glob("ckpt-*_temp")]:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+
+
+def _best_weights(run):
+    """Prefix of the best checkpoint, also found when a kill left it at ``.best.old`` (see above)."""
+    for folder in (run / "best", run / ".best.old"):
+        if (folder / "weights.index").exists():
+            return str(folder / "weights")
+    fail(run, "has no best checkpoint yet (training has not finished an epoch)")
+
+
 def _save_best(model, run):
     """Model-only checkpoint in RUN/best, replaced atomically (written aside, then renamed)."""
     staging = run / ".best.tmp"
@@ -229,27 +253,37 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     Returns:
         dict with the final epoch, best validation Dice and paths.
     """
+    # Everything is checked, and the model built, before the first write into RUN: a run that fails
+    # on its inputs leaves nothing behind that would make the corrected command refuse the folder.
     cache = SliceCache(cache_path)
     run = Path(run_dir)
+    existing = next(p for p in [run, *run.parents] if p.exists())
+    if not existing.is_dir():
+        fail(run, "exists and is not a folder" if existing == run else f"cannot be created: {existing} is a file")
     config = load_config(config_path, overrides)
     if (run / "config.yaml").exists():
-        previous = load_config(run / "config.yaml")
-        if previous != config:
-            changed = sorted(k for k in config if config[k] != previous.get(k))
+        previous = learning_settings(load_config(run / "config.yaml"))
+        if previous != learning_settings(config):
+            changed = sorted(k for k in previous if learning_settings(config)[k] != previous.get(k))
             fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
-    usable_target_volumes(cache, config)  # fail on missing labelled data before writing anything into RUN
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(config, run / "config.yaml")
-    _write_json(run / "cache.json", cache_record(cache))
+    usable_target_volumes(cache, config)
     keras.utils.set_random_seed(int(config["seed"]))
     strategy = make_strategy(config["strategy"])
     size = cache.size
     with strategy.scope():
         model = build_method(config, cache.num_classes)
-        model.build_for((size, size, 1))
+        try:
+            model.build_for((size, size, 1))
+        except ValueError as exc:
+            fail(config_path or "config", f"the networks do not fit {size}x{size} slices: {exc}")
         model.build_optimizers()
         epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(**training_state(model, epoch_counter))
+
+    run.mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(run)
+    save_config(config, run / "config.yaml")
+    _write_json(run / "cache.json", cache_record(cache))
     manager = tf.train.CheckpointManager(checkpoint, str(run / "checkpoints"), max_to_keep=2)
     history_path = run / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {"epochs": [], "best": None}
@@ -354,9 +388,7 @@ def load_run(run_dir, which="best"):
     size = int(record["preprocess"]["size"])
     model.build_for((size, size, 1))
     if which == "best":
-        if not (run / "best").exists():
-            fail(run, "has no best checkpoint yet (training has not finished an epoch)")
-        _restore(tf.train.Checkpoint(**model_state(model)), str(run / "best" / "weights"), run)
+        _restore(tf.train.Checkpoint(**model_state(model)), _best_weights(run), run)
     else:
         latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
         if latest is None:

@@ -6,11 +6,19 @@ breaks files works on a copy (:func:`copy_phantom`).
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+
+# Every model a test trains is the same in every run (same seeds, same kernels, same reduction
+# order), so a threshold on a trained model either always holds or never does: no flaky tests.
+tf.config.experimental.enable_op_determinism()
 
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import load_label, save_volume

@@ -70,7 +70,7 @@ def test_train_command_flags_reach_the_config_over_the_yaml(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("text, problem", [
-    ("schedule:\n  epoch: 3\n", "unknown setting 'epoch' (known: epochs, finetune_switch, steps_per_epoch, "
+    ("schedule:\n  epoch: 3\n", "unknown setting 'epoch' (known: epochs, finetune_switch, mkd_pretrain, steps_per_epoch, "
                                 "validation_batch)"),
     ("learning_rate: 0.1\n", "unknown setting 'learning_rate' (known: ablation, alignment, data, loss, method, "
                              "optimizer, schedule, seed, segmentor, strategy)"),

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mkd_cli.main import main as cli
+from mkd_tf import compare
 from mkd_tf.config import DEFAULTS
 from tests.scripts import tiny_runs
 
@@ -106,6 +107,22 @@ def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
         dice = data[method]["overall/dice"]["mean"]
         assert f"| {method} |" in table and f"{100 * dice:.1f} ± 0.0" in table
     assert (out / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    steps, validation, test = compare.learning_curve(out / "target-only" / "seed0")
+    assert steps.tolist() == [2] and 0.0 <= validation[0] <= 1.0 and 0.0 <= test[0] <= 1.0
+    assert "paired differences" not in table  # no MKD entry to compare against
+
+
+def test_paired_differences_are_per_seed_and_signed():
+    def row(*seeds):
+        return {"overall/dice": {"seeds": list(seeds)}}
+
+    data = {"finetune": row(0.80, 0.70), "mkd": row(0.85, 0.69), "mkd [syn]": row(0.5, 0.5)}
+    text, values = compare._paired_differences(data)
+    assert values["finetune"]["seeds"] == pytest.approx([5.0, -1.0])
+    assert values["finetune"]["mean"] == pytest.approx(2.0) and values["finetune"]["std"] == pytest.approx(3.0)
+    assert "| finetune | +5.0, -1.0 | +2.0 ± 3.0 |" in text
+    assert "| mkd [syn] | +35.0, +19.0 | +27.0 ± 8.0 |" in text
 
 
 def test_compare_rejects_an_unknown_method_before_training_anything(tmp_path_factory, tmp_path):
