@@ -34,6 +34,7 @@ VARIANTS = {
     "mkd-no-pretrain": ("mkd", {"schedule": {"mkd_pretrain": 0.0}}),
     "mkd-plain-iam": ("mkd", {"alignment": {"residual": False}}),
     "mkd-no-ema": ("mkd", {"optimizer": {"ema": False}}),
+    "mkd-real-on-aligned": ("mkd", {"loss": {"real_on_aligned": 1.0}}),
     "finetune-no-ema": ("finetune", {"optimizer": {"ema": False}}),
     "target-only-no-ema": ("target-only", {"optimizer": {"ema": False}}),
 }

@@ -14,15 +14,25 @@ from mkd_tf.errors import fail
 from mkd_tf.files import write_text_atomic
 
 METHODS = ("mkd", "target-only", "assistant-only", "joint", "finetune", "ummkd")
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config does not import models)
-#: settings of how a run executes, not of what it learns: a resumed run may change them
-RUNTIME_SETTINGS = ("strategy",)
+#: settings of how a run executes, not of what it learns: a resumed run may change them.
+#: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
+#: the checkpoints, so a run resumes only in the precision it started with.
+RUNTIME_SETTINGS = ("strategy", "jit_compile", "checkpoint_every", "worker_timeout")
 
 DEFAULTS = {
     "method": "mkd",
     "seed": 0,
     "strategy": "auto",
+    # Keras mixed-precision policy; networks' outputs and every loss stay float32
+    "precision": "float32",
+    "jit_compile": False,  # XLA-compile the distributed training step
+    "checkpoint_every": 10.0,  # minutes between step-level checkpoints inside an epoch (0: epoch ends only)
+    # multi-worker: seconds a worker waits for the cluster at start and for one collective operation
+    # (a step's all-reduce) before stopping with an error; must exceed the chief's validation time
+    "worker_timeout": 600.0,
     "data": {
         "batch_size": 8,  # slices per stream per step, over all replicas
         "augment": True,
@@ -47,6 +57,7 @@ DEFAULTS = {
         "adversarial": 1.0,
         "cycle": 10.0,
         "segmentation_to_generator": 1.0,
+        "real_on_aligned": 0.0,  # mkd: S_real also supervised on aligned assistant images
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },
@@ -111,6 +122,10 @@ RULES = {
     "method": Rule("choice", choices=METHODS),
     "seed": _int(0),
     "strategy": Rule("choice", choices=STRATEGIES),
+    "precision": Rule("choice", choices=PRECISIONS),
+    "jit_compile": _BOOL,
+    "checkpoint_every": _NON_NEGATIVE,
+    "worker_timeout": _POSITIVE,
     "data": {"batch_size": _int(1), "augment": _BOOL, "target_labeled": _int(0, optional=True)},
     "schedule": {"epochs": _int(1), "steps_per_epoch": _int(1), "finetune_switch": _fraction(),
                  "mkd_pretrain": _fraction(high_open=True), "validation_batch": _int(1)},
@@ -120,6 +135,7 @@ RULES = {
                   "norm": Rule("choice", choices=NORMS), "residual": _BOOL},
     "loss": {"temperature": _POSITIVE, "lambda_s2r": _NON_NEGATIVE, "lambda_r2s": _NON_NEGATIVE,
              "adversarial": _NON_NEGATIVE, "cycle": _NON_NEGATIVE, "segmentation_to_generator": _NON_NEGATIVE,
+             "real_on_aligned": _NON_NEGATIVE,
              "ummkd_temperature": _POSITIVE, "ummkd_weight": _NON_NEGATIVE},
     "optimizer": {"segmentor_lr": _POSITIVE, "generator_lr": _POSITIVE, "discriminator_lr": _POSITIVE,
                   "gan_beta_1": _fraction(high_open=True), "ema": _BOOL, "ema_momentum": _fraction(high_open=True)},

@@ -44,6 +44,8 @@ class MKDWeights:
         adversarial: weight of the generators' LSGAN loss.
         cycle: weight of the L1 cycle-consistency loss (CycleGAN's 10).
         segmentation_to_generator: weight of S_syn's segmentation loss in G's objective.
+        real_on_aligned: weight of a supervised loss of S_real on aligned assistant images with the
+            assistant's labels (0: S_real learns the assistant only through S_syn's distillation).
     """
 
     temperature: float = 2.0
@@ -52,6 +54,7 @@ class MKDWeights:
     adversarial: float = 1.0
     cycle: float = 10.0
     segmentation_to_generator: float = 1.0
+    real_on_aligned: float = 0.0
 
 
 def _to_unit(images):
@@ -142,10 +145,16 @@ class MKDModel(CrossModalityModel):
                     labelled_target["label"], tf.nn.softmax(real_on_labelled)) * labelled_target["has_label"])
                 segmentation += logs["seg_real"]
 
+            if self.kd_s2r or w.real_on_aligned:
+                real_on_aligned = self.real_segmentor(tf.stop_gradient(aligned), training=True)
+            if w.real_on_aligned:
+                logs["seg_real_aligned"] = self.average(
+                    losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_on_aligned)))
+                segmentation += w.real_on_aligned * logs["seg_real_aligned"]
+
             # 3. Mutual distillation; teachers (and the aligned images) are stop-gradient.
             distillation = 0.0
             if self.kd_s2r:
-                real_on_aligned = self.real_segmentor(tf.stop_gradient(aligned), training=True)
                 logs["kd_s2r"] = self.average(losses.distillation_loss(
                     tf.stop_gradient(syn_on_aligned), real_on_aligned, w.temperature))
                 distillation += w.lambda_s2r * logs["kd_s2r"]

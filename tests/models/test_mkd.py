@@ -40,11 +40,11 @@ def make_batch(seed=0, labelled_target=True):
     return batch
 
 
-def make_model(sgd=0.0, weights=None, **switches):
+def make_model(sgd=0.0, weights=None, alignment=None, **switches):
     """A built model; SGD learning rates so that a zero rate freezes a group exactly."""
     keras.utils.set_random_seed(1)
     rates = sgd if isinstance(sgd, dict) else {k: sgd for k in ("segmentors", "generators", "discriminators")}
-    model = MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, weights=weights,
+    model = MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment={**ALIGNMENT, **(alignment or {})}, weights=weights,
                      optimizers={k: keras.optimizers.SGD(v) for k, v in rates.items()}, **switches)
     model.build_for((SIZE, SIZE, 1))
     model.build_optimizers()
@@ -77,8 +77,11 @@ def gradient_norm(tape, tensor, variables):
 
 @pytest.fixture(scope="module")
 def gradient_map():
-    """For each recorded loss term of one step: which variable groups its gradient reaches."""
-    model = make_model(sgd=0.01)
+    """For each recorded loss term of one step: which variable groups its gradient reaches.
+
+    Plain generators: residual ones start as the identity, where the cycle loss |x - F(G(x))| is
+    exactly 0 and (|.| having a zero gradient at 0) reaches nothing on the first step."""
+    model = make_model(sgd=0.01, alignment={"residual": False})
     recorded = []
     originals = {}
     names = ["segmentation_loss", "distillation_loss", "lsgan_generator_loss", "cycle_loss",
@@ -231,3 +234,47 @@ def test_get_config_and_image_panels():
     for images in panels.values():
         assert images.shape == (BATCH, SIZE, SIZE, 1)
         assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+
+
+def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
+    model = make_model(sgd=0.01, weights={"real_on_aligned": 1.0})
+    recorded = []
+    original = losses.segmentation_loss
+
+    def recorder(*args, **kwargs):
+        recorded.append(original(*args, **kwargs))
+        return recorded[-1]
+
+    reached = {}
+    original_step = model.step
+
+    def inspecting_step(tape, loss, group):
+        if not reached:  # segmentation calls: S_syn on aligned, S_real on labelled CT, S_real on aligned
+            reached.update({g: gradient_norm(tape, recorded[2], v) for g, v in groups(model).items()})
+        return original_step(tape, loss, group)
+
+    model.step = inspecting_step
+    losses.segmentation_loss = recorder
+    try:
+        logs = model.train_step(make_batch())
+    finally:
+        losses.segmentation_loss = original
+    assert {g for g, norm in reached.items() if norm > 0} == {"S_real"}  # aligned images are stop-gradient
+    assert float(logs["seg_real_aligned"]) == pytest.approx(float(tf.reduce_mean(recorded[2])), rel=1e-5)
+    assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
+
+
+def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alone():
+    model = make_model(sgd=0.05, pretrain_steps=5)
+    batch = make_batch(labelled_target=False)  # the warm start never reads labelled target slices
+    before = snapshot(model)
+    logs = model.pretrain_step(batch)
+    assert set(logs) == {"seg_syn", "seg_real", "adversarial", "cycle", "discriminator", "total"}
+    after = snapshot(model)
+    assert changed(before, after) == {"S_syn", "S_real", "G", "F", "D_target", "D_assistant"}
+    # Both segmentors learn the assistant's labels on raw assistant images (no alignment in between).
+    expected = [float(tf.reduce_mean(losses.segmentation_loss(
+        batch["assistant"]["label"], tf.nn.softmax(segmentor(batch["assistant"]["image"], training=True)))))
+        for segmentor in (make_model().synthetic_segmentor, make_model().real_segmentor)]
+    assert [float(logs["seg_syn"]), float(logs["seg_real"])] == pytest.approx(expected, rel=1e-4)
+    assert int(model.step_counter.numpy()) == 1 and model.get_config()["pretrain_steps"] == 5
