@@ -32,5 +32,7 @@ FROM tensorflow/serving:2.21.0 AS serving
 # models.config (written by `mkd export`, base paths /models/NAME) lands in /models with the models.
 COPY saved_models/ /models/
 # The image's entrypoint starts tensorflow_model_server with gRPC on 8500 and REST on 8501 and
-# appends these arguments; --model_config_file replaces its single-model MODEL_NAME mode.
-CMD ["--model_config_file=/models/models.config", "--model_config_file_poll_wait_seconds=60"]
+# appends these arguments; --model_config_file replaces its single-model MODEL_NAME mode. Version
+# labels (`mkd export --label stable`) are accepted at start only with the last flag.
+CMD ["--model_config_file=/models/models.config", "--model_config_file_poll_wait_seconds=60", \
+     "--allow_version_labels_for_unavailable_models=true"]

@@ -15,13 +15,24 @@ from mkd_cli.main import main
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to export.")
 @click.option("--serving-root", default="/models",
               help="Where saved_models/ is mounted in the server: base_path prefix in saved_models/models.config.")
-def export(run, out, model_version, which, checkpoint, serving_root):
-    """Export a trained RUN as a TF Serving SavedModel (signatures serving_default and segment_slices)."""
+@click.option("--label", "labels", multiple=True, metavar="LABEL",
+              help="TF Serving version label for the new version, e.g. stable (repeatable); written to "
+                   "models.config as version_labels, moving the label if another version had it.")
+def export(run, out, model_version, which, checkpoint, serving_root, labels):
+    """Export a trained RUN as a TF Serving SavedModel (signatures serving_default, labels_only, segment_slices).
+
+    saved_models/models.config lists every exported version of every model (model_version_policy
+    specific), so a new version never unloads an older one; address a version with /versions/N or
+    a label (--label) with /labels/LABEL.
+    """
     from mkd_tf.export.serving import export_run
 
-    result = export_run(run, out, model_version, which, checkpoint, serving_root)
+    result = export_run(run, out, model_version, which, checkpoint, serving_root, labels)
     click.echo(f"exported {result['method']} predictor '{result['predictor']}' to {result['path']} "
                f"(model '{result['name']}', version {result['version']})")
+    for label in labels:
+        was = result["moved"].get(label)
+        click.echo(f"label '{label}' -> version {result['version']}" + (f" (was version {was})" if was else ""))
     click.echo(f"updated {result['models_config']}")
 
 

@@ -23,8 +23,7 @@ from mkd_tf.data.nifti import load_label
 from mkd_tf.data.preprocess import labels_to_original, map_label_values
 from mkd_tf.errors import fail
 from mkd_tf.files import read_json, write_text_atomic
-from mkd_tf.inference import predict_slices
-from mkd_tf.training import load_run
+from mkd_tf.inference import load_trained, predict_slices
 
 
 def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=None):
@@ -41,7 +40,7 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
         dict `{"cases": {predictor: {case_id: {structure: {dice, assd, hd95}}}},
         "summary": {predictor: summary}, "table": markdown}`.
     """
-    model, config, record = load_run(run_dir, which)
+    model, config, record = load_trained(run_dir, which)
     cache = SliceCache(cache_path or record["path"])
     if cache.classes != record["classes"]:
         fail(cache.path, f"classes {cache.classes} differ from the run's {record['classes']}")

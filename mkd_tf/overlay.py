@@ -1,22 +1,23 @@
 """A PNG to eyeball a prediction: a few axial slices with coloured contours and a legend."""
 
-import os
-from pathlib import Path
+import io
 
 import numpy as np
 
-from mkd_tf.data.nifti import temporary_sibling, to_canonical
+from mkd_tf.data.nifti import to_canonical
 
 # Tableau-like colours, one per structure in class order.
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
            "#fabebe", "#008080"]
 
 
-def write_overlay(path, image, labels, record, count=3):
-    """Write `count` axial slices of `image` with the contours of `labels` (file label values).
+def render_overlay(image, labels, record, count=3):
+    """PNG bytes: `count` axial slices of `image` with the contours of `labels` (file label values).
+
+    Rendered in memory, so a failure here leaves nothing on disk (`mkd predict` writes its outputs
+    only when all of them were produced).
 
     Args:
-        path: PNG to write (atomically).
         image: :class:`mkd_tf.data.nifti.Volume` the labels belong to.
         labels: `(x, y, z)` label volume on the same grid (dataset label values).
         record: the run's `cache.json` record (class names and label values).
@@ -53,14 +54,17 @@ def write_overlay(path, image, labels, record, count=3):
                for i, (n, v) in enumerate(zip(names, values))]
     figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_sibling(path)
+    buffer = io.BytesIO()
     try:
-        figure.savefig(temporary, dpi=100, format="png")
-        os.replace(temporary, path)
+        figure.savefig(buffer, dpi=100, format="png")
     finally:
         plt.close(figure)
-        if temporary.exists():
-            temporary.unlink()
+    return buffer.getvalue()
+
+
+def write_overlay(path, image, labels, record, count=3):
+    """Write :func:`render_overlay` to the PNG ``path`` (atomically: temporary sibling, then rename)."""
+    from mkd_tf.inference import write_outputs
+
+    write_outputs([(path, render_overlay(image, labels, record, count))])
     return path

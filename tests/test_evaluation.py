@@ -135,3 +135,19 @@ def test_evaluation_errors_are_one_line(tmp_path_factory, tmp_path, data):
                                                                                     size=tiny_runs.SIZE)))
     with pytest.raises(MkdError, match="differ from the run's"):
         evaluate_run(run.path, "test", cache_path=other)
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path_factory, tmp_path, data):
+    import shutil
+    from pathlib import Path
+
+    run = Path(shutil.copytree(tiny_runs.main_mkd_run(tmp_path_factory).path, tmp_path / "run"))
+    for stale in ("metrics.json", "metrics.csv", "metrics.md"):
+        (run / stale).unlink(missing_ok=True)
+    weights = next((run / "best").glob("weights.data-*"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 1])
+    outcome = CliRunner().invoke(cli, ["evaluate", str(run)])
+    assert outcome.exit_code == 2, outcome.output
+    assert outcome.stderr.startswith("error: ") and outcome.stderr.count("\n") == 1
+    assert f"{run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file" in outcome.stderr
+    assert not any((run / name).exists() for name in ("metrics.json", "metrics.csv", "metrics.md"))

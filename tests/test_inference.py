@@ -1,5 +1,7 @@
 """`mkd predict` / :mod:`mkd_tf.inference`: the label map lands exactly on the input's grid."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -119,3 +121,152 @@ def test_single_segmentor_runs_predict_with_their_one_predictor(tmp_path_factory
     model, _, record = load_run(run.path)
     expected = predict_file(model, record, unseen_case, tmp_path / "direct.nii.gz", "real")
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), expected)
+
+
+# --- hostile inputs: one line, exit status 2, nothing written -----------------------------------------
+def assert_one_line_error(outcome, *fragments):
+    assert outcome.exit_code == 2, (outcome.exit_code, outcome.output, outcome.exception)
+    assert outcome.stderr.startswith("error: ") and outcome.stderr.count("\n") == 1, outcome.stderr
+    for fragment in fragments:
+        assert fragment in outcome.stderr, (fragment, outcome.stderr)
+
+
+def test_qform_and_sform_codes_of_the_input_are_kept(trained, tmp_path):
+    """An input aligned to another scan (sform_code 2) keeps that code, and its qform code, in the label map."""
+    run, _, _, phantom = trained
+    source = nib.load(phantom / "ct_train" / "ct_train_1003_image.nii.gz")
+    for qform_code, sform_code in ((1, 2), (0, 3), (4, 0)):
+        image = nib.Nifti1Image(np.asarray(source.dataobj), source.affine)
+        image.set_qform(source.affine, code=qform_code)
+        shifted = source.affine.copy()
+        shifted[:3, 3] += [1.5, -2.0, 0.5]  # a registration that moved the scan: sform differs from qform
+        image.set_sform(shifted, code=sform_code)
+        path = tmp_path / f"codes_{qform_code}{sform_code}.nii.gz"
+        nib.save(image, path)
+        out = tmp_path / f"labels_{qform_code}{sform_code}.nii.gz"
+        outcome = predict_cli(run, path, "-o", out)
+        assert outcome.exit_code == 0, outcome.output
+        original, written = nib.load(path), nib.load(out)
+        assert int(written.header["qform_code"]) == qform_code and int(written.header["sform_code"]) == sform_code
+        np.testing.assert_allclose(written.header.get_qform(), original.header.get_qform(), atol=1e-5)
+        np.testing.assert_allclose(written.header.get_sform(), original.header.get_sform(), atol=1e-5)
+        np.testing.assert_allclose(written.affine, original.affine, atol=1e-5)
+        assert written.header.get_xyzt_units() == original.header.get_xyzt_units()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(trained, unseen_case, tmp_path):
+    run = trained[0]
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file")
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    out = tmp_path / "new" / "labels.nii.gz"
+    cases = [
+        (["-o", blocker / "labels.nii.gz"], f"{blocker / 'labels.nii.gz'}: cannot write -o: {blocker} is a file"),
+        (["-o", blocker / "deeper" / "labels.nii.gz"], f"cannot write -o: {blocker} is a file, not a folder"),
+        (["-o", out, "--overlay", blocker / "overlay.png"], f"cannot write --overlay: {blocker} is a file"),
+        (["-o", folder], f"{folder}: -o is a folder; give a file name"),
+        (["-o", out, "--overlay", tmp_path / "new" / "overlay.jpg"], "--overlay must end in .png"),
+        (["-o", tmp_path / "same.nii.gz", "--overlay", tmp_path / "same.nii.gz"], "--overlay must end in .png"),
+        (["-o", out, "--overlay", out.with_name("x.png"), "--checkpoint", "best"], None),  # the valid control
+    ]
+    for args, fragment in cases[:-1]:
+        assert_one_line_error(predict_cli(run, unseen_case, *args), "error: ", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "folder.nii.gz"]
+    assert blocker.read_text() == "a regular file" and list(folder.iterdir()) == []
+    assert predict_cli(run, unseen_case, *cases[-1][0]).exit_code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["labels.nii.gz", "x.png"]
+
+
+def test_a_failing_overlay_writes_no_label_map(trained, unseen_case, tmp_path, monkeypatch):
+    from mkd_tf import overlay
+
+    def broken(*args, **kwargs):
+        raise ValueError("Contour levels must be increasing")
+
+    monkeypatch.setattr(overlay, "render_overlay", broken)
+    out = tmp_path / "results" / "labels.nii.gz"
+    outcome = predict_cli(trained[0], unseen_case, "-o", out, "--overlay", tmp_path / "figures" / "o.png")
+    assert_one_line_error(outcome, f"{tmp_path / 'figures' / 'o.png'}: cannot draw the overlay (ValueError: "
+                                   "Contour levels must be increasing); nothing was written")
+    assert list(tmp_path.iterdir()) == []  # not even the folders
+
+
+def test_write_outputs_is_all_or_nothing(tmp_path):
+    """A failure while writing the second file leaves neither file, no temporary and no new folder."""
+    from mkd_tf.errors import MkdError
+    from mkd_tf.inference import write_outputs
+
+    (tmp_path / "existing.nii.gz").write_bytes(b"old")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(MkdError, match=r"blocker/o.png: cannot write"):
+        write_outputs([(tmp_path / "existing.nii.gz", b"new"), (tmp_path / "sub" / "a.nii.gz", b"a"),
+                       (blocker / "o.png", b"png")])
+    assert (tmp_path / "existing.nii.gz").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "existing.nii.gz"]
+    write_outputs([(tmp_path / "existing.nii.gz", b"new"), (tmp_path / "sub" / "a.nii.gz", b"a")])
+    assert (tmp_path / "existing.nii.gz").read_bytes() == b"new" and (tmp_path / "sub" / "a.nii.gz").read_bytes() == b"a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "existing.nii.gz", "sub"]
+
+
+def test_an_mri_volume_is_refused_by_a_ct_run_unless_forced(trained, tmp_path):
+    run, _, _, phantom = trained
+    mri = phantom / "mr_train" / "mr_train_1001_image.nii.gz"
+    out = tmp_path / "mri_labels.nii.gz"
+    outcome = predict_cli(run, mri, "-o", out)
+    assert_one_line_error(outcome, f"error: {mri}: values look like MRI or another non-HU image (median ",
+                          "0.0% of voxels <= -500) but the run was trained on CT in Hounsfield units",
+                          "pass --force to segment it anyway")
+    assert not out.exists()
+    forced = predict_cli(run, mri, "-o", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert nib.load(out).shape == nib.load(mri).shape
+    # The CT phantom passes the same check (every other test here predicts CT without --force).
+    ct = phantom / "ct_train" / "ct_train_1001_image.nii.gz"
+    assert predict_cli(run, ct, "-o", tmp_path / "ct.nii.gz").exit_code == 0
+
+
+def test_intensity_rules():
+    """CT: air/lung near -1000 must be present (scanner padding counts); z-scored runs refuse only CT-like input."""
+    from mkd_tf.data.nifti import Volume
+    from mkd_tf.errors import MkdError
+    from mkd_tf.inference import check_intensities
+
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 30, size=(40, 40, 10))
+    ct = body.copy()
+    ct[:6] = -1000 + rng.normal(0, 5, size=ct[:6].shape)  # air around the body
+    padded = ct.copy()
+    padded[:, :4] = -3024  # outside the reconstruction circle
+    ct_rule = {"kind": "ct", "window": [-200.0, 800.0]}
+    mr_rule = {"kind": "zscore", "clip": [3.0, 900.0], "mean": 200.0, "std": 150.0}
+    for data in (ct, padded):
+        check_intensities(Volume(data.astype(np.float32), np.eye(4), "ct.nii"), ct_rule, "ct")
+    without_intercept = ct + 1024  # raw CT stored without its rescale intercept: air at ~24, water at 1024
+    mri = np.abs(rng.normal(200, 120, size=(40, 40, 10)))
+    zscored = (mri - mri.mean()) / mri.std()
+    for data, name in ((without_intercept, "raw.nii"), (mri, "mri.nii"), (zscored, "z.nii")):
+        with pytest.raises(MkdError, match=rf"^{name}: values look like .* but the run was trained on CT"):
+            check_intensities(Volume(data.astype(np.float32), np.eye(4), name), ct_rule, "ct")
+        check_intensities(Volume(data.astype(np.float32), np.eye(4), name), ct_rule, "ct", force=True)
+    bright = ct.copy()
+    bright[6:20] = 5000
+    with pytest.raises(MkdError, match=r"do not look like Hounsfield units .*% above 3100"):
+        check_intensities(Volume(bright.astype(np.float32), np.eye(4), "b.nii"), ct_rule, "ct")
+    check_intensities(Volume(mri.astype(np.float32), np.eye(4), "mri.nii"), mr_rule, "mr")
+    check_intensities(Volume(zscored.astype(np.float32), np.eye(4), "z.nii"), mr_rule, "mr")
+    with pytest.raises(MkdError, match=r"values look like CT in Hounsfield units .* trained on MR"):
+        check_intensities(Volume(ct.astype(np.float32), np.eye(4), "ct.nii"), mr_rule, "mr")
+
+
+def test_a_truncated_checkpoint_is_one_line(trained, unseen_case, tmp_path):
+    import shutil
+
+    run = Path(shutil.copytree(trained[0], tmp_path / "run"))
+    data = next((run / "best").glob("weights.data-*"))
+    data.write_bytes(data.read_bytes()[:100])
+    out = tmp_path / "out" / "labels.nii.gz"
+    assert_one_line_error(predict_cli(run, unseen_case, "-o", out),
+                          f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file")
+    assert not out.parent.exists()

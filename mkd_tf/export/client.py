@@ -2,25 +2,33 @@
 
 The client does what local `mkd predict` does around the network call, with the same functions:
 :func:`mkd_tf.data.preprocess.preprocess_image` (resample, normalise, slice, crop), then the
-``serving_default`` signature on batches of ``batch_size`` preprocessed slices (input ``image``
-`(batch, H, W, 1)`, output ``labels`` `(batch, H, W)` class indices), then the exact inverse
-:func:`mkd_tf.data.preprocess.labels_to_original` and the class-index -> label-value table. So a
-remote prediction equals the local one for the same weights.
+``labels_only`` signature (or, for exports older than it, ``serving_default``) on batches of
+``batch_size`` preprocessed slices (input ``image`` `(batch, H, W, 1)`, output ``labels``
+`(batch, H, W)` class indices), then the exact inverse :func:`mkd_tf.data.preprocess.labels_to_original`
+and the class-index -> label-value table. So a remote prediction equals the local one for the same
+weights. The checks and the all-or-nothing writing of local `mkd predict` apply too
+(:func:`mkd_tf.inference.check_output_paths`, :func:`~mkd_tf.inference.check_intensities`,
+:func:`~mkd_tf.inference.write_outputs`).
 
 Where the preprocessing comes from: a remote client cannot read files on the server, and TF
 Serving's metadata only describes signatures. So the client takes classes, label values and
 preprocessing parameters from a local copy of the export (``--model-dir saved_models/NAME/<version>``,
 its ``assets.extra/mkd_model.json``) or from the training run (``RUN/cache.json``), and checks them
 against the server: it first fetches the model metadata (REST ``GET .../metadata``, gRPC
-``GetModelMetadata``) and refuses a ``serving_default`` whose input ``image`` is not float32
-`(batch, H, W, 1)` or whose output ``labels`` is not int32 `(batch, H, W)` for the local ``H = W = size``.
+``GetModelMetadata``) and refuses a signature whose input ``image`` is not float32 `(batch, H, W, 1)`
+or whose output ``labels`` is not int32 `(batch, H, W)` for the local ``H = W = size``.
 
 Transports:
-    - REST: ``POST {url}:predict`` with the columnar body ``{"signature_name": "serving_default",
-      "inputs": {"image": [...]}}``; the response ``{"outputs": {"labels": ..., "probabilities": ...}}``.
-      (TF Serving's REST API cannot filter outputs, so the probabilities travel too: prefer gRPC for
-      large volumes.)
-    - gRPC: ``PredictionServiceStub.Predict`` with ``output_filter=["labels"]``.
+    - REST: ``POST {url}:predict`` with the columnar body ``{"signature_name": "labels_only",
+      "inputs": {"image": [...]}}``; the response ``{"outputs": [...]}`` holds the labels only (TF
+      Serving's REST API cannot filter outputs: with ``serving_default`` the response would carry the
+      probabilities too, ~100x the bytes; see the README's "Serving" section for measured sizes).
+    - gRPC: ``PredictionServiceStub.Predict`` on ``labels_only`` (``output_filter=["labels"]``, which
+      also keeps ``serving_default``'s probabilities off the wire for older exports).
+
+A version is chosen with ``version`` (REST ``/versions/N``, gRPC ``model_spec.version``) or a
+version label (REST ``/labels/LABEL``, gRPC ``model_spec.version_label``; see ``mkd export --label``);
+without either the server's latest served version answers.
 
 Errors are one-line :class:`MkdError`: unreachable server, unknown model or version (HTTP 404 /
 ``NOT_FOUND``), signature mismatch, rejected requests.
@@ -37,6 +45,8 @@ from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import read_json
 
 SIGNATURE = "serving_default"
+#: the signature the clients call when the export has it: serving_default without the probabilities
+LABELS_SIGNATURE = "labels_only"
 
 
 # --- what the client needs to know about the model ------------------------------------------------
@@ -44,7 +54,8 @@ def model_info(model_dir=None, run=None):
     """Classes, label values and preprocessing of a served model, from an export copy or a run.
 
     Returns:
-        dict with ``classes``, ``class_values``, ``preprocess``, ``target_intensity``, ``size``, ``source``.
+        dict with ``classes``, ``class_values``, ``preprocess``, ``target_intensity``, ``target_modality``,
+        ``size``, ``source``.
     """
     if (model_dir is None) == (run is None):
         raise MkdError("remote prediction needs exactly one of RUN or --model-dir (for preprocessing and labels)")
@@ -54,6 +65,7 @@ def model_info(model_dir=None, run=None):
         asset = read_model_asset(model_dir)
         return {"classes": asset["classes"], "class_values": [int(v) for v in asset["class_values"]],
                 "preprocess": asset["preprocess"], "target_intensity": asset["target_intensity"],
+                "target_modality": asset.get("target_modality", "the target modality"),
                 "size": int(asset["size"]), "source": str(model_dir)}
     record_path = Path(run) / "cache.json"
     if not record_path.exists():
@@ -62,33 +74,50 @@ def model_info(model_dir=None, run=None):
     from mkd_tf.inference import class_values
 
     return {"classes": record["classes"], "class_values": class_values(record), "preprocess": record["preprocess"],
-            "target_intensity": record["target_intensity"], "size": int(record["preprocess"]["size"]),
-            "source": str(run)}
+            "target_intensity": record["target_intensity"], "target_modality": record["target"]["name"],
+            "size": int(record["preprocess"]["size"]), "source": str(run)}
 
 
-def check_signature(signature, size, where):
-    """Refuse a ``serving_default`` that does not take ``image`` float32 `(batch, size, size, 1)`
-    and return ``labels`` int32 `(batch, size, size)`.
+def check_signature(signature, size, where, signature_name=SIGNATURE):
+    """Refuse a signature that does not take ``image`` float32 `(batch, size, size, 1)` and return
+    ``labels`` int32 `(batch, size, size)`.
 
     Args:
         signature: ``{"inputs": {name: (dtype name, shape list or None)}, "outputs": {...}}``; -1 = any.
         size: the slice size the local preprocessing produces.
         where: the server (for the message).
+        signature_name: its name (for the message).
     """
     expected = {("inputs", "image"): ("DT_FLOAT", [size, size, 1]), ("outputs", "labels"): ("DT_INT32", [size, size])}
     for (side, name), (dtype, shape) in expected.items():
         have = signature.get(side, {}).get(name)
         wanted = f"{name} {dtype} (batch, {', '.join(map(str, shape))})"
         if have is None:
-            raise MkdError(f"{where}: signature mismatch: {SIGNATURE} has no {side[:-1]} '{name}' "
+            raise MkdError(f"{where}: signature mismatch: {signature_name} has no {side[:-1]} '{name}' "
                            f"(has {sorted(signature.get(side, {}))}; expected {wanted})")
         have_dtype, have_shape = have
         compatible = have_shape is None or (len(have_shape) == len(shape) + 1 and all(
             h in (-1, w) for h, w in zip(have_shape[1:], shape)))
         if have_dtype != dtype or not compatible:
-            raise MkdError(f"{where}: signature mismatch: {SIGNATURE} {side[:-1]} '{name}' is {have_dtype} {have_shape}, "
+            raise MkdError(f"{where}: signature mismatch: {signature_name} {side[:-1]} '{name}' is {have_dtype} {have_shape}, "
                            f"expected {wanted} (is the server running a different model than {name!r} was "
                            "exported for? check --model-dir/RUN)")
+
+
+def choose_signature(signatures, where):
+    """``labels_only`` if the model has it (labels without probabilities), else ``serving_default``.
+
+    Args:
+        signatures: signature name -> ``{"inputs": ..., "outputs": ...}`` (see :func:`check_signature`).
+        where: the server (for the message).
+
+    Returns:
+        `(name, signature)`.
+    """
+    for name in (LABELS_SIGNATURE, SIGNATURE):
+        if name in signatures:
+            return name, signatures[name]
+    raise MkdError(f"{where}: signature mismatch: the model has no '{SIGNATURE}' signature (has {sorted(signatures)})")
 
 
 # --- REST -------------------------------------------------------------------------------------------
@@ -96,14 +125,19 @@ class RestClient:
     """TF Serving REST API of one model.
 
     Args:
-        url: ``http://HOST:8501/v1/models/NAME`` (optionally ``/versions/N``); a bare ``http://HOST:8501``
-            needs ``model``.
+        url: ``http://HOST:8501/v1/models/NAME`` (optionally ``/versions/N`` or ``/labels/LABEL``); a bare
+            ``http://HOST:8501`` needs ``model``.
         model: model name, appended to a bare server URL.
         version: model version (default: the server's latest).
         timeout: seconds per request.
+        label: model version label (``mkd export --label``), instead of ``version``.
+
+    Attributes:
+        signature_name: the signature :meth:`labels` calls (set by :func:`predict_volume_remote` from
+            the server's metadata; ``labels_only`` by default).
     """
 
-    def __init__(self, url, model=None, version=None, timeout=120):
+    def __init__(self, url, model=None, version=None, timeout=120, label=None):
         base = url.rstrip("/")
         if "://" not in base:
             base = "http://" + base
@@ -111,12 +145,15 @@ class RestClient:
             if not model:
                 raise MkdError(f"--server {url}: expected http://HOST:8501/v1/models/NAME (or pass --model NAME)")
             base += f"/v1/models/{model}"
-        if version is not None:
-            if "/versions/" in base:
-                raise MkdError(f"--server {url} already names a version; drop --version")
-            base += f"/versions/{int(version)}"
+        if version is not None and label is not None:
+            raise MkdError("pass either --version or --label, not both")
+        if version is not None or label is not None:
+            if "/versions/" in base or "/labels/" in base:
+                raise MkdError(f"--server {url} already names a version; drop --{'version' if label is None else 'label'}")
+            base += f"/versions/{int(version)}" if label is None else f"/labels/{label}"
         self.url = base
         self.timeout = timeout
+        self.signature_name = LABELS_SIGNATURE
 
     def _request(self, suffix, body=None):
         data = None if body is None else json.dumps(body).encode()
@@ -139,30 +176,37 @@ class RestClient:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise MkdError(f"{self.url}: not a TF Serving response (invalid JSON)")
 
-    def signature(self):
-        """The ``serving_default`` signature from ``GET .../metadata`` (see :func:`check_signature`)."""
+    def signatures(self):
+        """Every signature from ``GET .../metadata``: name -> ``{"inputs": ..., "outputs": ...}``."""
         body = self._request("/metadata")
         try:
             signatures = body["metadata"]["signature_def"]["signature_def"]
-        except (KeyError, TypeError):
+            return {key: {side: {name: _json_tensor_info(info) for name, info in definition.get(side, {}).items()}
+                          for side in ("inputs", "outputs")} for key, definition in signatures.items()}
+        except (KeyError, TypeError, AttributeError, ValueError):
             raise MkdError(f"{self.url}: not a TF Serving metadata response")
-        if SIGNATURE not in signatures:
-            raise MkdError(f"{self.url}: signature mismatch: the model has no '{SIGNATURE}' signature "
+
+    def signature(self, name=SIGNATURE):
+        """One signature (default ``serving_default``) from ``GET .../metadata`` (see :func:`check_signature`)."""
+        signatures = self.signatures()
+        if name not in signatures:
+            raise MkdError(f"{self.url}: signature mismatch: the model has no '{name}' signature "
                            f"(has {sorted(signatures)})")
-        definition = signatures[SIGNATURE]
-        return {side: {name: _json_tensor_info(info) for name, info in definition.get(side, {}).items()}
-                for side in ("inputs", "outputs")}
+        return signatures[name]
 
     def labels(self, images):
         """Class indices `(batch, H, W)` int32 for preprocessed slices `(batch, H, W, 1)`."""
-        body = self._request(":predict", {"signature_name": SIGNATURE,
+        body = self._request(":predict", {"signature_name": self.signature_name,
                                           "inputs": {"image": np.asarray(images, np.float32).tolist()}})
         outputs = body.get("outputs") if isinstance(body, dict) else None
-        if isinstance(outputs, dict):
+        if isinstance(outputs, dict):  # several outputs (serving_default): a dict; a single one is not wrapped
             outputs = outputs.get("labels")
         if outputs is None:
             raise MkdError(f"{self.url}: predict response has no 'labels' output")
-        return np.asarray(outputs, np.int32)
+        try:
+            return np.asarray(outputs, np.int32)
+        except (ValueError, TypeError):
+            raise MkdError(f"{self.url}: predict response 'labels' is not an integer array")
 
 
 def _error_message(exc):
@@ -189,16 +233,24 @@ class GrpcClient:
         model: model name.
         version: model version (default: the server's latest).
         timeout: seconds per call.
+        label: model version label (``mkd export --label``), instead of ``version``.
+
+    Attributes:
+        signature_name: the signature :meth:`labels` calls (see :class:`RestClient`).
     """
 
-    def __init__(self, target, model, version=None, timeout=120):
+    def __init__(self, target, model, version=None, timeout=120, label=None):
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
         if not model:
             raise MkdError("--grpc needs --model NAME")
-        self.target, self.model, self.version, self.timeout = target, model, version, timeout
-        self.where = f"grpc://{target}/{model}" + (f"/versions/{version}" if version is not None else "")
+        if version is not None and label is not None:
+            raise MkdError("pass either --version or --label, not both")
+        self.target, self.model, self.version, self.label, self.timeout = target, model, version, label, timeout
+        self.where = f"grpc://{target}/{model}" + (f"/versions/{version}" if version is not None else "") + (
+            f"/labels/{label}" if label is not None else "")
+        self.signature_name = LABELS_SIGNATURE
         # Responses carry a whole batch of label maps: lift gRPC's 4 MB default.
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         self.channel = grpc.insecure_channel(target, options=options)
@@ -206,9 +258,11 @@ class GrpcClient:
 
     def _spec(self, spec):
         spec.name = self.model
-        spec.signature_name = SIGNATURE
+        spec.signature_name = self.signature_name
         if self.version is not None:
             spec.version.value = int(self.version)
+        if self.label is not None:
+            spec.version_label = str(self.label)
 
     def _call(self, method, request):
         import grpc
@@ -225,8 +279,8 @@ class GrpcClient:
                 raise MkdError(f"{self.where}: no answer within {self.timeout} s")
             raise MkdError(f"{self.where}: request rejected ({code.name}: {details})")
 
-    def signature(self):
-        """The ``serving_default`` signature from ``GetModelMetadata``."""
+    def signatures(self):
+        """Every signature from ``GetModelMetadata``: name -> ``{"inputs": ..., "outputs": ...}``."""
         from tensorflow.core.framework import types_pb2
         from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -237,17 +291,22 @@ class GrpcClient:
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         if "signature_def" not in response.metadata or not response.metadata["signature_def"].Unpack(signature_map):
             raise MkdError(f"{self.where}: not a TF Serving metadata response")
-        if SIGNATURE not in signature_map.signature_def:
-            raise MkdError(f"{self.where}: signature mismatch: the model has no '{SIGNATURE}' signature "
-                           f"(has {sorted(signature_map.signature_def)})")
-        definition = signature_map.signature_def[SIGNATURE]
 
         def info(tensor):
             shape = None if tensor.tensor_shape.unknown_rank else [int(d.size) for d in tensor.tensor_shape.dim]
             return types_pb2.DataType.Name(tensor.dtype), shape
 
-        return {"inputs": {k: info(v) for k, v in definition.inputs.items()},
-                "outputs": {k: info(v) for k, v in definition.outputs.items()}}
+        return {key: {"inputs": {k: info(v) for k, v in definition.inputs.items()},
+                      "outputs": {k: info(v) for k, v in definition.outputs.items()}}
+                for key, definition in signature_map.signature_def.items()}
+
+    def signature(self, name=SIGNATURE):
+        """One signature (default ``serving_default``) from ``GetModelMetadata``."""
+        signatures = self.signatures()
+        if name not in signatures:
+            raise MkdError(f"{self.where}: signature mismatch: the model has no '{name}' signature "
+                           f"(has {sorted(signatures)})")
+        return signatures[name]
 
     def labels(self, images):
         """Class indices `(batch, H, W)` int32 for preprocessed slices `(batch, H, W, 1)`."""
@@ -283,7 +342,9 @@ def predict_volume_remote(client, image, info, batch_size=16):
     from mkd_tf.inference import label_dtype
 
     where = getattr(client, "url", None) or client.where
-    check_signature(client.signature(), info["size"], where)
+    name, signature = choose_signature(client.signatures(), where)
+    check_signature(signature, info["size"], where, name)
+    client.signature_name = name
     slices, params = preprocess_image(image, info["target_intensity"], PreprocessConfig.from_dict(info["preprocess"]))
     indices = np.zeros(slices.shape, np.uint8)
     for start in range(0, len(slices), batch_size):
@@ -299,12 +360,13 @@ def predict_volume_remote(client, image, info, batch_size=16):
 
 
 def predict_file_remote(image_path, out_path, server=None, grpc_target=None, model=None, version=None,
-                        model_dir=None, run=None, batch_size=16, timeout=120, overlay=None):
+                        model_dir=None, run=None, batch_size=16, timeout=120, overlay=None, label=None, force=False):
     """`mkd predict --server/--grpc`: read a NIfTI, segment it on TF Serving, write the label map.
 
     Args:
         image_path: target-modality NIfTI.
-        out_path: label map to write (.nii/.nii.gz): the input's shape and affine, dataset label values.
+        out_path: label map to write (.nii/.nii.gz): the input's shape, affine and qform/sform codes,
+            dataset label values.
         server: REST URL ``http://HOST:8501/v1/models/NAME`` (exclusive with ``grpc_target``).
         grpc_target: ``HOST:8500`` (needs ``model``).
         model: model name (gRPC, or appended to a bare REST URL).
@@ -314,29 +376,28 @@ def predict_file_remote(image_path, out_path, server=None, grpc_target=None, mod
         batch_size: slices per request.
         timeout: seconds per request.
         overlay: optional PNG with contours on a few slices.
+        label: model version label instead of ``version``.
+        force: segment even if the image's intensities do not look like the model's target modality.
 
     Returns:
-        the label volume written.
+        the label volume written. Nothing is written unless every step succeeded.
     """
-    from mkd_tf.data.nifti import load_image, save_volume
+    from mkd_tf.data.nifti import load_image
+    from mkd_tf.inference import check_intensities, check_output_paths, prediction_outputs, write_outputs
 
     if (server is None) == (grpc_target is None):
         raise MkdError("pass exactly one of --server (REST) or --grpc")
-    if Path(out_path).suffix not in (".nii", ".gz"):
-        fail(out_path, "output must end in .nii or .nii.gz")
+    check_output_paths(out_path, overlay)
     info = model_info(model_dir, run)
     image = load_image(image_path)
-    client = RestClient(server, model, version, timeout) if server else GrpcClient(grpc_target, model, version, timeout)
+    check_intensities(image, info["target_intensity"], info["target_modality"], force)
+    client = (RestClient(server, model, version, timeout, label) if server
+              else GrpcClient(grpc_target, model, version, timeout, label))
     try:
         labels = predict_volume_remote(client, image, info, batch_size)
     finally:
         if isinstance(client, GrpcClient):
             client.close()
-    save_volume(out_path, labels, image.affine, dtype=labels.dtype)
-    if overlay:
-        from mkd_tf.overlay import write_overlay
-
-        record = {"classes": info["classes"],
-                  "target": {"label_values": dict(zip(info["classes"], info["class_values"]))}}
-        write_overlay(overlay, image, labels, record)
+    record = {"classes": info["classes"], "target": {"label_values": dict(zip(info["classes"], info["class_values"]))}}
+    write_outputs(prediction_outputs(labels, image, out_path, overlay, record))
     return labels

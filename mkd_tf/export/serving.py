@@ -3,10 +3,11 @@
 Layout written by :func:`export_run` (``out = saved_models/NAME``)::
 
     saved_models/models.config                       TF Serving --model_config_file, every model below
-    saved_models/NAME/<version>/saved_model.pb       graph with the two signatures below
+    saved_models/NAME/<version>/saved_model.pb       graph with the three signatures below
     saved_models/NAME/<version>/variables/           the chosen predictor's segmentor weights only
     saved_models/NAME/<version>/assets.extra/tf_serving_warmup_requests
-                                                     TFRecord of PredictionLog (serving_default, batch 1, 4, 16)
+                                                     TFRecord of PredictionLog (serving_default and
+                                                     labels_only, batch 1, 4, 16 each)
     saved_models/NAME/<version>/assets.extra/mkd_model.json
                                                      classes, label values, preprocessing, method, predictor
 
@@ -23,20 +24,39 @@ Signatures (``H = W = size`` of the run's slice cache, e.g. 256; ``batch`` is dy
     ``ensemble`` = mean of the S_syn and S_real softmaxes) and ``labels`` int32 `(batch, H, W)`
     (argmax: class indices 0..classes-1). Static H and W so TFLite / XLA get static shapes.
 
+``labels_only`` -- ``serving_default`` without the probabilities, for REST clients.
+    Same input; output ``labels`` int32 `(batch, H, W)` only. TF Serving's REST API cannot filter
+    outputs, and the probabilities are ``classes`` JSON floats per pixel, so a REST response of
+    ``serving_default`` is 19x (TF Serving's pretty-printed JSON) to 57x (compact JSON) larger than one
+    of ``labels_only`` (16 slices of 256 x 256, 8 classes; ``benchmarks/rest_response_size.py``).
+
 ``segment_slices`` -- raw slices in, label values out (for clients that do not preprocess).
     Inputs: ``image`` float32 `(batch, h, w, 1)` in the modality's own units (e.g. HU), any ``h, w``:
     slices that cover the model's field of view (``size * spacing`` mm in-plane, e.g. 256 x 1.5 mm),
-    at any pixel count. In the graph: intensity normalisation (CT: clip to the recorded HU window and
-    scale to [-1, 1]; z-scored modalities: percentile clip at the cache's percentiles and z-score, with
-    the statistics computed over ALL voxels of the request -- send a whole volume's slices in one
-    request to match `mkd predict`, which computes them per volume), bilinear resize to ``H x W``,
-    the predictor, argmax, nearest-neighbour resize of the class map back to ``h x w``, and a
-    ``tf.gather`` on a constant table mapping class indices to the dataset's label values.
+    at any pixel count, pixel ``(0, 0)`` centred where the model's pixel ``(0, 0)`` is centred. In the
+    graph: intensity normalisation (CT: clip to the recorded HU window and scale to [-1, 1]; z-scored
+    modalities: percentile clip at the cache's percentiles and z-score, with the statistics computed
+    over ALL voxels of the request -- send a whole volume's slices in one request to match `mkd
+    predict`, which computes them per volume), bilinear resampling to ``H x W``, the predictor,
+    argmax, nearest-neighbour resampling of the class map back to ``h x w``, and a ``tf.gather`` on a
+    constant table mapping class indices to the dataset's label values.
     Outputs: ``labels`` int32 `(batch, h, w)` in the ORIGINAL label values (e.g. 0, 205, ..., 850).
+
+    Both resamplings use `prepare`'s convention (:mod:`mkd_tf.data.preprocess`): pixel centres at
+    index 0 coincide, so model pixel ``r`` samples input coordinate ``r * h / H`` (TF's legacy
+    ``ResizeBilinear`` with ``align_corners=False, half_pixel_centers=False``, which is also TFLite's
+    ``RESIZE_BILINEAR`` default) and input pixel ``j`` takes the class of model pixel
+    ``floor(j * H / h + 1/2)`` (two ``tf.gather`` calls on integer indices). With ``h = H`` both are the
+    identity, so slices at the cache's spacing give exactly ``serving_default``'s labels.
 
 Versions: ``--version`` defaults to the next free integer; an existing version is never overwritten.
 A version folder appears atomically (written into a hidden sibling, then renamed): TF Serving, which
 polls ``base_path`` for integer-named folders, never sees a half-written model.
+
+``models.config`` gives every model an explicit ``model_version_policy { specific { versions: ... } }``
+listing each exported version (a folder with a ``saved_model.pb``), so exporting version N+1 never
+unloads version N, and keeps the ``version_labels`` of earlier exports (``--label stable`` moves the
+label ``stable`` to the new version).
 """
 
 import json
@@ -71,14 +91,24 @@ SIGNATURE_DOCS = {
         "outputs": {"probabilities": "float32 (batch, H, W, classes): softmax of the predictor",
                     "labels": "int32 (batch, H, W): class indices (argmax)"},
     },
+    "labels_only": {
+        "inputs": {"image": "float32 (batch, H, W, 1): as serving_default"},
+        "outputs": {"labels": "int32 (batch, H, W): class indices (argmax); no probabilities (small REST responses)"},
+    },
     "segment_slices": {
         "inputs": {"image": "float32 (batch, h, w, 1): raw slices in the modality's units (e.g. HU) covering "
-                            "size*spacing mm; any h, w"},
+                            "size*spacing mm, pixel (0, 0) centred on the model's pixel (0, 0); any h, w"},
         "outputs": {"labels": "int32 (batch, h, w): original label values (e.g. 0, 205, ..., 850)"},
         "normalisation": "CT: clip to window, scale to [-1, 1]; zscore: percentile clip + z-score with "
                          "statistics over all voxels of the request",
+        "resampling": "prepare's convention (pixel centres at index 0 coincide): model pixel r samples input "
+                      "coordinate r*h/H (bilinear); input pixel j takes model pixel floor(j*H/h + 1/2)",
     },
 }
+#: signatures the warmup file exercises (what the clients call), each at :data:`WARMUP_BATCH_SIZES`
+WARMUP_SIGNATURES = ("serving_default", "labels_only")
+# A TF Serving version label: not a number (it would read like a version), usable in a URL path.
+_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
 def resolve_predictor(model, which):
@@ -155,8 +185,46 @@ def normalise_in_graph(images, intensity, percentiles):
     return tf.cast((clipped - mean) / std, tf.float32)
 
 
+def resize_like_prepare(images, size):
+    """Bilinear resampling of `(batch, h, w, c)` slices to `(batch, size, size, c)` in prepare's convention.
+
+    Output pixel ``r`` samples input coordinate ``r * h / size`` (pixel centres at index 0 coincide;
+    beyond the last input pixel the edge value is repeated), which is what
+    :func:`mkd_tf.data.preprocess.resample` (``scipy.ndimage.affine_transform``, order 1, mode
+    ``nearest``) does when the input's pixel spacing is ``size * spacing / h``. In TensorFlow that is
+    the legacy ``ResizeBilinear`` kernel (``align_corners=False, half_pixel_centers=False``), TFLite's
+    builtin ``RESIZE_BILINEAR`` with its default options. ``tf.image.resize`` would use half-pixel
+    centres instead: a shift of ``(h / size - 1) / 2`` input pixels (0.8 mm for 1.6 mm input slices
+    of a 3.2 mm model).
+    """
+    import tensorflow as tf
+
+    return tf.raw_ops.ResizeBilinear(images=images, size=tf.constant([size, size], tf.int32),
+                                     align_corners=False, half_pixel_centers=False)
+
+
+def nearest_indices(count, size):
+    """`int32 (count,)`: the model pixel (of ``size``) nearest to each of ``count`` input pixels.
+
+    Input pixel ``j`` lies at model coordinate ``j * size / count`` (the inverse of
+    :func:`resize_like_prepare`), rounded half up with integer arithmetic (exact for every ``count``):
+    ``floor((2 j size + count) / (2 count))``. :func:`mkd_tf.data.preprocess.labels_to_original` rounds
+    the same coordinate with ``np.rint`` (half to even), so the two can differ only at exact halves
+    (e.g. every other pixel at a resolution ratio of exactly 2), by one model pixel.
+    """
+    import tensorflow as tf
+
+    count = tf.cast(count, tf.int32)
+    positions = tf.range(count, dtype=tf.int32)
+    return tf.minimum((2 * positions * size + count) // (2 * count), size - 1)
+
+
 def serving_functions(probabilities, size, class_values, intensity, percentiles):
-    """The two signature functions (see the module docstring for their contracts)."""
+    """The three signature functions (see the module docstring for their contracts).
+
+    Returns:
+        `(serving_default, labels_only, segment_slices)`.
+    """
     import tensorflow as tf
 
     value_table = tf.constant(np.asarray(class_values, np.int32))
@@ -165,57 +233,126 @@ def serving_functions(probabilities, size, class_values, intensity, percentiles)
         probs = probabilities(image)
         return {"probabilities": probs, "labels": tf.argmax(probs, axis=-1, output_type=tf.int32)}
 
+    def labels_only(image):
+        return {"labels": tf.argmax(probabilities(image), axis=-1, output_type=tf.int32)}
+
     def segment_slices(image):
         height, width = tf.shape(image)[1], tf.shape(image)[2]
         normalised = normalise_in_graph(image, intensity, percentiles)
-        same_size = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
-        # Skip the resize when the slices already have the model's size: bit-identical to serving_default.
-        model_input = tf.cond(same_size, lambda: tf.ensure_shape(normalised, [None, size, size, 1]),
-                              lambda: tf.image.resize(normalised, (size, size), method="bilinear"))
-        model_input = tf.ensure_shape(model_input, [None, size, size, 1])
+        # At h = w = size this is the identity (coordinate r * 1 = r, interpolation weight 0), so slices
+        # at the cache's spacing get exactly serving_default's labels.
+        model_input = tf.ensure_shape(resize_like_prepare(normalised, size), [None, size, size, 1])
         classes = tf.argmax(probabilities(model_input), axis=-1, output_type=tf.int32)
-        classes = tf.image.resize(classes[..., None], tf.stack([height, width]), method="nearest")[..., 0]
+        classes = tf.gather(classes, nearest_indices(height, size), axis=1)
+        classes = tf.gather(classes, nearest_indices(width, size), axis=2)
         return {"labels": tf.gather(value_table, classes)}
 
-    return serving_default, segment_slices
+    return serving_default, labels_only, segment_slices
 
 
 def _warmup_requests(path, name, size):
-    """TFRecord of PredictionLog: serving_default requests TF Serving replays before marking the model ready."""
+    """TFRecord of PredictionLog: requests TF Serving replays before marking the version ready.
+
+    One request per signature of :data:`WARMUP_SIGNATURES` and batch size of :data:`WARMUP_BATCH_SIZES`
+    (TF Serving refuses to load a version whose warmup request fails, so each must match its signature).
+    """
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for batch in WARMUP_BATCH_SIZES:
-            # A smooth ramp over the normalised range rather than zeros: every class branch gets exercised.
-            ramp = np.linspace(-1.0, 1.0, batch * size * size, dtype=np.float32).reshape(batch, size, size, 1)
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=name, signature_name="serving_default"))
-            request.inputs["image"].CopyFrom(tf.make_tensor_proto(ramp))
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+        for signature in WARMUP_SIGNATURES:
+            for batch in WARMUP_BATCH_SIZES:
+                # A smooth ramp over the normalised range rather than zeros: every class branch gets exercised.
+                ramp = np.linspace(-1.0, 1.0, batch * size * size, dtype=np.float32).reshape(batch, size, size, 1)
+                request = predict_pb2.PredictRequest(
+                    model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
+                request.inputs["image"].CopyFrom(tf.make_tensor_proto(ramp))
+                log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
 
 
-def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT):
-    """TF Serving ``--model_config_file`` text proto listing every exported model under ``saved_models``."""
+def check_label(label):
+    """Refuse a ``--label`` TF Serving could not use or that would read like a version number."""
+    if not _LABEL.match(str(label)):
+        raise MkdError(f"--label {label}: a version label must start with a letter and hold only letters, digits, "
+                       "'_', '-', '.' (e.g. stable, canary)")
+    return str(label)
+
+
+def read_models_config(saved_models):
+    """The current ``saved_models/models.config`` as a ``ModelServerConfig`` proto, or `None` if absent."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    path = Path(saved_models) / MODELS_CONFIG
+    if not path.exists():
+        return None
+    try:
+        return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        fail(path, f"not a TF Serving model config ({str(exc).splitlines()[0]}); fix or delete it "
+                   "(mkd export rewrites it from the model folders)")
+    except (IsADirectoryError, PermissionError) as exc:
+        fail(path, f"cannot read ({exc.strerror})")
+
+
+def served_versions(model_dir):
+    """Sorted versions of a model folder that hold an exported SavedModel (``<version>/saved_model.pb``)."""
+    return [v for v in existing_versions(model_dir) if (Path(model_dir) / str(v) / "saved_model.pb").exists()]
+
+
+def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None):
+    """TF Serving ``--model_config_file`` text proto listing every exported model under ``saved_models``.
+
+    Each model gets ``model_version_policy { specific { versions: ... } }`` with every exported version
+    (TF Serving's default policy, ``latest { num_versions: 1 }``, would unload version N as soon as
+    N+1 appears), and ``version_labels``: those of the existing ``models.config`` whose version is still
+    exported, updated by ``new_labels`` (model name -> {label: version}).
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
     root = Path(saved_models)
-    names = sorted(p.name for p in root.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and any(
-                       (p / str(v) / "saved_model.pb").exists() for v in existing_versions(p)))
+    previous = read_models_config(root)
+    labels = {}
+    if previous is not None:
+        for entry in previous.model_config_list.config:
+            labels.setdefault(entry.name, {}).update({key: int(value) for key, value in entry.version_labels.items()})
+    for name, mapping in (new_labels or {}).items():
+        labels.setdefault(name, {}).update({key: int(value) for key, value in mapping.items()})
     base = serving_root.rstrip("/") or ""
-    entries = "".join(f'  config {{\n    name: "{name}"\n    base_path: "{base}/{name}"\n'
-                      f'    model_platform: "tensorflow"\n  }}\n' for name in names)
-    return f"model_config_list {{\n{entries}}}\n"
+    config = model_server_config_pb2.ModelServerConfig()
+    models = config.model_config_list  # present (possibly empty) even with no model
+    models.SetInParent()
+    for folder in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name):
+        versions = served_versions(folder)
+        if not versions:
+            continue
+        entry = models.config.add(name=folder.name, base_path=f"{base}/{folder.name}", model_platform="tensorflow")
+        entry.model_version_policy.specific.versions.extend(versions)
+        for label, version in sorted(labels.get(folder.name, {}).items()):
+            if version in versions:  # TF Serving refuses a label that points at a version it does not serve
+                entry.version_labels[label] = version
+    return text_format.MessageToString(config)
 
 
-def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT):
+def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None):
     """(Re)write ``saved_models/models.config`` atomically; returns its path."""
     path = Path(saved_models) / MODELS_CONFIG
-    write_text_atomic(path, models_config_text(saved_models, serving_root))
+    write_text_atomic(path, models_config_text(saved_models, serving_root, new_labels))
     return path
 
 
-def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", serving_root=DEFAULT_SERVING_ROOT):
+def _first_existing(path):
+    """``path`` or its nearest ancestor that exists (``Path.exists`` is False below a regular file)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", serving_root=DEFAULT_SERVING_ROOT,
+               labels=()):
     """Export one predictor of a trained run as a TF Serving model version.
 
     Args:
@@ -226,16 +363,21 @@ def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", 
             baseline's single segmentor (``ensemble`` falls back to it).
         checkpoint: ``best`` or ``last`` weights.
         serving_root: where ``saved_models/`` is mounted in the server (``base_path`` in models.config).
+        labels: TF Serving version labels (e.g. ``["stable"]``) to point at the new version in
+            models.config; a label that pointed at another version of this model moves.
 
     Returns:
-        dict with ``path`` (the version folder), ``version``, ``name``, ``predictor``, ``models_config``.
+        dict with ``path`` (the version folder), ``version``, ``name``, ``predictor``, ``models_config``,
+        ``labels`` (label -> version of this model after the export) and ``moved`` (label -> previous version).
+
+    Every problem with the arguments, the run or the existing ``saved_models/`` is found before anything
+    is written; a failure after that removes the folders this call created.
     """
     import keras
     import tensorflow as tf
 
     from mkd_tf import __version__
-    from mkd_tf.inference import class_values
-    from mkd_tf.training import load_run
+    from mkd_tf.inference import class_values, load_trained
 
     out = Path(out)
     name = out.name
@@ -243,26 +385,40 @@ def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", 
         fail(out, "model name (the folder name) must be letters, digits, '_', '-', '.' and start with a letter or digit")
     if version is not None and int(version) < 1:
         fail(out, f"--version must be >= 1, got {version}")
-    if out.exists() and not out.is_dir():
+    labels = [check_label(label) for label in labels]
+    existing = _first_existing(out)
+    if existing == out and not out.is_dir():
         fail(out, "exists and is not a folder")
+    if existing != out and not existing.is_dir():
+        fail(out, f"cannot create the model folder: {existing} is a file, not a folder")
+    if (out.parent / MODELS_CONFIG).is_dir():
+        fail(out.parent / MODELS_CONFIG, "is a folder; mkd export writes the TF Serving model config there")
     if version is not None and (out / str(int(version))).exists():  # fail before the slow part
         fail(out / str(int(version)), "already exists; exported versions are never overwritten "
                                       "(omit --version for the next free one)")
-    model, config, record = load_run(run_dir, checkpoint)
+    previous = read_models_config(out.parent) if out.parent.is_dir() else None  # unreadable: fail now, not later
+    model, config, record = load_trained(run_dir, checkpoint)
     which = resolve_predictor(model, which)
     size = int(record["preprocess"]["size"])
     values = class_values(record)
+    created = []  # folders this export creates, removed again if it fails
+    folder = out
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
     out.mkdir(parents=True, exist_ok=True)
     version = int(version) if version is not None else max(existing_versions(out), default=0) + 1
     target = out / str(version)
 
     chosen, probabilities = probability_function(model.segmentors(), which)
-    serving_default, segment_slices = serving_functions(probabilities, size, values, record["target_intensity"],
-                                                        record["preprocess"]["percentiles"])
+    serving_default, labels_only, segment_slices = serving_functions(
+        probabilities, size, values, record["target_intensity"], record["preprocess"]["percentiles"])
     archive = keras.export.ExportArchive()
     for segmentor in chosen:
         archive.track(segmentor)
     archive.add_endpoint("serving_default", serving_default,
+                         input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32, name="image")])
+    archive.add_endpoint("labels_only", labels_only,
                          input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32, name="image")])
     archive.add_endpoint("segment_slices", segment_slices,
                          input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32, name="image")])
@@ -277,6 +433,7 @@ def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", 
         "target_intensity": record["target_intensity"], "signatures": SIGNATURE_DOCS,
     }
     staging = out / f".tmp-export-{version}-{uuid.uuid4().hex[:8]}"
+    published = False
     try:
         archive.write_out(str(staging), verbose=False)
         extra = staging / "assets.extra"
@@ -287,8 +444,23 @@ def export_run(run_dir, out, version=None, which="ensemble", checkpoint="best", 
             os.rename(staging, target)  # fails if another export created the version meanwhile
         except OSError as exc:
             fail(target, f"cannot publish the export ({exc.strerror}); versions are never overwritten")
+        published = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    config_path = write_models_config(out.parent, serving_root)
+        if not published:
+            for folder in created:  # innermost first; only if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    before = {}
+    if previous is not None:
+        for entry in previous.model_config_list.config:
+            if entry.name == name:
+                before = {key: int(value) for key, value in entry.version_labels.items()}
+    config_path = write_models_config(out.parent, serving_root, {name: {label: version for label in labels}})
+    after = {label: version for label, version in before.items() if version in served_versions(out)}
+    after.update({label: version for label in labels})
+    moved = {label: before[label] for label in labels if label in before and before[label] != version}
     return {"path": str(target), "version": version, "name": name, "predictor": which, "method": config["method"],
-            "models_config": str(config_path)}
+            "models_config": str(config_path), "labels": after, "moved": moved}

@@ -33,11 +33,43 @@ def other_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(mkd_export, other_model):
+def legacy_model(tmp_path_factory):
+    """An export from before `labels_only`: serving_default only (image (batch, 32, 32, 1) -> labels, probabilities)."""
+    import tensorflow as tf
+
+    class Legacy(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 1), tf.float32, name="image")])
+        def serve(self, image):
+            probabilities = tf.concat([tf.ones_like(image), tf.zeros_like(image)], axis=-1)
+            return {"probabilities": probabilities, "labels": tf.argmax(probabilities, axis=-1, output_type=tf.int32)}
+
+    module = Legacy()
+    base = tmp_path_factory.mktemp("legacy") / "legacy"
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": module.serve})
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(mkd_export, other_model, legacy_model):
     from pathlib import Path
 
-    with ServingDouble({"heart": Path(mkd_export["path"]).parent, "other": other_model}) as double:
+    with ServingDouble({"heart": Path(mkd_export["path"]).parent, "other": other_model, "legacy": legacy_model},
+                       labels={"heart": {"stable": 1}}) as double:
         yield double
+
+
+def _requests_during(server, action):
+    """Run ``action()``; return what it returned and the predict requests the double saw meanwhile."""
+    before = len(server.requests)
+    result = action()
+    return result, server.requests[before:]
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +90,11 @@ def _closed_port():
 
 def test_rest_predict_equals_local_predict(server, mkd_export, ct_image, local_labels, tmp_path):
     out = tmp_path / "rest.nii.gz"
-    labels = client.predict_file_remote(ct_image, out, server=server.rest_url("heart"),
-                                        model_dir=mkd_export["path"], batch_size=5)
+    labels, requests = _requests_during(server, lambda: client.predict_file_remote(
+        ct_image, out, server=server.rest_url("heart"), model_dir=mkd_export["path"], batch_size=5))
     np.testing.assert_array_equal(labels, local_labels)
+    # 16 slices in batches of 5, each on the labels-only signature.
+    assert [(r["protocol"], r["signature"]) for r in requests] == [("rest", "labels_only")] * 4
     written, original = nib.load(str(out)), nib.load(str(ct_image))
     np.testing.assert_array_equal(np.asarray(written.dataobj), local_labels)
     np.testing.assert_allclose(written.affine, original.affine)
@@ -69,9 +103,95 @@ def test_rest_predict_equals_local_predict(server, mkd_export, ct_image, local_l
 
 def test_grpc_predict_equals_local_predict(server, mkd_run, ct_image, local_labels, tmp_path):
     """gRPC, with the preprocessing taken from the run folder instead of an export copy."""
-    labels = client.predict_file_remote(ct_image, tmp_path / "grpc.nii.gz", grpc_target=server.grpc_target,
-                                        model="heart", version=1, run=mkd_run, batch_size=7)
+    labels, requests = _requests_during(server, lambda: client.predict_file_remote(
+        ct_image, tmp_path / "grpc.nii.gz", grpc_target=server.grpc_target, model="heart", version=1, run=mkd_run,
+        batch_size=7))
     np.testing.assert_array_equal(labels, local_labels)
+    assert [(r["protocol"], r["signature"], r["version"]) for r in requests] == [("grpc", "labels_only", 1)] * 3
+
+
+def test_rest_labels_only_responses_are_small(server):
+    """The REST response of labels_only holds no probabilities: measured on one batch of 16 slices."""
+    image = np.linspace(-1, 1, 16 * 32 * 32, dtype=np.float32).reshape(16, 32, 32, 1)
+    sizes = {}
+    for signature in ("serving_default", "labels_only"):
+        (status, body), requests = _requests_during(server, lambda: _http(
+            server.rest_url("heart") + ":predict", {"signature_name": signature, "inputs": {"image": image.tolist()}}))
+        assert status == 200
+        sizes[signature] = requests[0]["response_bytes"]
+    assert np.asarray(body["outputs"]).shape == (16, 32, 32)  # labels_only: a single output, not wrapped
+    # 8 classes x ~20 bytes per float vs ~3 bytes per label: well over 20 x smaller.
+    assert sizes["labels_only"] * 20 < sizes["serving_default"], sizes
+
+
+def test_exports_without_labels_only_fall_back_to_serving_default(server, mkd_run, ct_image, tmp_path):
+    for kwargs in ({"server": server.rest_url("legacy")}, {"grpc_target": server.grpc_target, "model": "legacy"}):
+        labels, requests = _requests_during(server, lambda: client.predict_file_remote(
+            ct_image, tmp_path / "legacy.nii.gz", run=mkd_run, **kwargs))
+        assert not labels.any()  # the legacy model says background everywhere
+        assert {r["signature"] for r in requests} == {"serving_default"}
+
+
+def test_warmup_requests_are_replayed_on_load(server):
+    """The double, like TF Serving, runs every warmup request before serving a version."""
+    assert server.models["heart"].warmup == {1: 6}  # serving_default and labels_only, batches 1, 4, 16
+    assert server.models["other"].warmup == {1: 0}
+
+
+def test_version_labels(server, mkd_run, mkd_export, ct_image, local_labels, tmp_path):
+    runner = CliRunner()
+    for transport in (["--server", server.rest_url("heart")], ["--grpc", server.grpc_target, "--model", "heart"]):
+        out = tmp_path / "labelled.nii.gz"
+        result = runner.invoke(main, ["predict", str(mkd_run), str(ct_image), *transport, "--label", "stable",
+                                      "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), local_labels)
+        out.unlink()
+        unknown = runner.invoke(main, ["predict", str(mkd_run), str(ct_image), *transport, "--label", "canary",
+                                       "-o", str(out)])
+        _assert_one_line_error(unknown, "Unrecognized servable version label: canary")
+        both = runner.invoke(main, ["predict", str(mkd_run), str(ct_image), *transport, "--label", "stable",
+                                    "--version", "1", "-o", str(out)])
+        _assert_one_line_error(both, "either --version or --label")
+        assert not out.exists()
+    local = runner.invoke(main, ["predict", str(mkd_run), str(ct_image), "--label", "stable", "-o", str(out)])
+    _assert_one_line_error(local, "error: --label stable: selects a model version on a server")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remote_bad_inputs_are_one_line_and_write_nothing(server, mkd_run, mkd_export, ct_image, phantom, tmp_path,
+                                                          monkeypatch):
+    runner = CliRunner()
+    rest = ["--server", server.rest_url("heart"), "--model-dir", mkd_export["path"]]
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = tmp_path / "out" / "labels.nii.gz"
+    for args, fragment in (
+            (["-o", str(blocker / "labels.nii.gz")], f"cannot write -o: {blocker} is a file, not a folder"),
+            (["-o", str(out), "--overlay", str(blocker / "o.png")],
+             f"cannot write --overlay: {blocker} is a file, not a folder"),
+            (["-o", str(tmp_path / "out")], "output must end in .nii or .nii.gz")):
+        _assert_one_line_error(runner.invoke(main, ["predict", str(ct_image), *rest, *args]), fragment)
+    # An MRI volume sent to a model trained on CT: refused before any request, accepted with --force.
+    mri = sorted(phantom.glob("mr_train/*_image.nii.gz"))[0]
+    result, requests = _requests_during(server, lambda: runner.invoke(main, ["predict", str(mri), *rest, "-o", str(out)]))
+    _assert_one_line_error(result, f"error: {mri}: values look like MRI", "trained on CT in Hounsfield units")
+    assert requests == []
+    # The overlay fails after the prediction: the label map is not written either.
+    from mkd_tf import overlay
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(overlay, "render_overlay", broken)
+    result = runner.invoke(main, ["predict", str(ct_image), *rest, "-o", str(out), "--overlay",
+                                  str(tmp_path / "out" / "o.png")])
+    _assert_one_line_error(result, "cannot draw the overlay (RuntimeError: no display)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+    monkeypatch.undo()
+    forced = runner.invoke(main, ["predict", str(mri), *rest, "-o", str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert nib.load(str(out)).shape == nib.load(str(mri)).shape
 
 
 def test_cli_remote_predict_matches_cli_local_predict(server, mkd_run, mkd_export, ct_image, tmp_path):
@@ -167,6 +287,13 @@ def test_double_rest_formats(server):
     # A single output is not wrapped in a dict.
     status, raw = _http(url + ":predict", {"signature_name": "segment_slices", "inputs": (image * 500).tolist()})
     assert status == 200 and np.asarray(raw["outputs"]).shape == (2, 32, 32)
+    status, labels_only = _http(url + ":predict", {"signature_name": "labels_only", "inputs": image.tolist()})
+    assert status == 200 and labels_only == {"outputs": columnar["outputs"]["labels"]}
+    status, labelled = _http(server.rest_url("heart", label="stable") + ":predict",
+                             {"signature_name": "labels_only", "inputs": image.tolist()})
+    assert status == 200 and labelled == labels_only
+    status, error = _http(server.rest_url("heart", label="canary") + ":predict", {"inputs": image.tolist()})
+    assert status == 400 and error == {"error": "Unrecognized servable version label: canary"}
     status, error = _http(url + ":predict", {"signature_name": "nope", "inputs": image.tolist()})
     assert status == 400 and error == {"error": 'Serving signature key "nope" not found.'}
     status, error = _http(server.rest_url("lungs") + ":predict", {"inputs": image.tolist()})

@@ -106,4 +106,7 @@ def test_serving_image_reads_the_config_mkd_export_writes():
     command = [json.loads(argument) for keyword, argument in instructions if keyword == "CMD"]
     assert len(command) == 1
     assert f"--model_config_file={DEFAULT_SERVING_ROOT}/{MODELS_CONFIG}" in command[0]
+    # models.config may carry version_labels (`mkd export --label`); TF Serving refuses them at start
+    # (the versions are not loaded yet) unless told otherwise.
+    assert "--allow_version_labels_for_unavailable_models=true" in command[0]
     assert not [keyword for keyword, _ in instructions if keyword == "ENTRYPOINT"], "keep TF Serving's entrypoint"
