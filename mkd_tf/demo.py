@@ -2,7 +2,8 @@
 
 phantom (MM-WHS layout) -> prepare (48x48 slices at 3.2 mm, 1 labelled CT volume: the scarce-label
 setting of the paper) -> train MKD briefly with small networks -> evaluate on the CT test volume ->
-export a TF Serving SavedModel (saved_models/mkd-demo/N) -> convert to TFLite with a parity check.
+segment that volume with an overlay PNG to open -> export a TF Serving SavedModel
+(saved_models/mkd-demo/N) -> convert to TFLite with a parity check.
 
 The demo's networks and step budget are deliberately small so it finishes in minutes; its numbers show
 that the machinery works, not what the method reaches with a full budget (see the README's benchmark).
@@ -34,16 +35,17 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
     from mkd_tf.evaluation import evaluate_run
     from mkd_tf.export.serving import export_run
     from mkd_tf.export.tflite import convert_to_tflite
+    from mkd_tf.inference import load_trained, predict_file
     from mkd_tf.training import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     phantom, cache, run = out / "phantom", out / "cache", out / "run"
     if not (phantom / "mr_train").exists():
-        progress(f"[1/6] phantom -> {phantom}")
+        progress(f"[1/7] phantom -> {phantom}")
         write_phantom(phantom, n_ct=6, n_mr=6, shape=(96, 96, 48), seed=0)
     if not (cache / "manifest.json").exists():
-        progress(f"[2/6] prepare -> {cache}")
+        progress(f"[2/7] prepare -> {cache}")
         options = PrepareOptions(target_labeled=1, seed=0,
                                  preprocess=PreprocessConfig(spacing=(3.2, 3.2, 3.2), size=48))
         prepare_cache(phantom / "ct_train", phantom / "mr_train", cache, options)
@@ -51,17 +53,23 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
     overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO_TRAINING.items()}
     overrides["schedule"] = {"epochs": epochs or DEMO_TRAINING["schedule"]["epochs"],
                              "steps_per_epoch": steps_per_epoch or DEMO_TRAINING["schedule"]["steps_per_epoch"]}
-    progress(f"[3/6] train mkd -> {run}")
+    progress(f"[3/7] train mkd -> {run}")
     train(cache, run, None, overrides, verbose=verbose)
-    progress(f"[4/6] evaluate {run} on the CT test volume")
+    progress(f"[4/7] evaluate {run} on the CT test volume")
     result = evaluate_run(run, "test")
     progress(result["table"])
-    progress(f"[5/6] export the ensemble -> {saved_models}/mkd-demo")
+    test_volume = next(v for v in SliceCache(cache).volumes("target") if v["split"] == "test")
+    segmentation, overlay = out / f"{test_volume['case_id']}_mkd.nii.gz", out / "overlay.png"
+    progress(f"[5/7] segment {test_volume['image']} -> {segmentation} and {overlay}")
+    model, _, record = load_trained(run)
+    predict_file(model, record, test_volume["image"], segmentation, "ensemble", overlay)
+    progress(f"[6/7] export the ensemble -> {saved_models}/mkd-demo")
     exported = export_run(run, Path(saved_models) / "mkd-demo")
     progress(f"SavedModel {exported['path']} (version {exported['version']}); {exported['models_config']}")
     tflite_path = out / "mkd-demo.tflite"
-    progress(f"[6/6] TFLite -> {tflite_path}")
+    progress(f"[7/7] TFLite -> {tflite_path}")
     converted = convert_to_tflite(exported["path"], tflite_path, "none", report=progress)
     progress(f"wrote {converted['path']} ({converted['bytes'] / 1024:.1f} KiB)")
     return {"phantom": str(phantom), "cache": str(cache), "run": str(run), "logs": str(run / "logs"),
-            "table": result["table"], "savedmodel": exported["path"], "tflite": str(converted["path"])}
+            "table": result["table"], "segmentation": str(segmentation), "overlay": str(overlay),
+            "savedmodel": exported["path"], "tflite": str(converted["path"])}
