@@ -3,7 +3,7 @@
 import click
 
 from mkd_cli.main import main
-from mkd_tf.config import METHODS
+from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 
 
 @main.command()
@@ -16,8 +16,19 @@ from mkd_tf.config import METHODS
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per stream per step, all replicas [config default: 8].")
 @click.option("--target-labeled", type=click.IntRange(0), default=None,
               help="Use labels of only N of the cache's labelled target training volumes [default: all].")
-@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default=None,
-              help="auto = MirroredStrategy over all GPUs, default strategy on CPU [config default: auto].")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
+              help="auto = multi-worker when TF_CONFIG names several workers, else MirroredStrategy over all "
+                   "GPUs, default strategy on CPU; multi-worker = MultiWorkerMirroredStrategy on TF_CONFIG "
+                   "[config default: auto].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Keras mixed-precision policy (outputs and losses stay float32; float16 adds loss scaling) "
+                   "[config default: float32].")
+@click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the distributed step [config default: off].")
+@click.option("--checkpoint-every", type=click.FloatRange(0), default=None,
+              help="Minutes between step checkpoints inside an epoch; 0 = epoch ends only [config default: 10].")
+@click.option("--worker-timeout", type=click.FloatRange(0, min_open=True), default=None,
+              help="Multi-worker: seconds to wait for the cluster and for one collective before stopping "
+                   "[config default: 600].")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0].")
 @click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32].")
 @click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4].")
@@ -26,13 +37,18 @@ from mkd_tf.config import METHODS
 @click.option("--no-kd-s2r", is_flag=True, default=None, help="Ablation: no S_syn -> S_real distillation.")
 @click.option("--no-kd-r2s", is_flag=True, default=None, help="Ablation: no S_real -> S_syn distillation.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache, out, method, config_path, epochs, steps_per_epoch, batch_size, target_labeled, strategy, seed,
-          base_filters, depth, no_augment, no_iam, no_kd_s2r, no_kd_r2s, quiet):
-    """Train a method on a slice CACHE into --out (flags override --config, which overrides defaults)."""
+def train(cache, out, method, config_path, epochs, steps_per_epoch, batch_size, target_labeled, strategy, precision,
+          jit_compile, checkpoint_every, worker_timeout, seed, base_filters, depth, no_augment, no_iam, no_kd_s2r,
+          no_kd_r2s, quiet):
+    """Train a method on a slice CACHE into --out (flags override --config, which overrides defaults).
+
+    Multi-worker: run the same command on every machine with its own TF_CONFIG; the chief writes --out.
+    """
     from mkd_tf.training import train as run_training
 
     overrides = {
-        "method": method, "seed": seed, "strategy": strategy,
+        "method": method, "seed": seed, "strategy": strategy, "precision": precision, "jit_compile": jit_compile,
+        "checkpoint_every": checkpoint_every, "worker_timeout": worker_timeout,
         "data": {"batch_size": batch_size, "target_labeled": target_labeled,
                  "augment": False if no_augment else None},
         "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
@@ -41,6 +57,9 @@ def train(cache, out, method, config_path, epochs, steps_per_epoch, batch_size, 
                      "kd_r2s": False if no_kd_r2s else None},
     }
     result = run_training(cache, out, config_path, overrides, verbose=0 if quiet else 1)
+    if not result.get("chief", True):
+        click.echo(f"worker done: the chief wrote {result['run']}")
+        return
     best = result["best"]
     click.echo(f"run: {result['run']}  best epoch {best['epoch']} ({best['predictor']} val Dice {best['score']:.3f})"
                if best and best["score"] >= 0 else f"run: {result['run']}")
@@ -64,24 +83,36 @@ def evaluate(run, split, checkpoint, cache):
 @main.command()
 @click.argument("run", type=click.Path())
 @click.argument("image", type=click.Path(), required=False)
-@click.option("-o", "--out", required=True, type=click.Path(), help="Label map to write (.nii.gz): input's shape, affine, label values.")
-@click.option("--overlay", type=click.Path(), default=None, help="Also write a PNG with contours on a few slices.")
+@click.option("-o", "--out", required=True, type=click.Path(),
+              help="Label map to write (.nii or .nii.gz): input's shape, affine, qform/sform codes, label values.")
+@click.option("--overlay", type=click.Path(), default=None, help="Also write a PNG (.png) with contours on a few slices.")
 @click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (or the baseline's name).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to use.")
+@click.option("--force", is_flag=True,
+              help="Segment even if the image's intensities do not look like the modality the run was trained on "
+                   "(e.g. no air near -1000 HU for a CT run).")
 @click.option("--server", default=None, help="Predict on TF Serving over REST: http://HOST:8501/v1/models/NAME.")
 @click.option("--grpc", "grpc_target", default=None, help="Predict on TF Serving over gRPC: HOST:8500 (with --model).")
 @click.option("--model", "model_name", default=None, help="Model name on the server (--grpc, or a bare --server URL).")
 @click.option("--version", "model_version", type=click.IntRange(1), default=None, help="Model version on the server [default: its latest].")
+@click.option("--label", "model_label", default=None,
+              help="Model version label on the server (mkd export --label), instead of --version.")
 @click.option("--model-dir", type=click.Path(), default=None,
               help="Remote: local copy of the export (saved_models/NAME/<version>) giving preprocessing and labels instead of RUN.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Remote: slices per request.")
-def predict(run, image, out, overlay, which, checkpoint, server, grpc_target, model_name, model_version, model_dir,
-            batch_size):
+def predict(run, image, out, overlay, which, checkpoint, force, server, grpc_target, model_name, model_version,
+            model_label, model_dir, batch_size):
     """Segment a target-modality NIfTI IMAGE with a trained RUN.
 
     Remote: `mkd predict [RUN] IMAGE --server URL | --grpc HOST:PORT --model NAME`; the preprocessing and
-    label values come from RUN or from --model-dir (then RUN is omitted).
+    label values come from RUN or from --model-dir (then RUN is omitted). The outputs are written only
+    when everything succeeded.
     """
+    from mkd_tf.inference import check_output_paths
+
+    if image is None and not (server or grpc_target):
+        raise click.UsageError("Missing argument 'IMAGE'.")
+    check_output_paths(out, overlay)  # before loading anything
     if server or grpc_target:
         from mkd_tf.export.client import predict_file_remote
 
@@ -89,20 +120,21 @@ def predict(run, image, out, overlay, which, checkpoint, server, grpc_target, mo
             run, image = None, run
         labels = predict_file_remote(image, out, server=server, grpc_target=grpc_target, model=model_name,
                                      version=model_version, model_dir=model_dir, run=run, batch_size=batch_size,
-                                     overlay=overlay)
+                                     overlay=overlay, label=model_label, force=force)
         click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
         return
-    if image is None:
-        raise click.UsageError("Missing argument 'IMAGE'.")
-    from mkd_tf.inference import predict_file
-    from mkd_tf.training import load_run
+    if model_label is not None:
+        from mkd_tf.errors import MkdError
 
-    model, _, record = load_run(run, checkpoint)
+        raise MkdError(f"--label {model_label}: selects a model version on a server; use it with --server or --grpc")
+    from mkd_tf.inference import load_trained, predict_file
+
+    model, _, record = load_trained(run, checkpoint)
     if which not in model.predictor_names():
         which = model.predictor_names()[-1] if which == "ensemble" else which
     if which not in model.predictor_names():
         raise click.BadParameter(f"'{which}' (this run has {', '.join(model.predictor_names())})", param_hint="--which")
-    labels = predict_file(model, record, image, out, which, overlay)
+    labels = predict_file(model, record, image, out, which, overlay, force)
     click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
 
 
@@ -147,4 +179,5 @@ def demo(out, epochs, steps_per_epoch, saved_models, quiet):
     result = run_demo(out, steps_per_epoch, epochs, progress=click.echo, verbose=0 if quiet else 1,
                       saved_models=saved_models)
     click.echo(f"run: {result['run']}\ntensorboard --logdir {result['logs']}\n"
-               f"SavedModel: {result['savedmodel']}\nTFLite: {result['tflite']}")
+               f"segmentation: {result['segmentation']} (open with its image in 3D Slicer / ITK-SNAP)\n"
+               f"overlay: {result['overlay']}\nSavedModel: {result['savedmodel']}\nTFLite: {result['tflite']}")

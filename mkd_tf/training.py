@@ -5,23 +5,18 @@ rather than `Model.fit`: the methods use several optimizers, it works the same u
 Mirrored and MultiWorkerMirrored strategies (Keras `fit` is broken with the latter upstream,
 keras-team/keras#20585), and every optimizer's state goes into the checkpoint.
 
-A run folder holds::
+The run folder and who writes it (the chief alone, in a multi-worker job) is
+:class:`mkd_tf.run_folder.RunFolder`; `TF_CONFIG` and the cluster are :mod:`mkd_tf.cluster`.
 
-    RUN/config.yaml          the resolved configuration (defaults <- --config <- flags)
-    RUN/cache.json           classes, label values and preprocessing of the cache (for predict/export)
-    RUN/checkpoints/         the last two epochs (model + optimizers + epoch), for resume
-    RUN/best/                model weights with the best validation Dice on the target
-    RUN/history.json         losses and validation Dice per epoch
-    RUN/logs/                TensorBoard: every loss term, validation Dice per structure, image panels
-
-Running the same command again after an interruption (even kill -9) resumes after the last
-finished epoch; a finished run is left as it is.
+Running the same command again after an interruption (even kill -9) resumes from the furthest
+checkpoint: the last finished epoch, or the step checkpoint written every ``checkpoint_every``
+minutes inside an epoch; the batches after resume are the ones the uninterrupted run would have seen
+(:func:`mkd_tf.data.pipeline.slice_dataset`'s ``start``). A finished run is left as it is.
 """
 
-import json
+import contextlib
 import math
-import os
-import shutil
+import os  # noqa: F401  (tests replace os.replace through this module to simulate a kill)
 import time
 from pathlib import Path
 
@@ -29,24 +24,39 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mkd_tf.config import learning_settings, load_config, save_config
+from mkd_tf.config import STRATEGIES, learning_settings, load_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import read_json, write_text_atomic
+from mkd_tf.files import read_json
+from mkd_tf.run_folder import RunFolder
 
 
-def make_strategy(name):
-    """`auto`: MirroredStrategy over all visible GPUs (default strategy without GPUs);
+def make_strategy(name, worker_timeout=600.0):
+    """`auto`: MultiWorkerMirroredStrategy when `TF_CONFIG` names more than one worker, else
+    MirroredStrategy over all visible GPUs (default strategy without GPUs);
     `mirrored`: MirroredStrategy over all GPUs, or over all logical CPUs when there is no GPU;
-    `default`: no distribution."""
+    `multi-worker`: MultiWorkerMirroredStrategy on the cluster of `TF_CONFIG` (see :mod:`mkd_tf.cluster`);
+    `default`: no distribution.
+
+    Returns:
+        `(strategy, tf_config)`: ``tf_config`` is the parsed `TF_CONFIG` under multi-worker, else None.
+    """
+    from mkd_tf import cluster
+
+    if name not in STRATEGIES:
+        fail("--strategy", f"unknown strategy '{name}' ({', '.join(STRATEGIES)})")
+    tf_config = cluster.read_tf_config() if name in ("auto", "multi-worker") else None
+    if name == "multi-worker" or (name == "auto" and cluster.worker_count(tf_config) > 1):
+        if tf_config is None:
+            fail("--strategy", "multi-worker needs TF_CONFIG (the cluster and this task; see README, "
+                               "'Multi-worker training')")
+        return cluster.make_multi_worker_strategy(worker_timeout, tf_config), tf_config
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default" or (name == "auto" and not gpus):
-        return tf.distribute.get_strategy()
-    if name in ("auto", "mirrored"):
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
-    fail("--strategy", f"unknown strategy '{name}' (auto, default, mirrored)")
+        return tf.distribute.get_strategy(), None
+    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices), None
 
 
 def labelled_target_volumes(cache, count, seed):
@@ -72,13 +82,36 @@ def usable_target_volumes(cache, config):
     return keep
 
 
-def training_streams(cache, config, epoch):
-    """The batch dict stream of one epoch (see :mod:`mkd_tf.models.cross_modality`)."""
+def training_streams(cache, config, epoch, shard=(0, 1), start=0):
+    """The batch dict stream of one epoch (see :mod:`mkd_tf.models.cross_modality`).
+
+    ``shard=(index, count)``: this input pipeline's block of every global batch; ``start``: the first
+    step to yield (the earlier ones of the epoch are skipped unloaded, the later ones are unchanged).
+    """
     data = config["data"]
     seed = int(config["seed"]) * 1000 + epoch  # a fresh, reproducible order every epoch (and after resume)
     keep = usable_target_volumes(cache, config)
     return pipeline.training_dataset(cache, data["batch_size"], augment=data["augment"], seed=seed,
-                                     labelled_target_volumes=keep)
+                                     labelled_target_volumes=keep, shard=shard, start=start)
+
+
+def distributed_streams(strategy, cache, config, epoch, start=0):
+    """The epoch's stream for a strategy with several replicas: each input pipeline (one per worker)
+    reads its own block of every global batch and splits it into its replicas' batches; all replicas of
+    a step together see exactly the single-process batch of that step."""
+    global_batch = int(config["data"]["batch_size"])
+    replicas = strategy.num_replicas_in_sync
+    if global_batch % replicas:
+        fail("--batch-size", f"{global_batch} slices per stream cannot be split evenly over {replicas} replicas")
+
+    def dataset_fn(context):
+        dataset = training_streams(cache, config, epoch, shard=(context.input_pipeline_id,
+                                                                 context.num_input_pipelines), start=start)
+        per_pipeline = global_batch // context.num_input_pipelines
+        per_replica = context.get_per_replica_batch_size(global_batch)
+        return dataset if per_replica == per_pipeline else dataset.rebatch(per_replica)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def build_method(config, num_classes):
@@ -89,20 +122,27 @@ def build_method(config, num_classes):
     method, optimizer = config["method"], config["optimizer"]
     batch = config["data"]["batch_size"]
     steps = config["schedule"]["epochs"] * config["schedule"]["steps_per_epoch"]
-    segmentor_optimizer = keras.optimizers.Adam(optimizer["segmentor_lr"], use_ema=bool(optimizer["ema"]),
-                                                ema_momentum=float(optimizer["ema_momentum"]))
+    # float16 needs loss scaling on every optimizer (gradients would underflow); bfloat16 and float32 do not
+    scaled = config.get("precision") == "mixed_float16"
+
+    def adam(*args, **kwargs):
+        inner = keras.optimizers.Adam(*args, **kwargs)
+        return keras.optimizers.LossScaleOptimizer(inner) if scaled else inner
+
+    segmentor_optimizer = adam(optimizer["segmentor_lr"], use_ema=bool(optimizer["ema"]),
+                               ema_momentum=float(optimizer["ema_momentum"]))
     if method == "mkd":
         gan = {"beta_1": optimizer["gan_beta_1"]}
         return MKDModel(
             num_classes, batch, segmentor=config["segmentor"], alignment=config["alignment"],
             weights={k: config["loss"][k] for k in ("temperature", "lambda_s2r", "lambda_r2s", "adversarial",
-                                                     "cycle", "segmentation_to_generator")},
+                                                     "cycle", "segmentation_to_generator", "real_on_aligned")},
             use_iam=config["ablation"]["iam"], kd_s2r=config["ablation"]["kd_s2r"],
             kd_r2s=config["ablation"]["kd_r2s"],
             pretrain_steps=int(config["schedule"]["mkd_pretrain"] * steps),
             optimizers={"segmentors": segmentor_optimizer,
-                        "generators": keras.optimizers.Adam(optimizer["generator_lr"], **gan),
-                        "discriminators": keras.optimizers.Adam(optimizer["discriminator_lr"], **gan)})
+                        "generators": adam(optimizer["generator_lr"], **gan),
+                        "discriminators": adam(optimizer["discriminator_lr"], **gan)})
     return baselines.build(method, num_classes, batch, config["segmentor"], segmentor_optimizer,
                            loss=config["loss"], switch_step=int(config["schedule"]["finetune_switch"] * steps))
 
@@ -155,9 +195,15 @@ def training_state(model, epoch_counter):
     state = model_state(model)
     state["epoch"] = epoch_counter
     for group, (optimizer, _) in model.optimizers().items():
-        for variable in optimizer.variables:
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer wraps the real one
+        for variable in inner.variables:
             # Drop the optimizer's own name ("adam_3/..."): it depends on how many were made before.
             state[f"optimizer/{group}/{variable.path.split('/', 1)[-1]}"] = variable.value
+        if inner is not optimizer:  # the loss scale and its counters (its iteration, lr mirror the inner's)
+            own = {id(v) for v in inner.variables}
+            for variable in optimizer.variables:
+                if id(variable) not in own:
+                    state[f"optimizer/{group}/loss_scale/{variable.path.split('/', 1)[-1]}"] = variable.value
     return state
 
 
@@ -180,45 +226,12 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
         fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:160]})")
 
 
-def _write_json(path, value):
-    write_text_atomic(path, json.dumps(value, indent=1))
-
-
-def _clean_stale_staging(run):
-    """Finish or remove what a killed run left half-done in its own folder.
-
-    - a kill between the two renames of :func:`_save_best` leaves ``.best.old`` and no ``best/``:
-      the old best comes back (history.json still names its epoch);
-    - ``.best.tmp`` (a best checkpoint being written) and ``checkpoints/ckpt-N_temp`` (TF's staging of
-      a checkpoint being saved) are incomplete and removed.
-    """
-    retired = run / ".best.old"
-    if retired.is_dir() and not (run / "best").exists():
-        os.replace(retired, run / "best")
-    for stale in [run / ".best.tmp", retired, *(run / "checkpoints").glob("ckpt-*_temp")]:
-        if stale.is_dir():
-            shutil.rmtree(stale)
-
-
 def _best_weights(run):
     """Prefix of the best checkpoint, also found when a kill left it at ``.best.old`` (see above)."""
     for folder in (run / "best", run / ".best.old"):
         if (folder / "weights.index").exists():
             return str(folder / "weights")
     fail(run, "has no best checkpoint yet (training has not finished an epoch)")
-
-
-def _save_best(model, run):
-    """Model-only checkpoint in RUN/best, replaced atomically (written aside, then renamed)."""
-    staging = run / ".best.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    tf.train.Checkpoint(**model_state(model)).write(str(staging / "weights"))
-    retired = run / ".best.old"
-    shutil.rmtree(retired, ignore_errors=True)
-    if (run / "best").exists():
-        os.replace(run / "best", retired)
-    os.replace(staging, run / "best")
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _check_finite(logs, epoch, step):
@@ -240,12 +253,68 @@ def cache_record(cache):
     }
 
 
+def float32_outputs(model):
+    """Under a mixed-precision policy keep what the losses see in float32: every segmentor's logits,
+    every generator's output (its residual ``x + r(x)`` too) and every discriminator's scores. The
+    networks' containers run in float32 (their inputs are not rounded to 16 bits); the layers inside
+    compute in the policy's 16-bit type."""
+    from mkd_tf.models.alignment import ImageAlignmentModule, PatchDiscriminator, ResnetGenerator
+    from mkd_tf.models.cross_modality import CrossModalityModel
+    from mkd_tf.models.segmentor import Segmentor
+
+    heads = {Segmentor: "classifier", ResnetGenerator: "head", PatchDiscriminator: "score",
+             ImageAlignmentModule: None, CrossModalityModel: None}
+    for layer in model._flatten_layers(include_self=True, recursive=True):  # noqa: SLF001
+        for kind, head in heads.items():
+            if isinstance(layer, kind):
+                layer.dtype_policy = "float32"
+                if head:
+                    getattr(layer, head).dtype_policy = "float32"
+
+
+@contextlib.contextmanager
+def precision_policy(name):
+    """Keras' global dtype policy ``name`` inside the block (the previous one is restored after)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+#: key of the step result that carries the chief's "save a step checkpoint now" to every worker
+_SAVE_NOW = "__save_checkpoint__"
+
+
+def step_functions(strategy, model, jit_compile=False):
+    """`(pretrain_step, train_step)`: each runs one distributed step and returns the losses summed over
+    replicas (each replica divides by the global batch) plus :data:`_SAVE_NOW`, the sum over replicas
+    of the flag each worker passed (so every worker learns that the chief asked for a checkpoint)."""
+
+    def distributed(step_function):
+        def replica_step(batch, save_flag):
+            logs = dict(step_function(batch))
+            logs[_SAVE_NOW] = tf.identity(save_flag)
+            return logs
+
+        def run_step(batch, save_flag):
+            per_replica = strategy.run(replica_step, args=(batch, save_flag))
+            return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                    for name, value in per_replica.items()}
+
+        return tf.function(run_step, jit_compile=bool(jit_compile))
+
+    return distributed(model.pretrain_step), distributed(model.train_step)
+
+
 def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     """Train one method on a slice cache into ``run_dir``; resumes an interrupted run.
 
     Args:
         cache_path: slice cache written by `mkd prepare`.
-        run_dir: the run folder (created; an existing one is resumed if its config matches).
+        run_dir: the run folder (created; an existing one is resumed if its config matches). Under
+            multi-worker training every worker passes the same one; only the chief writes it.
         config_path: optional YAML config.
         overrides: nested dict of settings from the command line.
         verbose: 1 shows a Keras progress bar, 0 is silent.
@@ -253,120 +322,193 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     Returns:
         dict with the final epoch, best validation Dice and paths.
     """
+    from mkd_tf import cluster
+
     # Everything is checked, and the model built, before the first write into RUN: a run that fails
     # on its inputs leaves nothing behind that would make the corrected command refuse the folder.
     cache = SliceCache(cache_path)
     run = Path(run_dir)
-    existing = next(p for p in [run, *run.parents] if p.exists())
-    if not existing.is_dir():
-        fail(run, "exists and is not a folder" if existing == run else f"cannot be created: {existing} is a file")
     config = load_config(config_path, overrides)
-    if (run / "config.yaml").exists():
-        previous = learning_settings(load_config(run / "config.yaml"))
-        if previous != learning_settings(config):
-            changed = sorted(k for k in previous if learning_settings(config)[k] != previous.get(k))
-            fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
+    tf_config = cluster.read_tf_config() if config["strategy"] in ("auto", "multi-worker") else None
+    multi_worker = config["strategy"] == "multi-worker" or cluster.worker_count(tf_config) > 1
+    chief = not multi_worker or tf_config is None or cluster.is_chief_task(tf_config)
+    if chief:
+        existing = next(p for p in [run, *run.parents] if p.exists())
+        if not existing.is_dir():
+            fail(run, "exists and is not a folder" if existing == run else f"cannot be created: {existing} is a file")
+        if (run / "config.yaml").exists():
+            previous = learning_settings(load_config(run / "config.yaml"))
+            if previous != learning_settings(config):
+                changed = sorted(k for k in previous if learning_settings(config)[k] != previous.get(k))
+                fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
     usable_target_volumes(cache, config)
-    keras.utils.set_random_seed(int(config["seed"]))
-    strategy = make_strategy(config["strategy"])
+    strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
+    keras.utils.set_random_seed(int(config["seed"]))  # after the strategy: multi-worker resets TF's context
+    with precision_policy(config["precision"]), _xla_errors(config["jit_compile"]):
+        if tf_config is None:
+            return _train(cache, run, config, config_path, strategy, RunFolder(run), None, verbose)
+        try:
+            result = _train(cache, run, config, config_path, strategy, RunFolder(run, chief), tf_config,
+                            verbose if chief else 0)
+            cluster.discard_native_log()
+            return result
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                tf.errors.CancelledError, tf.errors.FailedPreconditionError, tf.errors.InternalError) as exc:
+            raise MkdError(cluster.describe_failure(exc, tf_config, float(config["worker_timeout"]))) from None
+
+
+@contextlib.contextmanager
+def _xla_errors(jit_compile):
+    """With --jit-compile, an op XLA cannot compile (e.g. under `enable_op_determinism`, MaxPool's
+    gradient has no deterministic XLA kernel) is one line, not a traceback."""
+    try:
+        yield
+    except tf.errors.UnimplementedError as exc:
+        if not jit_compile:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        fail("--jit-compile", f"XLA cannot compile the training step here ({first}); train without it")
+
+
+def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose):
+    """The loop of :func:`train` (``folder`` knows whether this process writes the run folder)."""
+    from mkd_tf import cluster
+
     size = cache.size
     with strategy.scope():
         model = build_method(config, cache.num_classes)
+        if config["precision"] != "float32":
+            float32_outputs(model)
         try:
             model.build_for((size, size, 1))
         except ValueError as exc:
             fail(config_path or "config", f"the networks do not fit {size}x{size} slices: {exc}")
         model.build_optimizers()
         epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        checkpoint = tf.train.Checkpoint(**training_state(model, epoch_counter))
-
-    run.mkdir(parents=True, exist_ok=True)
-    _clean_stale_staging(run)
-    save_config(config, run / "config.yaml")
-    _write_json(run / "cache.json", cache_record(cache))
-    manager = tf.train.CheckpointManager(checkpoint, str(run / "checkpoints"), max_to_keep=2)
-    history_path = run / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else {"epochs": [], "best": None}
-    if manager.latest_checkpoint:
-        _restore(checkpoint, manager.latest_checkpoint, run, saved=True)
-        history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= int(epoch_counter.numpy())]
-        if verbose:
-            print(f"resuming {run} after epoch {int(epoch_counter.numpy())}")
-
-    def distributed(step_function):
-        @tf.function
-        def run_step(batch):
-            per_replica = strategy.run(step_function, args=(batch,))
-            return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                    for name, value in per_replica.items()}
-        return run_step
-
-    train_step, pretrain_step = distributed(model.train_step), distributed(model.pretrain_step)
+        done_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")  # for the broadcast
+        state = training_state(model, epoch_counter)
+        checkpoint = tf.train.Checkpoint(**state)
+    checkpoint.save_counter  # noqa: B018  created now, the same way on every worker
 
     schedule = config["schedule"]
     epochs, steps = int(schedule["epochs"]), int(schedule["steps_per_epoch"])
-    writers = {name: tf.summary.create_file_writer(str(run / "logs" / name)) for name in ("train", "validation")}
+    folder.prepare(config, cache_record(cache))
+    history = folder.load_history()
+    # Resume from the furthest checkpoint: the last epoch's, or a step checkpoint inside the next epoch.
+    done, progress = 0, None
+    candidates = []
+    latest = folder.latest_epoch_checkpoint()
+    if latest:
+        candidates.append((int(latest.rsplit("-", 1)[1]) * steps, latest, None))
+    latest_step = folder.latest_step_checkpoint()
+    if latest_step:
+        candidates.append((latest_step[1], latest_step[0], latest_step[2]))
+    if candidates:
+        done, path, progress = max(candidates, key=lambda c: c[0])
+        _restore(checkpoint, path, run, saved=True)
+    if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state
+        done_counter.assign(done)
+        cluster.broadcast_from_chief(strategy, [*state.values(), done_counter])
+        done = int(done_counter.numpy())
+    first_epoch, skip = divmod(done, steps)
+    if progress is not None and progress.get("epoch") != first_epoch:
+        progress = None
+    history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= first_epoch]
+    if verbose and done:
+        print(f"resuming {run} after epoch {first_epoch}" if not skip else
+              f"resuming {run} at epoch {first_epoch + 1}, step {skip + 1} (from a step checkpoint)")
+
+    pretrain_step, train_step = step_functions(strategy, model, config["jit_compile"])
+    distributed = strategy.num_replicas_in_sync > 1 or tf_config is not None
+    interval = float(config["checkpoint_every"]) * 60.0
+    last_save = time.monotonic()
     panel_batch = None
 
-    for epoch in range(int(epoch_counter.numpy()), epochs):
-        dataset = training_streams(cache, config, epoch)
-        if panel_batch is None:
-            panel_batch = next(iter(dataset))
-        iterator = iter(strategy.experimental_distribute_dataset(dataset))
-        progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step") if verbose else None
+    for epoch in range(first_epoch, epochs):
+        start = skip if epoch == first_epoch else 0
+        if distributed:
+            iterator = iter(distributed_streams(strategy, cache, config, epoch, start))
+        else:
+            dataset = training_streams(cache, config, epoch, start=start)
+            iterator = iter(dataset)
+        if folder.chief and panel_batch is None:  # TensorBoard panels: the first batch of the epoch
+            panel_batch = next(iter(dataset if not distributed and not start else
+                                    training_streams(cache, config, epoch)))
+        progress_bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="step") if verbose else None
         if verbose:
             print(f"epoch {epoch + 1}/{epochs}")
-        totals, started = {}, time.perf_counter()
-        for step in range(steps):
-            step_function = pretrain_step if epoch * steps + step < model.pretrain_steps else train_step
-            logs = {name: float(value) for name, value in step_function(next(iterator)).items()}
+        totals, earlier_seconds = {}, 0.0
+        if start and progress is not None:  # the partial epoch's sums from before the interruption
+            totals, earlier_seconds = dict(progress["totals"]), float(progress["seconds"])
+        started = time.perf_counter()
+        for step in range(start, steps):
+            global_step = epoch * steps + step
+            step_function = pretrain_step if global_step < model.pretrain_steps else train_step
+            # The chief asks for a step checkpoint when the interval has passed (epoch ends save anyway).
+            ask = folder.chief and 0 < interval <= time.monotonic() - last_save and step < steps - 1
+            result = step_function(next(iterator), tf.constant(1.0 if ask else 0.0))
+            logs = {name: float(value) for name, value in result.items()}
+            save_now = logs.pop(_SAVE_NOW) > 0
             _check_finite(logs, epoch, step)
             for name, value in logs.items():
                 totals[name] = totals.get(name, 0.0) + value
-            if progress:
-                progress.update(step + 1, list(logs.items()))
+            if progress_bar:
+                progress_bar.update(step + 1, list(logs.items()))
+            if save_now:  # every worker, in step
+                folder.save_step(checkpoint, global_step + 1, {
+                    "epoch": epoch, "totals": totals,
+                    "seconds": earlier_seconds + time.perf_counter() - started})
+                last_save = time.monotonic()
         means = {name: value / steps for name, value in totals.items()}
-        seconds = time.perf_counter() - started
-        with model.averaged_weights():
-            dice = validation_dice(model, cache, int(schedule["validation_batch"]))
-            # For learning curves only (`mkd compare` plots them); never used to select a checkpoint.
-            test_dice = validation_dice(model, cache, int(schedule["validation_batch"]), split="test")
-        record = {"epoch": epoch + 1, "losses": means, "steps_per_second": steps / seconds, "val_dice": dice,
-                  "test_dice": test_dice}
-        global_step = (epoch + 1) * steps
-        with writers["train"].as_default():
-            for name, value in means.items():
-                tf.summary.scalar(f"loss/{name}", value, step=global_step)
-            tf.summary.scalar("steps_per_second", steps / seconds, step=global_step)
-            for name, images in model.image_panels(panel_batch).items():
-                tf.summary.image(f"panels/{name}", images, step=global_step, max_outputs=4)
-        main = model.predictor_names()[-1]
-        if dice is not None:
-            record["val_dice_mean"] = float(np.mean(dice[main]))
-            with writers["validation"].as_default():
-                for name, values in dice.items():
-                    for structure, value in zip(cache.classes[1:], values):
-                        tf.summary.scalar(f"dice_{name}/{structure}", value, step=global_step)
-                    tf.summary.scalar(f"dice_{name}/mean", float(np.mean(values)), step=global_step)
-        for writer in writers.values():
-            writer.flush()
-        # Without validation data the last epoch is "best": a negative score (no Dice to show) that
-        # grows with the epoch (-epoch would keep the first epoch and score it 0, i.e. a Dice).
-        score = record.get("val_dice_mean", -1.0 / (epoch + 1))
-        if history["best"] is None or score > history["best"]["score"]:
-            with model.averaged_weights():
-                _save_best(model, run)
-            history["best"] = {"epoch": epoch + 1, "score": score, "predictor": main}
-        # History first: a kill between the two leaves a record newer than the checkpoint, which
-        # resume drops and trains again; the other order would lose the epoch's record for good.
-        history["epochs"].append(record)
-        _write_json(history_path, history)
+        seconds = earlier_seconds + time.perf_counter() - started
+        if folder.chief:
+            _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, steps, seconds, schedule, verbose)
         epoch_counter.assign(epoch + 1)
-        manager.save(checkpoint_number=epoch + 1)
-        if verbose:
-            shown = f", val Dice ({main}) {record['val_dice_mean']:.3f}" if dice is not None else ""
-            print(f"epoch {epoch + 1}: {steps / seconds:.2f} steps/s{shown}")
-    return {"run": str(run), "epochs": epochs, "best": history["best"], "logs": str(run / "logs")}
+        folder.save_epoch(checkpoint, epoch + 1)
+        last_save = time.monotonic()
+    folder.flush()
+    return {"run": str(run), "epochs": epochs, "best": history["best"], "logs": str(run / "logs"),
+            "chief": folder.chief}
+
+
+def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, steps, seconds, schedule, verbose):
+    """Chief only: validation, TensorBoard, best weights and the history record of one finished epoch."""
+    with model.averaged_weights():
+        dice = validation_dice(model, cache, int(schedule["validation_batch"]))
+        # For learning curves only (`mkd compare` plots them); never used to select a checkpoint.
+        test_dice = validation_dice(model, cache, int(schedule["validation_batch"]), split="test")
+    record = {"epoch": epoch + 1, "losses": means, "steps_per_second": steps / seconds, "val_dice": dice,
+              "test_dice": test_dice}
+    global_step = (epoch + 1) * steps
+    with folder.summary_writer("train").as_default():
+        for name, value in means.items():
+            tf.summary.scalar(f"loss/{name}", value, step=global_step)
+        tf.summary.scalar("steps_per_second", steps / seconds, step=global_step)
+        for name, images in model.image_panels(panel_batch).items():
+            tf.summary.image(f"panels/{name}", images, step=global_step, max_outputs=4)
+    main = model.predictor_names()[-1]
+    if dice is not None:
+        record["val_dice_mean"] = float(np.mean(dice[main]))
+        with folder.summary_writer("validation").as_default():
+            for name, values in dice.items():
+                for structure, value in zip(cache.classes[1:], values):
+                    tf.summary.scalar(f"dice_{name}/{structure}", value, step=global_step)
+                tf.summary.scalar(f"dice_{name}/mean", float(np.mean(values)), step=global_step)
+    folder.flush()
+    # Without validation data the last epoch is "best": a negative score (no Dice to show) that
+    # grows with the epoch (-epoch would keep the first epoch and score it 0, i.e. a Dice).
+    score = record.get("val_dice_mean", -1.0 / (epoch + 1))
+    if history["best"] is None or score > history["best"]["score"]:
+        with model.averaged_weights():
+            folder.save_best(model_state(model))
+        history["best"] = {"epoch": epoch + 1, "score": score, "predictor": main}
+    # History first: a kill between the two leaves a record newer than the checkpoint, which
+    # resume drops and trains again; the other order would lose the epoch's record for good.
+    history["epochs"].append(record)
+    folder.write_history(history)
+    if verbose:
+        shown = f", val Dice ({main}) {record['val_dice_mean']:.3f}" if dice is not None else ""
+        print(f"epoch {epoch + 1}: {steps / seconds:.2f} steps/s{shown}")
 
 
 def load_run(run_dir, which="best"):

@@ -72,8 +72,9 @@ def test_train_command_flags_reach_the_config_over_the_yaml(tmp_path, monkeypatc
 @pytest.mark.parametrize("text, problem", [
     ("schedule:\n  epoch: 3\n", "unknown setting 'epoch' (known: epochs, finetune_switch, mkd_pretrain, steps_per_epoch, "
                                 "validation_batch)"),
-    ("learning_rate: 0.1\n", "unknown setting 'learning_rate' (known: ablation, alignment, data, loss, method, "
-                             "optimizer, schedule, seed, segmentor, strategy)"),
+    ("learning_rate: 0.1\n", "unknown setting 'learning_rate' (known: ablation, alignment, checkpoint_every, data, "
+                             "jit_compile, loss, method, optimizer, precision, schedule, seed, segmentor, strategy, "
+                             "worker_timeout)"),
     ("schedule: 5\n", "setting 'schedule' must be a mapping"),
     ("- 1\n- 2\n", "config must be a mapping"),
     ("schedule: {epochs: [1\n", "invalid YAML (while parsing a flow sequence)"),

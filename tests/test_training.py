@@ -189,7 +189,9 @@ def test_nan_loss_stops_training_naming_the_term_and_the_step(tmp_path, cache_pa
         return value * np.nan if calls["n"] >= 7 else value
 
     monkeypatch.setattr(losses, "distillation_loss", poisoned)
-    overrides = tiny_runs.tiny_overrides(method="mkd", ablation={"iam": False}, schedule={"epochs": 2})
+    # No warm start: every step distils, so the call count maps to (epoch, step) as above.
+    overrides = tiny_runs.tiny_overrides(method="mkd", ablation={"iam": False},
+                                         schedule={"epochs": 2, "mkd_pretrain": 0.0})
     run = tmp_path / "run"
     with tiny_runs.eager(), pytest.raises(MkdError) as raised:
         train(cache_path, run, overrides=overrides, verbose=0)

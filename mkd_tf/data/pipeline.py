@@ -7,6 +7,12 @@ slice), so memory stays at a few batches however large the cache is.
 Every random choice is stateless and derived from the ``seed`` argument (the shuffle permutation of epoch
 ``e`` from ``(seed, e)``, the augmentation of batch ``k`` from ``(seed, k)``), so a seeded pipeline yields the
 same batches in every run and is unaffected by ``tf.random.set_seed`` or by other pipelines.
+
+Sharding (multi-worker training): ``shard=(index, count)`` makes a stream yield only block ``index`` of
+``count`` equal blocks of every *global* batch, with the augmentation those slices get in the unsharded
+stream. The ``count`` shards of a step therefore hold exactly the slices of the unsharded batch, each
+once, whatever the number of workers. ``start=k`` skips the first ``k`` batches without loading them
+(resume inside an epoch) and leaves every later batch as it was.
 """
 
 import dataclasses
@@ -82,21 +88,30 @@ def _warp(images, transforms, interpolation):
     )
 
 
-def _augment_batch(images, labels, seed, config):
+def _augment_batch(images, labels, seed, config, block=None):
     """Augment `(batch, height, width, 1)` float32 images and `(batch, height, width)` int32 labels.
 
     Each slice gets its own parameters; all are drawn from the one stateless ``seed`` (shape `[2]`). Labels
     may be any integer dtype the warp op supports (uint8, int32, int64); they come back as int32.
+
+    ``block=(offset, total)``: the slices are rows ``offset:offset + batch`` of a batch of ``total``;
+    parameters and noise are drawn for all ``total`` rows and these rows' share is used, so each slice is
+    augmented exactly as in the whole batch (sharding changes no slice's augmentation).
     """
     if not config.enabled:
         return images, tf.cast(labels, tf.int32)
     batch = tf.shape(images)[0]
+    offset, total = (0, batch) if block is None else block
     height, width = tf.shape(images)[1], tf.shape(images)[2]
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=6)
     max_angle = np.deg2rad(float(config.rotation_degrees))
-    angle = _uniform([batch], seeds[0], (-max_angle, max_angle))
-    scale = _uniform([batch], seeds[1], config.scale_range)
-    flip = tf.random.stateless_uniform([batch], seeds[2]) < float(config.flip_probability)
+
+    def mine(values):
+        return values if block is None else values[offset:offset + batch]
+
+    angle = mine(_uniform([total], seeds[0], (-max_angle, max_angle)))
+    scale = mine(_uniform([total], seeds[1], config.scale_range))
+    flip = mine(tf.random.stateless_uniform([total], seeds[2])) < float(config.flip_probability)
     transforms = _affine_transforms(angle, scale, flip, height, width)
 
     # Pixels revealed by rotation or zoom-out take each slice's minimum (air/background), not 0, which is the
@@ -109,18 +124,19 @@ def _augment_batch(images, labels, seed, config):
 
     low = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
     span = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True) - low
-    gamma = tf.reshape(_uniform([batch], seeds[3], config.gamma_range), [-1, 1, 1, 1])
+    gamma = tf.reshape(mine(_uniform([total], seeds[3], config.gamma_range)), [-1, 1, 1, 1])
     unit = tf.clip_by_value(tf.math.divide_no_nan(images - low, span), 0.0, 1.0)
     # exp(gamma * log(u)) is u ** gamma (0 stays 0 as exp(-inf) = 0) and several times faster than tf.pow
     # with a broadcast exponent on CPU.
     images = tf.exp(gamma * tf.math.log(unit)) * span + low
 
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-    contrast = tf.reshape(_uniform([batch], seeds[4], config.contrast_range), [-1, 1, 1, 1])
+    contrast = tf.reshape(mine(_uniform([total], seeds[4], config.contrast_range)), [-1, 1, 1, 1])
     images = (images - mean) * contrast + mean
 
     sigma = float(config.noise_fraction) * tf.math.reduce_std(images, axis=[1, 2, 3], keepdims=True)
-    images = images + sigma * tf.random.stateless_normal(tf.shape(images), seeds[5])
+    noise_shape = tf.shape(images) if block is None else tf.concat([[total], tf.shape(images)[1:]], 0)
+    images = images + sigma * mine(tf.random.stateless_normal(noise_shape, seeds[5]))
     return images, labels
 
 
@@ -185,6 +201,8 @@ def slice_dataset(
     augment=False,
     seed=0,
     drop_remainder=True,
+    shard=(0, 1),
+    start=0,
 ):
     """Batches of cached slices of one modality and split.
 
@@ -200,6 +218,10 @@ def slice_dataset(
         augment: `True` for the default :class:`AugmentConfig`, or an :class:`AugmentConfig`.
         seed: integer; fixes shuffling and augmentation.
         drop_remainder: drop a last, smaller batch (only matters when `repeat=False`).
+        shard: `(index, count)`: yield only rows `index * batch_size / count` up to the next block of every
+            batch of ``batch_size`` (augmented as in the whole batch); ``batch_size`` must divide by
+            ``count``. `(0, 1)`: whole batches.
+        start: skip the first ``start`` batches (not loaded); the later ones are unchanged.
 
     Returns:
         A `tf.data.Dataset` of dicts: `"image"` `(batch, size, size, 1)` float32, `"label"`
@@ -220,6 +242,13 @@ def slice_dataset(
         fail(cache.path, f"no {selection}")
     if not repeat and drop_remainder and rows.size < batch_size:
         fail(cache.path, f"only {rows.size} {selection}, fewer than one batch of {batch_size}")
+    shard_index, shard_count = (int(v) for v in shard)
+    if not 0 <= shard_index < shard_count or batch_size % shard_count:
+        fail("--batch-size", f"{batch_size} slices cannot be split into {shard_count} equal shards")
+    if shard_count > 1 and not (drop_remainder or repeat):
+        fail(cache.path, "sharded streams need whole batches (drop_remainder or repeat)")
+    block_size = batch_size // shard_count
+    block = None if shard_count == 1 else (shard_index * block_size, batch_size)
     config = _augment_config(augment)
     size = cache.size
     images, labels = cache.images(role), cache.labels(role)
@@ -246,9 +275,11 @@ def slice_dataset(
         if repeat:
             dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder or repeat)
-    static_batch = batch_size if (drop_remainder or repeat) else None
+    static_batch = block_size if (drop_remainder or repeat) else None
 
     def load(batch_index, batch_rows):
+        if block is not None:
+            batch_rows = batch_rows[block[0]:block[0] + block_size]
         batch_images, batch_labels, batch_has_label = tf.numpy_function(
             gather, [batch_rows], [tf.float32, tf.uint8, tf.float32], stateful=False
         )
@@ -257,11 +288,14 @@ def slice_dataset(
         batch_has_label = tf.ensure_shape(batch_has_label, [static_batch])
         if config.enabled:
             batch_seed = tf.stack([tf.constant(seed, tf.int64), batch_index])
-            batch_images, batch_labels = _augment_batch(batch_images, batch_labels, batch_seed, config)
+            batch_images, batch_labels = _augment_batch(batch_images, batch_labels, batch_seed, config, block)
         batch_labels = tf.cast(batch_labels, tf.int32)
         return {"image": batch_images, "label": batch_labels, "has_label": batch_has_label}
 
-    dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.enumerate()
+    if start:
+        dataset = dataset.skip(int(start))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -300,7 +334,8 @@ def unpaired_dataset(cache, batch_size=8, *, split="train", augment=True, seed=0
     return dataset.map(lambda a, t: {"assistant": a, "target": t}).prefetch(tf.data.AUTOTUNE)
 
 
-def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_target_volumes=None):
+def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_target_volumes=None, shard=(0, 1),
+                     start=0):
     """The batch stream every method trains on (see :mod:`mkd_tf.models.cross_modality`).
 
     Three unpaired, independently shuffled and augmented streams of the train split:
@@ -314,12 +349,15 @@ def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_targ
         augment: `True`/`False` or an :class:`AugmentConfig`.
         seed: integer; fixes all streams.
         labelled_target_volumes: target volume indices whose labels may be used (`None`: all labelled).
+        shard: `(index, count)`: this worker's block of every global batch (see :func:`slice_dataset`);
+            the ``count`` shards of a step together are the unsharded batch.
+        start: skip the first ``start`` steps (resume inside an epoch).
 
     Returns:
         An endless `tf.data.Dataset` of dicts of stream dicts.
     """
     seed = int(seed)
-    common = dict(shuffle=True, repeat=True, augment=augment, drop_remainder=True)
+    common = dict(shuffle=True, repeat=True, augment=augment, drop_remainder=True, shard=shard, start=start)
     streams = {
         "assistant": slice_dataset(cache, "assistant", "train", batch_size, labelled=True, seed=3 * seed, **common),
         "target": slice_dataset(cache, "target", "train", batch_size, seed=3 * seed + 1, **common),

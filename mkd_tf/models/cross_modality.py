@@ -85,7 +85,13 @@ class CrossModalityModel(keras.Model):
     def step(self, tape, loss, name):
         """One optimizer step for ``name`` from ``loss`` recorded on ``tape``."""
         optimizer, variables = self.optimizers()[name]
-        gradients = tape.gradient(loss, variables)
+        if hasattr(optimizer, "inner_optimizer"):
+            # A LossScaleOptimizer (mixed float16): back-propagate from the loss scale instead of 1, i.e.
+            # the gradient of scale * loss (the tape has closed, so the product itself is not recorded);
+            # apply_gradients divides the scale out again and skips a step whose gradients overflowed.
+            gradients = tape.gradient(loss, variables, output_gradients=optimizer.scale_loss(tf.ones_like(loss)))
+        else:
+            gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
 
     #: steps at the start of training that run :meth:`pretrain_step` instead of :meth:`train_step`
@@ -104,6 +110,7 @@ class CrossModalityModel(keras.Model):
         """
         swapped = []
         for optimizer, variables in self.optimizers().values():
+            optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's averages
             if not (optimizer.use_ema and optimizer.built) or int(optimizer.iterations.numpy()) == 0:
                 continue  # no average yet (it starts at the first step's weights)
             # Keras keeps the averages in this list, aligned with the variables given to build().
