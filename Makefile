@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not benchmark" tests
+	$(PY) -m pytest -q -m "not benchmark" --durations=12 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/mkd demo --out demo

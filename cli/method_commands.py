@@ -23,12 +23,12 @@ from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Keras mixed-precision policy (outputs and losses stay float32; float16 adds loss scaling) "
                    "[config default: float32].")
-@click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the distributed step [config default: off].")
+@click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the distributed step [config default: False].")
 @click.option("--checkpoint-every", type=click.FloatRange(0), default=None,
-              help="Minutes between step checkpoints inside an epoch; 0 = epoch ends only [config default: 10].")
+              help="Minutes between step checkpoints inside an epoch; 0 = epoch ends only [config default: 10.0].")
 @click.option("--worker-timeout", type=click.FloatRange(0, min_open=True), default=None,
               help="Multi-worker: seconds to wait for the cluster and for one collective before stopping "
-                   "[config default: 600].")
+                   "[config default: 600.0].")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0].")
 @click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32].")
 @click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4].")

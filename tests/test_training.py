@@ -257,7 +257,8 @@ def test_method_trains_checkpoints_restores_and_evaluates(tmp_path_factory, cach
         restored["last"] = load_run(run.path, "last")[0]
     for which, model in restored.items():
         for predictor in predictors:
-            expected = run.model.predict_probabilities(images, predictor).numpy()
+            with run.model.averaged_weights():  # what evaluation and the checkpoints' readers see
+                expected = run.model.predict_probabilities(images, predictor).numpy()
             if which == "best" and history["best"]["epoch"] != epochs:
                 continue  # the in-memory model is the last epoch's; "last" covers it
             np.testing.assert_allclose(model.predict_probabilities(images, predictor).numpy(), expected, atol=1e-6)
@@ -352,9 +353,10 @@ def test_main_run_validation_dice_best_epoch_and_tensorboard(tmp_path_factory, c
     cache = SliceCache(cache_path)
     images, labels = validation_images(cache)
 
-    # Validation Dice of the last epoch, recomputed independently from the in-memory model.
+    # Validation Dice of the last epoch, recomputed independently from the in-memory model's averaged weights.
     for predictor in MKD_PREDICTORS:
-        predicted = np.argmax(run.model.predict_probabilities(images, predictor).numpy(), axis=-1)
+        with run.model.averaged_weights():
+            predicted = np.argmax(run.model.predict_probabilities(images, predictor).numpy(), axis=-1)
         expected = []
         for c in range(1, cache.num_classes):
             total = (predicted == c).sum() + (labels == c).sum()
@@ -401,5 +403,6 @@ def test_without_validation_data_the_last_epoch_is_best(tmp_path, tmp_path_facto
     assert all(e["val_dice"] is None and "val_dice_mean" not in e for e in history["epochs"])
     best, _, _ = load_run(tmp_path / "run", "best")
     images = np.asarray(SliceCache(cache).images("target")[:4])[..., None]
-    np.testing.assert_allclose(best.predict_probabilities(images, "real").numpy(),
-                               built[-1].predict_probabilities(images, "real").numpy(), atol=1e-6)
+    with built[-1].averaged_weights():
+        expected = built[-1].predict_probabilities(images, "real").numpy()
+    np.testing.assert_allclose(best.predict_probabilities(images, "real").numpy(), expected, atol=1e-6)

@@ -23,6 +23,8 @@ CONFIG_DEFAULTS = {
     "--method": ("method",), "--epochs": ("schedule", "epochs"), "--steps-per-epoch": ("schedule", "steps_per_epoch"),
     "--batch-size": ("data", "batch_size"), "--strategy": ("strategy",), "--seed": ("seed",),
     "--base-filters": ("segmentor", "base_filters"), "--depth": ("segmentor", "depth"),
+    "--precision": ("precision",), "--jit-compile": ("jit_compile",), "--checkpoint-every": ("checkpoint_every",),
+    "--worker-timeout": ("worker_timeout",),
 }
 FLAGS = ["--no-augment", "--no-iam", "--no-kd-s2r", "--no-kd-r2s", "--quiet"]
 

@@ -153,8 +153,9 @@ def trained_run(tmp_path_factory, name, overrides=None, cli_args=None, graph=Fal
 
 # The shared runs: name -> (overrides over TINY, extra `mkd train` CLI arguments or None, compiled).
 RUNS = {
-    # The full MKD method, compiled, 2 epochs x 10 steps (the one graph-mode run).
-    "mkd": ({"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": 10}}, None, True),
+    # The full MKD method, compiled, 2 epochs x 10 steps (the one graph-mode run): 5 warm-start steps,
+    # then distillation, so both compiled step functions run and every epoch logs every MKD term.
+    "mkd": ({"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": 10, "mkd_pretrain": 0.25}}, None, True),
     "target-only": ({"method": "target-only"}, None, False),
     "assistant-only": ({"method": "assistant-only"}, None, False),
     "joint": ({"method": "joint"}, None, False),
