@@ -140,7 +140,8 @@ def predict(run, image, out, overlay, which, checkpoint, force, server, grpc_tar
 
 @main.command()
 @click.argument("cache", type=click.Path())
-@click.option("--methods", default="target-only,joint,finetune,ummkd,mkd", help="Comma-separated methods (and mkd ablations: mkd-no-iam, mkd-no-kd-s2r, mkd-no-kd-r2s).")
+@click.option("--methods", default="target-only,joint,finetune,ummkd,mkd", help="Comma-separated methods and variants (mkd-no-iam, mkd-no-kd-s2r, mkd-no-kd-r2s, mkd-no-pretrain, "
+                   "mkd-plain-iam, mkd-no-ema, mkd-real-on-aligned, finetune-no-ema, target-only-no-ema).")
 @click.option("--target-labeled", type=click.IntRange(0), default=None, help="Labelled target training volumes for every method.")
 @click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the runs, the table and the box plot.")
