@@ -19,7 +19,10 @@ from mkd_tf.data.preprocess import PreprocessConfig
 DEMO_TRAINING = {
     "method": "mkd",
     "data": {"batch_size": 8},
-    "schedule": {"epochs": 4, "steps_per_epoch": 75},
+    # A 300-step budget: a short warm start and a short averaging horizon (the benchmark's 0.5 and 0.99
+    # are for 1000 steps; 0.99 averages over ~100 steps, a third of this budget).
+    "schedule": {"epochs": 4, "steps_per_epoch": 75, "mkd_pretrain": 0.2},
+    "optimizer": {"ema_momentum": 0.95},
     "segmentor": {"base_filters": 16, "depth": 3},
     "alignment": {"base_filters": 16, "num_blocks": 3, "disc_filters": 32, "disc_layers": 2},
 }
@@ -51,8 +54,8 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
         prepare_cache(phantom / "ct_train", phantom / "mr_train", cache, options)
     progress(cache_summary(SliceCache(cache)))
     overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO_TRAINING.items()}
-    overrides["schedule"] = {"epochs": epochs or DEMO_TRAINING["schedule"]["epochs"],
-                             "steps_per_epoch": steps_per_epoch or DEMO_TRAINING["schedule"]["steps_per_epoch"]}
+    overrides["schedule"].update(epochs=epochs or DEMO_TRAINING["schedule"]["epochs"],
+                                 steps_per_epoch=steps_per_epoch or DEMO_TRAINING["schedule"]["steps_per_epoch"])
     progress(f"[3/7] train mkd -> {run}")
     train(cache, run, None, overrides, verbose=verbose)
     progress(f"[4/7] evaluate {run} on the CT test volume")
