@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo format bench clean
 
 install: $(STAMP)
 
@@ -15,7 +15,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not benchmark" --durations=12 tests
+	$(PY) -m pytest -q -m "not benchmark" --durations=12 --doctest-modules mkd_tf tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format mkd_tf cli tests benchmarks conftest.py
 
 demo: $(STAMP)
 	$(VENV)/bin/mkd demo --out demo

@@ -36,14 +36,20 @@ def main():
         picks = np.asarray(foreground)[np.linspace(0, len(foreground) - 1, args.count).astype(int)]
         rows[role] = np.asarray(cache.images(role)[picks])[..., None]
     aligned = model.alignment.align(tf.constant(rows["assistant"])).numpy()
-    panels = [("MRI (assistant)", rows["assistant"], None), ("G(MRI): aligned", aligned, (-1, 1)),
-              ("CT (target)", rows["target"], (-1, 1))]
+    panels = [
+        ("MRI (assistant)", rows["assistant"], None),
+        ("G(MRI): aligned", aligned, (-1, 1)),
+        ("CT (target)", rows["target"], (-1, 1)),
+    ]
     figure, axes = plt.subplots(3, args.count, figsize=(2.5 * args.count, 7.8))
     for row, (title, images, limits) in enumerate(panels):
         for column in range(args.count):
             axis = axes[row, column]
-            axis.imshow(np.rot90(images[column, ..., 0]), cmap="gray",
-                        **({"vmin": limits[0], "vmax": limits[1]} if limits else {}))
+            axis.imshow(
+                np.rot90(images[column, ..., 0]),
+                cmap="gray",
+                **({"vmin": limits[0], "vmax": limits[1]} if limits else {}),
+            )
             axis.axis("off")
         axes[row, 0].set_title(title, loc="left", fontsize=10)
     figure.tight_layout()

@@ -19,10 +19,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkd=${MKD:-$here/../.venv/bin/mkd}
 [ -d "$out/phantom" ] || "$mkd" phantom "$out/phantom" --ct 8 --mr 8 --seed 1
 [ -d "$out/cache" ] || "$mkd" prepare --target "$out/phantom/ct_train" --assistant "$out/phantom/mr_train" \
-    --out "$out/cache" --size 48 --spacing 3.2 --split 0.5,0.125,0.375 --target-labeled 1 --seed 0 > /dev/null
+    --out "$out/cache" --size 48 --spacing 3.2 --split 0.5,0.125,0.375 --target-labelled 1 --seed 0 > /dev/null
 "$mkd" info "$out/cache"
 run() {
-  "$mkd" compare "$out/cache" --out "$out/compare" --seeds "$seeds" --methods "$1" --target-labeled "$labelled" \
+  "$mkd" compare "$out/cache" --out "$out/compare" --seeds "$seeds" --methods "$1" --target-labelled "$labelled" \
       --config "$here/compare_phantom.yaml" --epochs "$epochs" --steps-per-epoch "$steps" --quiet
 }
 pids=()

@@ -28,13 +28,15 @@ def main():
     for modality in ("ct", "mr"):
         for number in range(args.cases):
             case = phantom_case(modality, number + 1, seed=args.seed)
-            normalised, _ = normalise_intensity(case.image.astype(np.float32), "ct" if modality == "ct" else "zscore",
-                                                config)
+            normalised, _ = normalise_intensity(
+                case.image.astype(np.float32), "ct" if modality == "ct" else "zscore", config
+            )
             for tissue in SHOWN:
                 mask = case.tissues == TISSUES[tissue]
                 if mask.any():
                     rows.setdefault((tissue, modality), []).append(
-                        (float(case.image[mask].mean()), float(normalised[mask].mean())))
+                        (float(case.image[mask].mean()), float(normalised[mask].mean()))
+                    )
     print("| tissue | CT (HU) | MRI (a.u.) | CT, network input | MRI, network input |")
     print("| --- | --- | --- | --- | --- |")
     for tissue in SHOWN:
@@ -42,8 +44,11 @@ def main():
         for column in (0, 1):
             for modality in ("ct", "mr"):
                 values = np.array([v[column] for v in rows.get((tissue, modality), [])])
-                cells.append(f"{values.mean():.{0 if column == 0 else 2}f} ± {values.std():.{0 if column == 0 else 2}f}"
-                             if values.size else "-")
+                cells.append(
+                    f"{values.mean():.{0 if column == 0 else 2}f} ± {values.std():.{0 if column == 0 else 2}f}"
+                    if values.size
+                    else "-"
+                )
         print(f"| {tissue} | " + " | ".join(cells) + " |")
 
 

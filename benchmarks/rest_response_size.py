@@ -7,7 +7,7 @@ mm), `prepare` at 0.6 x 0.6 x 2.5 mm (256 pixels = the phantom's 153.6 mm field 
 run of one step (8 base filters, depth 3: the response size does not depend on the network, only on
 the output shapes and values) and `mkd export`.
 
-It serves the export with the test double (:mod:`mkd_tf.export.test_server`) and reports, per signature:
+It serves the export with the test double (``tests/export/serving_double.py``) and reports, per signature:
 
 - ``double REST bytes``: the JSON body the double sent (Python's ``json.dumps``: compact, floats with
   up to 17 significant digits) -- measured;
@@ -48,11 +48,23 @@ def build_export(root):
     from mkd_tf.training import train
 
     phantom = write_phantom(root / "phantom", n_ct=3, n_mr=1, shape=(96, 96, 48))
-    cache = prepare_cache(phantom / "ct_train", phantom / "mr_train", root / "cache",
-                          PrepareOptions(preprocess=PreprocessConfig(spacing=(0.6, 0.6, 2.5), size=256)))
-    train(cache, root / "run", overrides={"method": "target-only", "schedule": {"epochs": 1, "steps_per_epoch": 1},
-                                          "data": {"batch_size": 2, "augment": False},
-                                          "segmentor": {"base_filters": 8, "depth": 3}}, verbose=0)
+    cache = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        root / "cache",
+        PrepareOptions(preprocess=PreprocessConfig(spacing=(0.6, 0.6, 2.5), size=256)),
+    )
+    train(
+        cache,
+        root / "run",
+        overrides={
+            "method": "target-only",
+            "schedule": {"epochs": 1, "steps_per_epoch": 1},
+            "data": {"batch_size": 2, "augment": False},
+            "segmentor": {"base_filters": 8, "depth": 3},
+        },
+        verbose=0,
+    )
     return Path(export_run(root / "run", root / "saved_models" / "heart")["path"]), phantom / "ct_train"
 
 
@@ -107,14 +119,17 @@ def main():
     from mkd_tf.data.nifti import load_image
     from mkd_tf.data.preprocess import PreprocessConfig, preprocess_image
     from mkd_tf.export.serving import read_model_asset
-    from mkd_tf.export.test_server import ServingDouble
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test double lives in tests/
+    from tests.export.serving_double import ServingDouble
 
     with tempfile.TemporaryDirectory() as scratch:
         export, ct_folder = (args.export, None) if args.export else build_export(Path(scratch))
         image_path = args.image or sorted(Path(ct_folder).glob("*_image.nii.gz"))[0]
         asset = read_model_asset(export)
-        slices, _ = preprocess_image(load_image(image_path), asset["target_intensity"],
-                                     PreprocessConfig.from_dict(asset["preprocess"]))
+        slices, _ = preprocess_image(
+            load_image(image_path), asset["target_intensity"], PreprocessConfig.from_dict(asset["preprocess"])
+        )
         batch = np.asarray(slices[: args.slices], np.float32)[..., None]
         size, classes = batch.shape[1], len(asset["classes"])
         rows = []
@@ -130,25 +145,40 @@ def main():
                 seconds = time.perf_counter() - start
                 if not isinstance(outputs, dict):
                     outputs = {"labels": outputs}
-                emulated = tf_serving_json_bytes({key: np.asarray(value, np.int32 if key == "labels" else np.float32)
-                                                  for key, value in outputs.items()})
+                emulated = tf_serving_json_bytes(
+                    {
+                        key: np.asarray(value, np.int32 if key == "labels" else np.float32)
+                        for key, value in outputs.items()
+                    }
+                )
                 del outputs
                 grpc_request = predict_pb2.PredictRequest(output_filter=["labels"])
                 grpc_request.model_spec.name, grpc_request.model_spec.signature_name = "bench", signature
                 grpc_request.inputs["image"].CopyFrom(tf.make_tensor_proto(batch))
-                with grpc.insecure_channel(server.grpc_target, options=[
-                        ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]) as channel:
-                    grpc_bytes = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-                        grpc_request, timeout=600).ByteSize()
+                with grpc.insecure_channel(
+                    server.grpc_target,
+                    options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+                ) as channel:
+                    grpc_bytes = (
+                        prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                        .Predict(grpc_request, timeout=600)
+                        .ByteSize()
+                    )
                 rows.append((signature, len(body), len(payload), emulated, grpc_bytes, seconds))
         print(f"{len(batch)} slices of {size} x {size}, {classes} classes; export {export}; image {image_path}\n")
-        print("| signature | request bytes | double REST bytes | TF Serving REST bytes (emulated) | gRPC bytes | seconds |")
+        print(
+            "| signature | request bytes | double REST bytes | TF Serving REST bytes (emulated) | gRPC bytes | seconds |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for signature, request_bytes, double_bytes, emulated, grpc_bytes, seconds in rows:
-            print(f"| {signature} | {request_bytes:,} | {double_bytes:,} | {emulated:,} | {grpc_bytes:,} | {seconds:.1f} |")
+            print(
+                f"| {signature} | {request_bytes:,} | {double_bytes:,} | {emulated:,} | {grpc_bytes:,} | {seconds:.1f} |"
+            )
         (_, _, full, full_emulated, _, _), (_, _, small, small_emulated, _, _) = rows
-        print(f"\nlabels_only / serving_default: double {small / full:.4f} ({full / small:.0f}x smaller), "
-              f"emulated TF Serving {small_emulated / full_emulated:.4f} ({full_emulated / small_emulated:.0f}x smaller)")
+        print(
+            f"\nlabels_only / serving_default: double {small / full:.4f} ({full / small:.0f}x smaller), "
+            f"emulated TF Serving {small_emulated / full_emulated:.4f} ({full_emulated / small_emulated:.0f}x smaller)"
+        )
 
 
 if __name__ == "__main__":

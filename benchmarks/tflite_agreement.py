@@ -34,9 +34,13 @@ from mkd_tf.export.serving import export_run  # noqa: E402
 from mkd_tf.training import train  # noqa: E402
 
 # The same run as tests/export/conftest.py's ``confident_run`` (but for the seed).
-CONFIDENT = {"method": "target-only", "schedule": {"epochs": 6, "steps_per_epoch": 50},
-             "data": {"batch_size": 8, "augment": False}, "optimizer": {"segmentor_lr": 1e-2},
-             "segmentor": {"base_filters": 8, "depth": 2}}
+CONFIDENT = {
+    "method": "target-only",
+    "schedule": {"epochs": 6, "steps_per_epoch": 50},
+    "data": {"batch_size": 8, "augment": False},
+    "optimizer": {"segmentor_lr": 1e-2},
+    "segmentor": {"base_filters": 8, "depth": 2},
+}
 
 
 def main():
@@ -52,8 +56,12 @@ def main():
         write_phantom(phantom, n_ct=5, n_mr=2, shape=(48, 48, 16))
     cache = out / "cache"
     if not args.runs and not cache.exists():
-        prepare_cache(phantom / "ct_train", phantom / "mr_train", cache,
-                      PrepareOptions(preprocess=PreprocessConfig(spacing=(3.2, 3.2, 7.5), size=32), allow_crop=True))
+        prepare_cache(
+            phantom / "ct_train",
+            phantom / "mr_train",
+            cache,
+            PrepareOptions(preprocess=PreprocessConfig(spacing=(3.2, 3.2, 7.5), size=32), allow_crop=True),
+        )
     agreements = {mode: [] for mode in tflite.QUANTIZATIONS}
     runs = [Path(run) for run in args.runs] if args.runs else range(args.seeds)
     for index, run in enumerate(runs):
@@ -62,15 +70,19 @@ def main():
             train(cache, run, overrides={**CONFIDENT, "seed": index}, verbose=0)
         exported = export_run(run, out / "saved_models" / f"model{index}")
         for mode in tflite.QUANTIZATIONS:
-            result = tflite.convert_to_tflite(exported["path"], out / f"model{index}_{mode}.tflite", mode,
-                                              min_agreement=0.0)
+            result = tflite.convert_to_tflite(
+                exported["path"], out / f"model{index}_{mode}.tflite", mode, min_agreement=0.0
+            )
             agreements[mode].append(result["agreement"])
             print(f"model {index} ({run}) {mode}: {result['agreement']:.4f}", flush=True)
     print("\n| mode | models | min | mean | max | per model |\n| --- | ---: | ---: | ---: | ---: | --- |")
     for mode, values in agreements.items():
         values = np.array(values)
-        print(f"| {mode} | {values.size} | {values.min():.4f} | {values.mean():.4f} | {values.max():.4f} | "
-              + ", ".join(f"{v:.4f}" for v in values) + " |")
+        print(
+            f"| {mode} | {values.size} | {values.min():.4f} | {values.mean():.4f} | {values.max():.4f} | "
+            + ", ".join(f"{v:.4f}" for v in values)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -87,30 +87,46 @@ def main():
     signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     reference_labels, _ = tflite.run_saved_model(signature, images)
     probe_tensor = tf.constant(probe)
-    results = [{
-        "model": f"SavedModel ({asset['predictor']})", "bytes": folder_bytes(saved_model),
-        "latency": median_latency(lambda: signature(image=probe_tensor)["labels"].numpy(), args.runs),
-        "dice": dice_against_truth(reference_labels, truth, classes), "agreement": 1.0, "difference": 0.0,
-    }]
+    results = [
+        {
+            "model": f"SavedModel ({asset['predictor']})",
+            "bytes": folder_bytes(saved_model),
+            "latency": median_latency(lambda: signature(image=probe_tensor)["labels"].numpy(), args.runs),
+            "dice": dice_against_truth(reference_labels, truth, classes),
+            "agreement": 1.0,
+            "difference": 0.0,
+        }
+    ]
     for mode in tflite.QUANTIZATIONS:
         out = work / f"bench_{mode}.tflite"
-        parity = tflite.convert_to_tflite(saved_model, out, mode, cache=args.cache, min_agreement=0.0,
-                                          parity_slices=None)
+        parity = tflite.convert_to_tflite(
+            saved_model, out, mode, cache=args.cache, min_agreement=0.0, parity_slices=None
+        )
         labels, _ = tflite.run_tflite(out, images)
         runner = tflite.interpreter(out, num_threads=args.threads).get_signature_runner("serving_default")
         runner(image=probe)  # resize to batch 1 once, outside the timing
-        results.append({"model": f"TFLite {mode}", "bytes": parity["bytes"],
-                        "latency": median_latency(lambda: runner(image=probe), args.runs),
-                        "dice": dice_against_truth(labels, truth, classes), "agreement": parity["agreement"],
-                        "difference": parity["max_probability_difference"]})
+        results.append(
+            {
+                "model": f"TFLite {mode}",
+                "bytes": parity["bytes"],
+                "latency": median_latency(lambda: runner(image=probe), args.runs),
+                "dice": dice_against_truth(labels, truth, classes),
+                "agreement": parity["agreement"],
+                "difference": parity["max_probability_difference"],
+            }
+        )
 
-    print(f"run {args.run} ({asset['method']}, predictor {asset['predictor']}), slices {asset['size']}x{asset['size']}, "
-          f"{len(images)} labelled test slices; latency: batch 1, median of {args.runs}, TFLite {args.threads} thread(s)")
+    print(
+        f"run {args.run} ({asset['method']}, predictor {asset['predictor']}), slices {asset['size']}x{asset['size']}, "
+        f"{len(images)} labelled test slices; latency: batch 1, median of {args.runs}, TFLite {args.threads} thread(s)"
+    )
     print("| model | size (KiB) | latency (ms/slice) | Dice vs truth | Dice agreement | max abs dprob |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in results:
-        print(f"| {row['model']} | {row['bytes'] / 1024:.1f} | {row['latency']:.2f} | {row['dice']:.3f} | "
-              f"{row['agreement']:.4f} | {row['difference']:.2e} |")
+        print(
+            f"| {row['model']} | {row['bytes'] / 1024:.1f} | {row['latency']:.2f} | {row['dice']:.3f} | "
+            f"{row['agreement']:.4f} | {row['difference']:.2e} |"
+        )
     print(f"files in {work}")
 
 

@@ -35,13 +35,21 @@ def main():
     for size in (int(s) for s in args.sizes.split(",")):
         cache = work / f"cache{size}"
         spacing = FIELD_OF_VIEW_MM / size
-        prepare_cache(work / "phantom" / "ct_train", work / "phantom" / "mr_train", cache,
-                      PrepareOptions(target_labeled=1, preprocess=PreprocessConfig(
-                          spacing=(spacing, spacing, max(spacing, 2.5)), size=size)))
+        prepare_cache(
+            work / "phantom" / "ct_train",
+            work / "phantom" / "mr_train",
+            cache,
+            PrepareOptions(
+                target_labelled=1, preprocess=PreprocessConfig(spacing=(spacing, spacing, max(spacing, 2.5)), size=size)
+            ),
+        )
         for method in args.methods.split(","):
             run = work / f"run-{size}-{method}"
-            overrides = {"method": method, "data": {"batch_size": args.batch_size},
-                         "schedule": {"epochs": 2, "steps_per_epoch": args.steps}}
+            overrides = {
+                "method": method,
+                "data": {"batch_size": args.batch_size},
+                "schedule": {"epochs": 2, "steps_per_epoch": args.steps},
+            }
             train(cache, run, args.config, overrides, verbose=0)
             epoch = json.loads((run / "history.json").read_text())["epochs"][-1]
             speed = epoch["steps_per_second"]

@@ -79,8 +79,9 @@ def _shape(ctx, param, text):
     if len(values) == 1:
         values = values * 3
     if len(values) != 3 or min(values) < 8:
-        raise click.BadParameter(f"expected three integers >= 8 separated by commas, got {text!r}",
-                                 param_hint=param.opts[0])
+        raise click.BadParameter(
+            f"expected three integers >= 8 separated by commas, got {text!r}", param_hint=param.opts[0]
+        )
     return values
 
 
@@ -88,8 +89,12 @@ def _shape(ctx, param, text):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--ct", "n_ct", type=click.IntRange(1), default=6, help="Number of CT cases.")
 @click.option("--mr", "n_mr", type=click.IntRange(1), default=6, help="Number of MRI cases.")
-@click.option("--shape", default="96,96,48", callback=_shape,
-              help="CT array shape x,y,z, integers >= 8 (MRI shape follows from its spacing).")
+@click.option(
+    "--shape",
+    default="96,96,48",
+    callback=_shape,
+    help="CT array shape x,y,z, integers >= 8 (MRI shape follows from its spacing).",
+)
 @click.option("--seed", type=click.IntRange(0), default=0, help="Random seed; the same seed writes the same data.")
 def phantom(out, n_ct, n_mr, shape, seed):
     """Write the synthetic cross-modality cardiac phantom (MM-WHS 2017 layout) to OUT."""
@@ -102,51 +107,130 @@ def phantom(out, n_ct, n_mr, shape, seed):
 
 
 @main.command(cls=OneLineCommand)
-@click.option("--target", required=True, type=click.Path(), help="Target-modality dataset (MM-WHS folder/root or nnU-Net v2 raw folder).")
+@click.option(
+    "--target",
+    required=True,
+    type=click.Path(),
+    help="Target-modality dataset (MM-WHS folder/root or nnU-Net v2 raw folder).",
+)
 @click.option("--assistant", required=True, type=click.Path(), help="Assistant-modality dataset (same layouts).")
 @click.option("--out", required=True, type=click.Path(), help="Slice cache folder to create.")
 @click.option("--target-modality", default="ct", help="Folder to read under an MM-WHS root for the target (ct_train/).")
-@click.option("--assistant-modality", default="mr", help="Folder to read under an MM-WHS root for the assistant (mr_train/).")
-@click.option("--structures", type=click.Choice(["all", "7", "4"]), default="all",
-              help="MM-WHS: 7 structures, or 4 (MYO, LA, LV, AA as in SIFA/UMMKD; others become background).")
-@click.option("--ignore-unmatched", is_flag=True, help="Drop structures present in only one modality instead of failing.")
-@click.option("--spacing", default="1.5", callback=partial(_numbers, 3, _spacing),
-              help="Target voxel spacing in mm (> 0): one value or x,y,z (RAS order).")
-@click.option("--size", type=click.IntRange(8), default=256,
-              help="Slice height and width after crop/pad around the body; a window that cuts off labelled voxels "
-                   "is an error unless --allow-crop.")
-@click.option("--allow-crop", is_flag=True,
-              help="Accept a --size window that cuts off labelled voxels (reported per case and in the manifest); "
-                   "without it such a window is an error.")
+@click.option(
+    "--assistant-modality", default="mr", help="Folder to read under an MM-WHS root for the assistant (mr_train/)."
+)
+@click.option(
+    "--structures",
+    type=click.Choice(["all", "7", "4"]),
+    default="all",
+    help="MM-WHS: 7 structures, or 4 (MYO, LA, LV, AA as in SIFA/UMMKD; others become background).",
+)
+@click.option(
+    "--ignore-unmatched", is_flag=True, help="Drop structures present in only one modality instead of failing."
+)
+@click.option(
+    "--spacing",
+    default="1.5",
+    callback=partial(_numbers, 3, _spacing),
+    help="Target voxel spacing in mm (> 0): one value or x,y,z (RAS order).",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(8),
+    default=256,
+    help="Slice height and width after crop/pad around the body; a window that cuts off labelled voxels "
+    "is an error unless --allow-crop.",
+)
+@click.option(
+    "--allow-crop",
+    is_flag=True,
+    help="Accept a --size window that cuts off labelled voxels (reported per case and in the manifest); "
+    "without it such a window is an error.",
+)
 @click.option("--axis", type=click.Choice(["axial", "coronal", "sagittal"]), default="axial", help="Slicing direction.")
-@click.option("--ct-window", default="-200,800", callback=partial(_numbers, 2, _ct_window),
-              help="CT: HU range low,high (low < high) clipped and scaled to [-1, 1].")
-@click.option("--percentiles", default="0.5,99.5", callback=partial(_numbers, 2, _percentiles),
-              help="Other modalities: clip percentiles low,high (0 <= low < high <= 100) before z-scoring.")
-@click.option("--split", default="0.6,0.2,0.2", callback=partial(_numbers, 3, _split),
-              help="Target patient-level train,val,test fractions (>= 0, adding up to 1).")
-@click.option("--split-file", type=click.Path(), default=None,
-              help='JSON {"target": {"train": [...], "val": [...], "test": [...]}, "assistant": {...}} (overrides --split).')
-@click.option("--target-labeled", type=click.IntRange(0), default=None,
-              help="Keep labels of only N target training cases (0 = unsupervised); default: all.")
-@click.option("--seed", type=int, default=0, help="Seed of the split and of --target-labeled's choice.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing slice cache (only once the new one is complete); a folder that is not a "
-                   "slice cache is never replaced.")
-def prepare(target, assistant, out, target_modality, assistant_modality, structures, ignore_unmatched, spacing,
-            size, allow_crop, axis, ct_window, percentiles, split, split_file, target_labeled, seed, overwrite):
+@click.option(
+    "--ct-window",
+    default="-200,800",
+    callback=partial(_numbers, 2, _ct_window),
+    help="CT: HU range low,high (low < high) clipped and scaled to [-1, 1].",
+)
+@click.option(
+    "--percentiles",
+    default="0.5,99.5",
+    callback=partial(_numbers, 2, _percentiles),
+    help="Other modalities: clip percentiles low,high (0 <= low < high <= 100) before z-scoring.",
+)
+@click.option(
+    "--split",
+    default="0.6,0.2,0.2",
+    callback=partial(_numbers, 3, _split),
+    help="Target patient-level train,val,test fractions (>= 0, adding up to 1).",
+)
+@click.option(
+    "--split-file",
+    type=click.Path(),
+    default=None,
+    help='JSON {"target": {"train": [...], "val": [...], "test": [...]}, "assistant": {...}} (overrides --split).',
+)
+@click.option(
+    "--target-labelled",
+    "--target-labeled",
+    "target_labelled",
+    type=click.IntRange(0),
+    default=None,
+    help="Keep labels of only N target training cases (0 = unsupervised); default: all.",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the split and of --target-labelled's choice.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing slice cache (only once the new one is complete); a folder that is not a "
+    "slice cache is never replaced.",
+)
+def prepare(
+    target,
+    assistant,
+    out,
+    target_modality,
+    assistant_modality,
+    structures,
+    ignore_unmatched,
+    spacing,
+    size,
+    allow_crop,
+    axis,
+    ct_window,
+    percentiles,
+    split,
+    split_file,
+    target_labelled,
+    seed,
+    overwrite,
+):
     """Preprocess TARGET and ASSISTANT datasets into a verified slice cache."""
     from mkd_tf.data.cache import SliceCache
     from mkd_tf.data.prepare import PrepareOptions, cache_summary, prepare_cache
     from mkd_tf.data.preprocess import PreprocessConfig
 
     options = PrepareOptions(
-        target_modality=target_modality, assistant_modality=assistant_modality,
-        structures=None if structures == "all" else int(structures), ignore_unmatched=ignore_unmatched,
-        split=split, split_file=split_file, target_labeled=target_labeled, seed=seed,
-        overwrite=overwrite, allow_crop=allow_crop,
-        preprocess=PreprocessConfig(spacing=spacing, size=size, axis={"sagittal": 0, "coronal": 1, "axial": 2}[axis],
-                                    ct_window=ct_window, percentiles=percentiles))
+        target_modality=target_modality,
+        assistant_modality=assistant_modality,
+        structures=None if structures == "all" else int(structures),
+        ignore_unmatched=ignore_unmatched,
+        split=split,
+        split_file=split_file,
+        target_labelled=target_labelled,
+        seed=seed,
+        overwrite=overwrite,
+        allow_crop=allow_crop,
+        preprocess=PreprocessConfig(
+            spacing=spacing,
+            size=size,
+            axis={"sagittal": 0, "coronal": 1, "axial": 2}[axis],
+            ct_window=ct_window,
+            percentiles=percentiles,
+        ),
+    )
     path = prepare_cache(target, assistant, out, options, progress=click.echo)
     click.echo(cache_summary(SliceCache(path)))
 

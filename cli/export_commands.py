@@ -7,17 +7,34 @@ from mkd_cli.main import main
 
 @main.command()
 @click.argument("run", type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Model folder saved_models/NAME (NAME is the TF Serving model name); versions go below it.")
-@click.option("--version", "model_version", type=click.IntRange(1), default=None,
-              help="Version number [default: the next free integer]; an existing version is never overwritten.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Model folder saved_models/NAME (NAME is the TF Serving model name); versions go below it.",
+)
+@click.option(
+    "--version",
+    "model_version",
+    type=click.IntRange(1),
+    default=None,
+    help="Version number [default: the next free integer]; an existing version is never overwritten.",
+)
 @click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (baselines: their one segmentor).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to export.")
-@click.option("--serving-root", default="/models",
-              help="Where saved_models/ is mounted in the server: base_path prefix in saved_models/models.config.")
-@click.option("--label", "labels", multiple=True, metavar="LABEL",
-              help="TF Serving version label for the new version, e.g. stable (repeatable); written to "
-                   "models.config as version_labels, moving the label if another version had it.")
+@click.option(
+    "--serving-root",
+    default="/models",
+    help="Where saved_models/ is mounted in the server: base_path prefix in saved_models/models.config.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="LABEL",
+    help="TF Serving version label for the new version, e.g. stable (repeatable); written to "
+    "models.config as version_labels, moving the label if another version had it.",
+)
 def export(run, out, model_version, which, checkpoint, serving_root, labels):
     """Export a trained RUN as a TF Serving SavedModel (signatures serving_default, labels_only, segment_slices).
 
@@ -28,8 +45,10 @@ def export(run, out, model_version, which, checkpoint, serving_root, labels):
     from mkd_tf.export.serving import export_run
 
     result = export_run(run, out, model_version, which, checkpoint, serving_root, labels)
-    click.echo(f"exported {result['method']} predictor '{result['predictor']}' to {result['path']} "
-               f"(model '{result['name']}', version {result['version']})")
+    click.echo(
+        f"exported {result['method']} predictor '{result['predictor']}' to {result['path']} "
+        f"(model '{result['name']}', version {result['version']})"
+    )
     for label in labels:
         was = result["moved"].get(label)
         click.echo(f"label '{label}' -> version {result['version']}" + (f" (was version {was})" if was else ""))
@@ -39,16 +58,31 @@ def export(run, out, model_version, which, checkpoint, serving_root, labels):
 @main.command()
 @click.argument("savedmodel", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .tflite file to write (atomically).")
-@click.option("--quantize", type=click.Choice(["none", "float16", "dynamic", "int8"]), default="none",
-              help="none: float32; float16: fp16 weights; dynamic: int8 weights; int8: full integer "
-                   "(calibrated on the cache's target training slices, float input/outputs).")
-@click.option("--cache", type=click.Path(), default=None,
-              help="Slice cache for the parity check and int8 calibration [default: the export's recorded cache].")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
-              help="Dice agreement with the SavedModel below which nothing is written "
-                   "[default: 0.99; 0.97 for int8].")
-@click.option("--parity-slices", type=click.IntRange(1), default=200,
-              help="Compare on at most this many target test slices (evenly spaced).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "float16", "dynamic", "int8"]),
+    default="none",
+    help="none: float32; float16: fp16 weights; dynamic: int8 weights; int8: full integer "
+    "(calibrated on the cache's target training slices, float input/outputs).",
+)
+@click.option(
+    "--cache",
+    type=click.Path(),
+    default=None,
+    help="Slice cache for the parity check and int8 calibration [default: the export's recorded cache].",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Dice agreement with the SavedModel below which nothing is written [default: 0.99; 0.97 for int8].",
+)
+@click.option(
+    "--parity-slices",
+    type=click.IntRange(1),
+    default=200,
+    help="Compare on at most this many target test slices (evenly spaced).",
+)
 def tflite(savedmodel, out, quantize, cache, min_agreement, parity_slices):
     """Convert an exported SAVEDMODEL version folder to TFLite (builtin ops only) and check parity."""
     from mkd_tf.export.tflite import convert_to_tflite

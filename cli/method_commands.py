@@ -3,43 +3,112 @@
 import click
 
 from mkd_cli.main import main
+from mkd_tf import registry
 from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 
 
 @main.command()
 @click.argument("cache", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Run folder (created; the same command resumes it).")
-@click.option("--method", type=click.Choice(METHODS), default=None, help="Method to train [config default: mkd].")
-@click.option("--config", "config_path", type=click.Path(), default=None, help="YAML with any hyper-parameter (see mkd_tf/config.py).")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default=None,
+    help="Method to train [config default: mkd]: "
+    + "; ".join(f"{m.name} = {m.summary}" for m in registry.METHODS.values())
+    + ".",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(),
+    default=None,
+    help="YAML with any hyper-parameter (see mkd_tf/config.py).",
+)
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs [config default: 20].")
 @click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Steps per epoch [config default: 100].")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per stream per step, all replicas [config default: 8].")
-@click.option("--target-labeled", type=click.IntRange(0), default=None,
-              help="Use labels of only N of the cache's labelled target training volumes [default: all].")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
-              help="auto = multi-worker when TF_CONFIG names several workers, else MirroredStrategy over all "
-                   "GPUs, default strategy on CPU; multi-worker = MultiWorkerMirroredStrategy on TF_CONFIG "
-                   "[config default: auto].")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Keras mixed-precision policy (outputs and losses stay float32; float16 adds loss scaling) "
-                   "[config default: float32].")
-@click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the distributed step [config default: False].")
-@click.option("--checkpoint-every", type=click.FloatRange(0), default=None,
-              help="Minutes between step checkpoints inside an epoch; 0 = epoch ends only [config default: 10.0].")
-@click.option("--worker-timeout", type=click.FloatRange(0, min_open=True), default=None,
-              help="Multi-worker: seconds to wait for the cluster and for one collective before stopping "
-                   "[config default: 600.0].")
-@click.option("--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0].")
-@click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32].")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Slices per stream per step, all replicas [config default: 8].",
+)
+@click.option(
+    "--target-labelled",
+    "--target-labeled",
+    "target_labelled",
+    type=click.IntRange(0),
+    default=None,
+    help="Use labels of only N of the cache's labelled target training volumes [default: all].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=None,
+    help="auto = multi-worker when TF_CONFIG names several workers, else MirroredStrategy over all "
+    "GPUs, default strategy on CPU; multi-worker = MultiWorkerMirroredStrategy on TF_CONFIG "
+    "[config default: auto].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Keras mixed-precision policy (outputs and losses stay float32; float16 adds loss scaling) "
+    "[config default: float32].",
+)
+@click.option(
+    "--jit-compile/--no-jit-compile", default=None, help="XLA-compile the distributed step [config default: False]."
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(0),
+    default=None,
+    help="Minutes between step checkpoints inside an epoch; 0 = epoch ends only [config default: 10.0].",
+)
+@click.option(
+    "--worker-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Multi-worker: seconds to wait for the cluster and for one collective before stopping "
+    "[config default: 600.0].",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0]."
+)
+@click.option(
+    "--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32]."
+)
 @click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4].")
 @click.option("--no-augment", is_flag=True, default=None, help="Turn augmentation off.")
-@click.option("--no-iam", is_flag=True, default=None, help="Ablation: no image alignment (S_syn sees raw assistant images).")
+@click.option(
+    "--no-iam", is_flag=True, default=None, help="Ablation: no image alignment (S_syn sees raw assistant images)."
+)
 @click.option("--no-kd-s2r", is_flag=True, default=None, help="Ablation: no S_syn -> S_real distillation.")
 @click.option("--no-kd-r2s", is_flag=True, default=None, help="Ablation: no S_real -> S_syn distillation.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache, out, method, config_path, epochs, steps_per_epoch, batch_size, target_labeled, strategy, precision,
-          jit_compile, checkpoint_every, worker_timeout, seed, base_filters, depth, no_augment, no_iam, no_kd_s2r,
-          no_kd_r2s, quiet):
+def train(
+    cache,
+    out,
+    method,
+    config_path,
+    epochs,
+    steps_per_epoch,
+    batch_size,
+    target_labelled,
+    strategy,
+    precision,
+    jit_compile,
+    checkpoint_every,
+    worker_timeout,
+    seed,
+    base_filters,
+    depth,
+    no_augment,
+    no_iam,
+    no_kd_s2r,
+    no_kd_r2s,
+    quiet,
+):
     """Train a method on a slice CACHE into --out (flags override --config, which overrides defaults).
 
     Multi-worker: run the same command on every machine with its own TF_CONFIG; the chief writes --out.
@@ -47,22 +116,36 @@ def train(cache, out, method, config_path, epochs, steps_per_epoch, batch_size, 
     from mkd_tf.training import train as run_training
 
     overrides = {
-        "method": method, "seed": seed, "strategy": strategy, "precision": precision, "jit_compile": jit_compile,
-        "checkpoint_every": checkpoint_every, "worker_timeout": worker_timeout,
-        "data": {"batch_size": batch_size, "target_labeled": target_labeled,
-                 "augment": False if no_augment else None},
+        "method": method,
+        "seed": seed,
+        "strategy": strategy,
+        "precision": precision,
+        "jit_compile": jit_compile,
+        "checkpoint_every": checkpoint_every,
+        "worker_timeout": worker_timeout,
+        "data": {
+            "batch_size": batch_size,
+            "target_labelled": target_labelled,
+            "augment": False if no_augment else None,
+        },
         "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
         "segmentor": {"base_filters": base_filters, "depth": depth},
-        "ablation": {"iam": False if no_iam else None, "kd_s2r": False if no_kd_s2r else None,
-                     "kd_r2s": False if no_kd_r2s else None},
+        "ablation": {
+            "iam": False if no_iam else None,
+            "kd_s2r": False if no_kd_s2r else None,
+            "kd_r2s": False if no_kd_r2s else None,
+        },
     }
     result = run_training(cache, out, config_path, overrides, verbose=0 if quiet else 1)
     if not result.get("chief", True):
         click.echo(f"worker done: the chief wrote {result['run']}")
         return
     best = result["best"]
-    click.echo(f"run: {result['run']}  best epoch {best['epoch']} ({best['predictor']} val Dice {best['score']:.3f})"
-               if best and best["score"] >= 0 else f"run: {result['run']}")
+    click.echo(
+        f"run: {result['run']}  best epoch {best['epoch']} ({best['predictor']} val Dice {best['score']:.3f})"
+        if best and best["score"] >= 0
+        else f"run: {result['run']}"
+    )
     click.echo(f"tensorboard --logdir {result['logs']}")
 
 
@@ -83,25 +166,63 @@ def evaluate(run, split, checkpoint, cache):
 @main.command()
 @click.argument("run", type=click.Path())
 @click.argument("image", type=click.Path(), required=False)
-@click.option("-o", "--out", required=True, type=click.Path(),
-              help="Label map to write (.nii or .nii.gz): input's shape, affine, qform/sform codes, label values.")
-@click.option("--overlay", type=click.Path(), default=None, help="Also write a PNG (.png) with contours on a few slices.")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Label map to write (.nii or .nii.gz): input's shape, affine, qform/sform codes, label values.",
+)
+@click.option(
+    "--overlay", type=click.Path(), default=None, help="Also write a PNG (.png) with contours on a few slices."
+)
 @click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (or the baseline's name).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to use.")
-@click.option("--force", is_flag=True,
-              help="Segment even if the image's intensities do not look like the modality the run was trained on "
-                   "(e.g. no air near -1000 HU for a CT run).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Segment even if the image's intensities do not look like the modality the run was trained on "
+    "(e.g. no air near -1000 HU for a CT run).",
+)
 @click.option("--server", default=None, help="Predict on TF Serving over REST: http://HOST:8501/v1/models/NAME.")
 @click.option("--grpc", "grpc_target", default=None, help="Predict on TF Serving over gRPC: HOST:8500 (with --model).")
 @click.option("--model", "model_name", default=None, help="Model name on the server (--grpc, or a bare --server URL).")
-@click.option("--version", "model_version", type=click.IntRange(1), default=None, help="Model version on the server [default: its latest].")
-@click.option("--label", "model_label", default=None,
-              help="Model version label on the server (mkd export --label), instead of --version.")
-@click.option("--model-dir", type=click.Path(), default=None,
-              help="Remote: local copy of the export (saved_models/NAME/<version>) giving preprocessing and labels instead of RUN.")
+@click.option(
+    "--version",
+    "model_version",
+    type=click.IntRange(1),
+    default=None,
+    help="Model version on the server [default: its latest].",
+)
+@click.option(
+    "--label",
+    "model_label",
+    default=None,
+    help="Model version label on the server (mkd export --label), instead of --version.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(),
+    default=None,
+    help="Remote: local copy of the export (saved_models/NAME/<version>) giving preprocessing and labels instead of RUN.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Remote: slices per request.")
-def predict(run, image, out, overlay, which, checkpoint, force, server, grpc_target, model_name, model_version,
-            model_label, model_dir, batch_size):
+def predict(
+    run,
+    image,
+    out,
+    overlay,
+    which,
+    checkpoint,
+    force,
+    server,
+    grpc_target,
+    model_name,
+    model_version,
+    model_label,
+    model_dir,
+    batch_size,
+):
     """Segment a target-modality NIfTI IMAGE with a trained RUN.
 
     Remote: `mkd predict [RUN] IMAGE --server URL | --grpc HOST:PORT --model NAME`; the preprocessing and
@@ -118,9 +239,20 @@ def predict(run, image, out, overlay, which, checkpoint, force, server, grpc_tar
 
         if image is None:  # `mkd predict IMAGE --server ... --model-dir ...`: the one argument is the image
             run, image = None, run
-        labels = predict_file_remote(image, out, server=server, grpc_target=grpc_target, model=model_name,
-                                     version=model_version, model_dir=model_dir, run=run, batch_size=batch_size,
-                                     overlay=overlay, label=model_label, force=force)
+        labels = predict_file_remote(
+            image,
+            out,
+            server=server,
+            grpc_target=grpc_target,
+            model=model_name,
+            version=model_version,
+            model_dir=model_dir,
+            run=run,
+            batch_size=batch_size,
+            overlay=overlay,
+            label=model_label,
+            force=force,
+        )
         click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
         return
     if model_label is not None:
@@ -140,9 +272,19 @@ def predict(run, image, out, overlay, which, checkpoint, force, server, grpc_tar
 
 @main.command()
 @click.argument("cache", type=click.Path())
-@click.option("--methods", default="target-only,joint,finetune,ummkd,mkd", help="Comma-separated methods and variants (mkd-no-iam, mkd-no-kd-s2r, mkd-no-kd-r2s, mkd-no-pretrain, "
-                   "mkd-plain-iam, mkd-no-ema, mkd-real-on-aligned, finetune-no-ema, target-only-no-ema).")
-@click.option("--target-labeled", type=click.IntRange(0), default=None, help="Labelled target training volumes for every method.")
+@click.option(
+    "--methods",
+    default="target-only,joint,finetune,ummkd,mkd",
+    help="Comma-separated methods and registered variants: " + ", ".join(registry.names()) + ".",
+)
+@click.option(
+    "--target-labelled",
+    "--target-labeled",
+    "target_labelled",
+    type=click.IntRange(0),
+    default=None,
+    help="Labelled target training volumes for every method.",
+)
 @click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the runs, the table and the box plot.")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="YAML shared by every method.")
@@ -152,16 +294,38 @@ def predict(run, image, out, overlay, which, checkpoint, force, server, grpc_tar
 @click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters.")
 @click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compare(cache, methods, target_labeled, seeds, out, config_path, epochs, steps_per_epoch, batch_size,
-            base_filters, depth, quiet):
+def compare(
+    cache,
+    methods,
+    target_labelled,
+    seeds,
+    out,
+    config_path,
+    epochs,
+    steps_per_epoch,
+    batch_size,
+    base_filters,
+    depth,
+    quiet,
+):
     """Train and evaluate several methods on the same split and budget; one table + a box plot."""
     from mkd_tf.compare import compare_methods
 
-    overrides = {"data": {"batch_size": batch_size, "target_labeled": target_labeled},
-                 "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
-                 "segmentor": {"base_filters": base_filters, "depth": depth}}
-    result = compare_methods(cache, [m.strip() for m in methods.split(",") if m.strip()], seeds, out,
-                             config_path, overrides, verbose=0 if quiet else 1, progress=click.echo)
+    overrides = {
+        "data": {"batch_size": batch_size, "target_labelled": target_labelled},
+        "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
+        "segmentor": {"base_filters": base_filters, "depth": depth},
+    }
+    result = compare_methods(
+        cache,
+        [m.strip() for m in methods.split(",") if m.strip()],
+        seeds,
+        out,
+        config_path,
+        overrides,
+        verbose=0 if quiet else 1,
+        progress=click.echo,
+    )
     click.echo(result["table"])
     click.echo(f"wrote {result['table_path']} and {result['plot_path']}")
 
@@ -169,16 +333,25 @@ def compare(cache, methods, target_labeled, seeds, out, config_path, epochs, ste
 @main.command()
 @click.option("--out", default="demo", type=click.Path(), help="Folder for the phantom, cache, run and exports.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Override the demo's epochs (4).")
-@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Override the demo's steps per epoch (75).")
-@click.option("--saved-models", default="saved_models", type=click.Path(file_okay=False),
-              help="Where the demo's SavedModel goes (saved_models/mkd-demo/<next version>).")
+@click.option(
+    "--steps-per-epoch", type=click.IntRange(1), default=None, help="Override the demo's steps per epoch (75)."
+)
+@click.option(
+    "--saved-models",
+    default="saved_models",
+    type=click.Path(file_okay=False),
+    help="Where the demo's SavedModel goes (saved_models/mkd-demo/<next version>).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo(out, epochs, steps_per_epoch, saved_models, quiet):
     """Phantom -> prepare -> train MKD briefly -> evaluate -> export -> TFLite, in a few minutes on CPU."""
     from mkd_tf.demo import run_demo
 
-    result = run_demo(out, steps_per_epoch, epochs, progress=click.echo, verbose=0 if quiet else 1,
-                      saved_models=saved_models)
-    click.echo(f"run: {result['run']}\ntensorboard --logdir {result['logs']}\n"
-               f"segmentation: {result['segmentation']} (open with its image in 3D Slicer / ITK-SNAP)\n"
-               f"overlay: {result['overlay']}\nSavedModel: {result['savedmodel']}\nTFLite: {result['tflite']}")
+    result = run_demo(
+        out, steps_per_epoch, epochs, progress=click.echo, verbose=0 if quiet else 1, saved_models=saved_models
+    )
+    click.echo(
+        f"run: {result['run']}\ntensorboard --logdir {result['logs']}\n"
+        f"segmentation: {result['segmentation']} (open with its image in 3D Slicer / ITK-SNAP)\n"
+        f"overlay: {result['overlay']}\nSavedModel: {result['savedmodel']}\nTFLite: {result['tflite']}"
+    )

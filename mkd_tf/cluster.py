@@ -117,10 +117,11 @@ def describe_failure(exc, tf_config, timeout):
         if marker in str(exc):
             first = str(exc).split(marker, 1)[1].splitlines()[0]
             break
-    return (f"{task_name(tf_config)}: lost the cluster ({type(exc).__name__}: {first[:200]}); "
-            f"a worker died, restarted or was slower than worker_timeout={timeout:g} s. "
-            "Relaunch every worker with the same command to resume from the chief's last checkpoint"
-            + _log_hint())
+    return (
+        f"{task_name(tf_config)}: lost the cluster ({type(exc).__name__}: {first[:200]}); "
+        f"a worker died, restarted or was slower than worker_timeout={timeout:g} s. "
+        "Relaunch every worker with the same command to resume from the chief's last checkpoint" + _log_hint()
+    )
 
 
 def make_multi_worker_strategy(timeout, tf_config):
@@ -150,23 +151,29 @@ def make_multi_worker_strategy(timeout, tf_config):
         cluster_register_timeout_in_ms=milliseconds,
         heartbeat_timeout_in_ms=max(10_000, min(milliseconds, 60_000)),
         shutdown_barrier_timeout_in_ms=milliseconds,
-        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(tasks))
-                          for job, tasks in tf_config["cluster"].items()],
+        coordinated_jobs=[
+            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(tasks))
+            for job, tasks in tf_config["cluster"].items()
+        ],
     )
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        cluster_spec, task_type=tf_config["task"]["type"], task_id=tf_config["task"]["index"], rpc_layer="grpc")
+        cluster_spec, task_type=tf_config["task"]["type"], task_id=tf_config["task"]["index"], rpc_layer="grpc"
+    )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout))
     try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
-                                                             communication_options=options)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
         # A first collective: every worker is up and reachable (else this fails within the timeout).
-        one = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                                  strategy.run(lambda: tf.constant(1.0)), axis=None))
+        one = tf.function(
+            lambda: strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+        )
         one().numpy()
     except (tf.errors.OpError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-        fail("TF_CONFIG", f"{task_name(tf_config)} could not join the cluster {json.dumps(tf_config['cluster'])} "
-                          f"within {timeout:g} s ({type(exc).__name__}: {first}){_log_hint()}")
+        fail(
+            "TF_CONFIG",
+            f"{task_name(tf_config)} could not join the cluster {json.dumps(tf_config['cluster'])} "
+            f"within {timeout:g} s ({type(exc).__name__}: {first}){_log_hint()}",
+        )
     return strategy
 
 

@@ -16,28 +16,16 @@ The test curve is for looking only: checkpoints are selected on validation Dice.
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from mkd_tf import registry
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.errors import fail
-from mkd_tf.files import write_text_atomic
+from mkd_tf.files import atomic_path, write_text_atomic
 from mkd_tf.training import train
-
-VARIANTS = {
-    "mkd-no-iam": ("mkd", {"ablation": {"iam": False}}),
-    "mkd-no-kd-s2r": ("mkd", {"ablation": {"kd_s2r": False}}),
-    "mkd-no-kd-r2s": ("mkd", {"ablation": {"kd_r2s": False}}),
-    "mkd-no-pretrain": ("mkd", {"schedule": {"mkd_pretrain": 0.0}}),
-    "mkd-plain-iam": ("mkd", {"alignment": {"residual": False}}),
-    "mkd-no-ema": ("mkd", {"optimizer": {"ema": False}}),
-    "mkd-real-on-aligned": ("mkd", {"loss": {"real_on_aligned": 1.0}}),
-    "finetune-no-ema": ("finetune", {"optimizer": {"ema": False}}),
-    "target-only-no-ema": ("target-only", {"optimizer": {"ema": False}}),
-}
 
 
 def _deep_update(base, update):
@@ -50,14 +38,11 @@ def _deep_update(base, update):
 
 
 def run_overrides(name, seed, overrides):
-    """Overrides of one compare entry: shared settings + its method (or MKD ablation) + its seed."""
-    from mkd_tf.config import METHODS
-
-    method, extra = VARIANTS.get(name, (name, {}))
-    if method not in METHODS:
-        fail("--methods", f"unknown method '{name}' (choose from {', '.join(list(METHODS) + list(VARIANTS))})")
-    merged = _deep_update(copy.deepcopy(overrides or {}), extra)
-    merged.update(method=method, seed=seed)
+    """Overrides of one compare entry: shared settings + its method (or registered variant) + its seed."""
+    if name not in registry.names():
+        fail("--methods", f"unknown method '{name}' (choose from {', '.join(registry.names())})")
+    merged = _deep_update(copy.deepcopy(overrides or {}), copy.deepcopy(registry.variant_overrides(name)))
+    merged.update(method=registry.method_of(name).name, seed=seed)
     return merged
 
 
@@ -78,8 +63,9 @@ def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None
             main = predictors[-1]
             reported = [(name, main)] + ([(f"{name} [{p}]", p) for p in predictors[:-1]] if len(predictors) > 1 else [])
             for row, predictor in reported:
-                per_case = [float(np.mean([s["dice"] for s in case.values()]))
-                            for case in result["cases"][predictor].values()]
+                per_case = [
+                    float(np.mean([s["dice"] for s in case.values()])) for case in result["cases"][predictor].values()
+                ]
                 rows.setdefault(row, []).append((result["summary"][predictor], per_case))
     table, data = _table(rows)
     differences, paired = _paired_differences(data)
@@ -92,8 +78,13 @@ def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None
     write_text_atomic(out / "comparison.json", json.dumps(data, indent=1))
     _box_plot(rows, plot_path)
     _learning_curves({name: [out / name / f"seed{seed}" for seed in range(seeds)] for name in methods}, curves_path)
-    return {"table": table, "table_path": str(table_path), "plot_path": str(plot_path),
-            "curves_path": str(curves_path), "data": data}
+    return {
+        "table": table,
+        "table_path": str(table_path),
+        "plot_path": str(plot_path),
+        "curves_path": str(curves_path),
+        "data": data,
+    }
 
 
 def _paired_differences(data):
@@ -102,16 +93,22 @@ def _paired_differences(data):
     if reference is None or len(data) < 2:
         return "", {}
     ours = np.array(data[reference]["overall/dice"]["seeds"])
-    lines = [f"\npaired differences of {reference} (mean Dice, points; per seed, then mean ± std over seeds)\n",
-             "| against | per seed | mean ± std |", "| --- | --- | --- |"]
+    lines = [
+        f"\npaired differences of {reference} (mean Dice, points; per seed, then mean ± std over seeds)\n",
+        "| against | per seed | mean ± std |",
+        "| --- | --- | --- |",
+    ]
     result = {}
     for row, record in data.items():
         if row == reference:
             continue
         difference = 100 * (ours - np.array(record["overall/dice"]["seeds"]))
         result[row] = {"seeds": difference.tolist(), "mean": float(difference.mean()), "std": float(difference.std())}
-        lines.append(f"| {row} | " + ", ".join(f"{d:+.1f}" for d in difference)
-                     + f" | {difference.mean():+.1f} ± {difference.std():.1f} |")
+        lines.append(
+            f"| {row} | "
+            + ", ".join(f"{d:+.1f}" for d in difference)
+            + f" | {difference.mean():+.1f} ± {difference.std():.1f} |"
+        )
     return "\n".join(lines) + "\n", result
 
 
@@ -144,7 +141,7 @@ def _learning_curves(runs, path):
         steps = curves[0][0][:length]
         for axis, index in zip(axes, (1, 2)):
             values = 100 * np.array([curve[index][:length] for curve in curves])
-            line, = axis.plot(steps, values.mean(axis=0), label=f"{name} ({len(curves)} seeds)")
+            (line,) = axis.plot(steps, values.mean(axis=0), label=f"{name} ({len(curves)} seeds)")
             axis.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
     for axis, title in zip(axes, ("validation", "test (not used for selection)")):
         axis.set_title(f"target {title}: mean Dice, averaged weights")
@@ -153,10 +150,18 @@ def _learning_curves(runs, path):
     axes[0].set_ylabel("mean Dice over structures (%)")
     axes[1].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    temporary = Path(path).with_name(f".{Path(path).stem}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    _save_figure(figure, path)
+
+
+def _save_figure(figure, path):
+    """Write a matplotlib ``figure`` to the PNG ``path`` atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def _table(rows):
@@ -169,8 +174,11 @@ def _table(rows):
         for structure in structures + ["overall"]:
             for metric in ("dice", "assd", "hd95"):
                 values = np.array([summary[structure][metric]["mean"] for summary, _ in seeds])
-                record[f"{structure}/{metric}"] = {"mean": float(values.mean()), "std": float(values.std()),
-                                                   "seeds": values.tolist()}
+                record[f"{structure}/{metric}"] = {
+                    "mean": float(values.mean()),
+                    "std": float(values.std()),
+                    "seeds": values.tolist(),
+                }
         for structure in structures + ["overall"]:
             value = record[f"{structure}/dice"]
             cells.append(f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}")
@@ -197,7 +205,4 @@ def _box_plot(rows, path):
     axis.set_ylabel("mean Dice over structures (%)")
     axis.set_title("target test volumes, all seeds")
     figure.tight_layout()
-    temporary = Path(path).with_name(f".{Path(path).stem}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    _save_figure(figure, path)

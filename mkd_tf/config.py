@@ -1,6 +1,7 @@
 """Training configuration: defaults, YAML files, command-line overrides, the resolved record.
 
-Every hyper-parameter lives here once. `mkd train --config cfg.yaml` merges the file over the
+Every hyper-parameter lives here once (a segmentor architecture's own settings live with its
+registration in :mod:`mkd_tf.registry`). `mkd train --config cfg.yaml` merges the file over the
 defaults, then command-line flags over that; the result is written to `RUN/config.yaml`.
 Only `yaml.safe_load` is used.
 """
@@ -10,13 +11,20 @@ from pathlib import Path
 
 import yaml
 
+from mkd_tf import registry
 from mkd_tf.errors import fail
 from mkd_tf.files import write_text_atomic
+from mkd_tf.rules import BOOL, NON_NEGATIVE, POSITIVE, Rule, fraction, integer
 
-METHODS = ("mkd", "target-only", "assistant-only", "joint", "finetune", "ummkd")
+#: the registered methods (:mod:`mkd_tf.registry`)
+METHODS = tuple(registry.METHODS)
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config does not import models)
+#: settings renamed since runs were first written: an old config file or run folder still loads
+RENAMED = {("data", "target_labeled"): "target_labelled"}
+#: settings added since runs were first written, with the value every run written before had
+ADDED_SINCE = {("segmentor", "kind"): "unet", ("segmentor", "domain_norm"): False}
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
 #: the checkpoints, so a run resumes only in the precision it started with.
@@ -36,7 +44,7 @@ DEFAULTS = {
     "data": {
         "batch_size": 8,  # slices per stream per step, over all replicas
         "augment": True,
-        "target_labeled": None,  # keep labels of only N of the cache's labelled target training volumes
+        "target_labelled": None,  # keep labels of only N of the cache's labelled target training volumes
     },
     "schedule": {
         "epochs": 20,
@@ -47,9 +55,18 @@ DEFAULTS = {
         "mkd_pretrain": 0.5,
         "validation_batch": 32,
     },
-    "segmentor": {"base_filters": 32, "depth": 4, "norm": "batch", "dropout": 0.0},
-    "alignment": {"base_filters": 32, "num_blocks": 6, "disc_filters": 64, "disc_layers": 3, "norm": "instance",
-                  "residual": True},  # G(x) = x + r(x), starts as the identity
+    # kind: a registered architecture (its own settings follow, with its defaults); domain_norm (mkd, joint,
+    # finetune): one batch-norm set per modality, shared convolutions (needs norm: batch)
+    # domain_norm null: the method's registered default (mkd: true; joint, finetune: false; others ignore it)
+    "segmentor": {"kind": "unet", **registry.SEGMENTORS["unet"].defaults, "norm": "batch", "domain_norm": None},
+    "alignment": {
+        "base_filters": 32,
+        "num_blocks": 6,
+        "disc_filters": 64,
+        "disc_layers": 3,
+        "norm": "instance",
+        "residual": True,
+    },  # G(x) = x + r(x), starts as the identity
     "loss": {
         "temperature": 2.0,
         "lambda_s2r": 1.0,
@@ -74,77 +91,76 @@ DEFAULTS = {
 }
 
 
-class Rule:
-    """The type and range of one setting: ``kind`` is "int", "number", "bool" or "choice"."""
-
-    def __init__(self, kind, low=None, high=None, choices=(), optional=False, high_open=False, low_open=False):
-        self.kind, self.low, self.high, self.choices = kind, low, high, choices
-        self.optional, self.high_open, self.low_open = optional, high_open, low_open
-
-    def problem(self, value):
-        """Why ``value`` is not allowed, or None."""
-        if value is None:
-            return None if self.optional else "must be set"
-        if self.kind == "bool":
-            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
-        if self.kind == "choice":
-            return None if value in self.choices else f"must be one of {', '.join(self.choices)}, got {value!r}"
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if self.kind == "int" and not (is_number and float(value).is_integer()):
-            return f"must be a whole number, got {value!r}"
-        if not is_number or value != value or value in (float("inf"), float("-inf")):
-            return f"must be a finite number, got {value!r}"
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if too_low or too_high:
-            left = "(" if self.low_open else "["
-            right = ")" if self.high_open else "]"
-            low = "-inf" if self.low is None else self.low
-            high = "inf" if self.high is None else self.high
-            return f"must be in {left}{low}, {high}{right}, got {value!r}"
-        return None
-
-
-def _int(low=None, high=None, optional=False):
-    return Rule("int", low, high, optional=optional)
-
-
-def _fraction(high_open=False):
-    return Rule("number", 0.0, 1.0, high_open=high_open)
-
-
-_POSITIVE = Rule("number", 0.0, low_open=True)
-_NON_NEGATIVE = Rule("number", 0.0)
-_BOOL = Rule("bool")
-
 #: every setting's type and range, checked before anything is written
 RULES = {
     "method": Rule("choice", choices=METHODS),
-    "seed": _int(0),
+    "seed": integer(0),
     "strategy": Rule("choice", choices=STRATEGIES),
     "precision": Rule("choice", choices=PRECISIONS),
-    "jit_compile": _BOOL,
-    "checkpoint_every": _NON_NEGATIVE,
-    "worker_timeout": _POSITIVE,
-    "data": {"batch_size": _int(1), "augment": _BOOL, "target_labeled": _int(0, optional=True)},
-    "schedule": {"epochs": _int(1), "steps_per_epoch": _int(1), "finetune_switch": _fraction(),
-                 "mkd_pretrain": _fraction(high_open=True), "validation_batch": _int(1)},
-    "segmentor": {"base_filters": _int(1), "depth": _int(1, 8), "norm": Rule("choice", choices=NORMS),
-                  "dropout": _fraction(high_open=True)},
-    "alignment": {"base_filters": _int(1), "num_blocks": _int(0), "disc_filters": _int(1), "disc_layers": _int(1, 8),
-                  "norm": Rule("choice", choices=NORMS), "residual": _BOOL},
-    "loss": {"temperature": _POSITIVE, "lambda_s2r": _NON_NEGATIVE, "lambda_r2s": _NON_NEGATIVE,
-             "adversarial": _NON_NEGATIVE, "cycle": _NON_NEGATIVE, "segmentation_to_generator": _NON_NEGATIVE,
-             "real_on_aligned": _NON_NEGATIVE,
-             "ummkd_temperature": _POSITIVE, "ummkd_weight": _NON_NEGATIVE},
-    "optimizer": {"segmentor_lr": _POSITIVE, "generator_lr": _POSITIVE, "discriminator_lr": _POSITIVE,
-                  "gan_beta_1": _fraction(high_open=True), "ema": _BOOL, "ema_momentum": _fraction(high_open=True)},
-    "ablation": {"iam": _BOOL, "kd_s2r": _BOOL, "kd_r2s": _BOOL},
+    "jit_compile": BOOL,
+    "checkpoint_every": NON_NEGATIVE,
+    "worker_timeout": POSITIVE,
+    "data": {"batch_size": integer(1), "augment": BOOL, "target_labelled": integer(0, optional=True)},
+    "schedule": {
+        "epochs": integer(1),
+        "steps_per_epoch": integer(1),
+        "finetune_switch": fraction(),
+        "mkd_pretrain": fraction(high_open=True),
+        "validation_batch": integer(1),
+    },
+    # plus the rules of the chosen kind's own settings (registry.SEGMENTORS[kind].rules)
+    "segmentor": {
+        "kind": Rule("choice", choices=tuple(registry.SEGMENTORS)),
+        "norm": Rule("choice", choices=NORMS),
+        "domain_norm": Rule("bool", optional=True),
+    },
+    "alignment": {
+        "base_filters": integer(1),
+        "num_blocks": integer(0),
+        "disc_filters": integer(1),
+        "disc_layers": integer(1, 8),
+        "norm": Rule("choice", choices=NORMS),
+        "residual": BOOL,
+    },
+    "loss": {
+        "temperature": POSITIVE,
+        "lambda_s2r": NON_NEGATIVE,
+        "lambda_r2s": NON_NEGATIVE,
+        "adversarial": NON_NEGATIVE,
+        "cycle": NON_NEGATIVE,
+        "segmentation_to_generator": NON_NEGATIVE,
+        "real_on_aligned": NON_NEGATIVE,
+        "ummkd_temperature": POSITIVE,
+        "ummkd_weight": NON_NEGATIVE,
+    },
+    "optimizer": {
+        "segmentor_lr": POSITIVE,
+        "generator_lr": POSITIVE,
+        "discriminator_lr": POSITIVE,
+        "gan_beta_1": fraction(high_open=True),
+        "ema": BOOL,
+        "ema_momentum": fraction(high_open=True),
+    },
+    "ablation": {"iam": BOOL, "kd_s2r": BOOL, "kd_r2s": BOOL},
 }
 
 
-def check_config(config, where, rules=RULES, prefix=""):
+def rules_of(config):
+    """:data:`RULES` with the settings of ``config``'s segmentor kind added."""
+    rules = dict(RULES)
+    kind = registry.SEGMENTORS.get(config["segmentor"].get("kind"))
+    rules["segmentor"] = {
+        **RULES["segmentor"],
+        "kind": Rule("choice", choices=tuple(registry.SEGMENTORS)),
+        **(kind.rules if kind else {}),
+    }
+    return rules
+
+
+def check_config(config, where, rules=None, prefix=""):
     """Fail with one line naming ``where`` and the first setting whose type or range is wrong."""
+    if rules is None:
+        rules = rules_of(config)
     for key, rule in rules.items():
         if isinstance(rule, dict):
             check_config(config[key], where, rule, f"{prefix}{key}.")
@@ -154,21 +170,33 @@ def check_config(config, where, rules=RULES, prefix=""):
             fail(where, f"setting '{prefix}{key}' {problem}")
 
 
-def _merge(base, update, where):
+def _merge(base, update, where, section=None):
     for key, value in update.items():
+        key = RENAMED.get((section, key), key)
+        if section == "segmentor" and key == "kind" and value != base.get("kind"):
+            if value not in registry.SEGMENTORS:
+                fail(where, f"setting 'segmentor.kind' must be one of {', '.join(registry.SEGMENTORS)}, got {value!r}")
+            # another architecture: its own settings replace the previous kind's
+            shared = {k: v for k, v in base.items() if k in RULES["segmentor"]}
+            base.clear()
+            base.update({**shared, **registry.SEGMENTORS[value].defaults, "kind": value})
+            continue
         if key not in base:
             fail(where, f"unknown setting '{key}' (known: {', '.join(sorted(base))})")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 fail(where, f"setting '{key}' must be a mapping")
-            _merge(base[key], value, where)
+            _merge(base[key], value, where, key)
         else:
             base[key] = value
     return base
 
 
-def load_config(path=None, overrides=None):
+def load_config(path=None, overrides=None, recorded=False):
     """Defaults <- YAML file <- overrides (a nested dict of the same shape; `None` values are skipped).
+
+    ``recorded``: the file is a run's ``config.yaml``; a setting it lacks because it was added later
+    (:data:`ADDED_SINCE`) takes the value the run was trained with, not today's default.
 
     Returns:
         The resolved config dict.
@@ -184,18 +212,38 @@ def load_config(path=None, overrides=None):
             fail(path, f"invalid YAML ({str(exc).splitlines()[0]})")
         if not isinstance(values, dict):
             fail(path, "config must be a mapping")
-        _merge(config, values, path)
+        if recorded:
+            for (section, key), before in ADDED_SINCE.items():
+                if isinstance(values.get(section), dict) and key not in values[section]:
+                    values[section] = {**values[section], key: before}
+        _merge(config, _kind_first(values), path)
     if overrides:
-        _merge(config, _drop_none(overrides), "command line")
+        _merge(config, _kind_first(_drop_none(overrides)), "command line")
     if config["method"] not in METHODS:
         fail("config", f"unknown method '{config['method']}' (choose from {', '.join(METHODS)})")
     check_config(config, path if path is not None else "config")
+    segmentor, method = config["segmentor"], registry.METHODS[config["method"]]
+    if segmentor["domain_norm"] is None or method.domain_norm is None:  # recorded as what the run does
+        segmentor["domain_norm"] = bool(method.domain_norm)
+    if segmentor["domain_norm"] and segmentor["norm"] != "batch":
+        fail(
+            path if path is not None else "config",
+            f"setting 'segmentor.domain_norm' needs segmentor.norm: batch, got {segmentor['norm']!r}",
+        )
     return config
 
 
 def learning_settings(config):
     """``config`` without :data:`RUNTIME_SETTINGS`: what a resumed run must share with the first."""
     return {key: value for key, value in config.items() if key not in RUNTIME_SETTINGS}
+
+
+def _kind_first(values):
+    """``values`` with ``segmentor.kind`` merged before the kind's own settings."""
+    segmentor = values.get("segmentor")
+    if isinstance(segmentor, dict) and "kind" in segmentor:
+        values = {**values, "segmentor": {"kind": segmentor["kind"], **segmentor}}
+    return values
 
 
 def _drop_none(values):

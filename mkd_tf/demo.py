@@ -15,6 +15,11 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.data.phantom import write_phantom
 from mkd_tf.data.prepare import PrepareOptions, cache_summary, prepare_cache
 from mkd_tf.data.preprocess import PreprocessConfig
+from mkd_tf.evaluation import evaluate_run
+from mkd_tf.export.serving import export_run
+from mkd_tf.export.tflite import convert_to_tflite
+from mkd_tf.inference import load_trained, predict_file
+from mkd_tf.training import train
 
 DEMO_TRAINING = {
     "method": "mkd",
@@ -35,12 +40,6 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
     Returns:
         dict of the paths made and the evaluation table.
     """
-    from mkd_tf.evaluation import evaluate_run
-    from mkd_tf.export.serving import export_run
-    from mkd_tf.export.tflite import convert_to_tflite
-    from mkd_tf.inference import load_trained, predict_file
-    from mkd_tf.training import train
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     phantom, cache, run = out / "phantom", out / "cache", out / "run"
@@ -49,13 +48,16 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
         write_phantom(phantom, n_ct=6, n_mr=6, shape=(96, 96, 48), seed=0)
     if not (cache / "manifest.json").exists():
         progress(f"[2/7] prepare -> {cache}")
-        options = PrepareOptions(target_labeled=1, seed=0,
-                                 preprocess=PreprocessConfig(spacing=(3.2, 3.2, 3.2), size=48))
+        options = PrepareOptions(
+            target_labelled=1, seed=0, preprocess=PreprocessConfig(spacing=(3.2, 3.2, 3.2), size=48)
+        )
         prepare_cache(phantom / "ct_train", phantom / "mr_train", cache, options)
     progress(cache_summary(SliceCache(cache)))
     overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO_TRAINING.items()}
-    overrides["schedule"].update(epochs=epochs or DEMO_TRAINING["schedule"]["epochs"],
-                                 steps_per_epoch=steps_per_epoch or DEMO_TRAINING["schedule"]["steps_per_epoch"])
+    overrides["schedule"].update(
+        epochs=epochs or DEMO_TRAINING["schedule"]["epochs"],
+        steps_per_epoch=steps_per_epoch or DEMO_TRAINING["schedule"]["steps_per_epoch"],
+    )
     progress(f"[3/7] train mkd -> {run}")
     train(cache, run, None, overrides, verbose=verbose)
     progress(f"[4/7] evaluate {run} on the CT test volume")
@@ -73,6 +75,14 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
     progress(f"[7/7] TFLite -> {tflite_path}")
     converted = convert_to_tflite(exported["path"], tflite_path, "none", report=progress)
     progress(f"wrote {converted['path']} ({converted['bytes'] / 1024:.1f} KiB)")
-    return {"phantom": str(phantom), "cache": str(cache), "run": str(run), "logs": str(run / "logs"),
-            "table": result["table"], "segmentation": str(segmentation), "overlay": str(overlay),
-            "savedmodel": exported["path"], "tflite": str(converted["path"])}
+    return {
+        "phantom": str(phantom),
+        "cache": str(cache),
+        "run": str(run),
+        "logs": str(run / "logs"),
+        "table": result["table"],
+        "segmentation": str(segmentation),
+        "overlay": str(overlay),
+        "savedmodel": exported["path"],
+        "tflite": str(converted["path"]),
+    }

@@ -19,6 +19,7 @@ import numpy as np
 
 from mkd_tf import metrics
 from mkd_tf.data.cache import SliceCache
+from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import load_label
 from mkd_tf.data.preprocess import labels_to_original, map_label_values
 from mkd_tf.errors import fail
@@ -48,8 +49,10 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     if not volumes:
         fail(cache.path, f"no labelled target volumes in split '{split}'")
     structures = {name: index for index, name in enumerate(cache.classes) if index > 0}
-    value_to_class = {int(value): cache.classes.index(name) if name in cache.classes else 0
-                      for name, value in _all_label_values(cache).items()}
+    value_to_class = {
+        int(value): cache.classes.index(name) if name in cache.classes else 0
+        for name, value in _all_label_values(cache).items()
+    }
     images = cache.images("target")
     predictors = model.predictor_names()
     cases = {name: {} for name in predictors}
@@ -62,10 +65,13 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
             predicted = predict_slices(lambda batch: model.predict_probabilities(batch, name), slices)
             on_grid = labels_to_original(predicted, volume["inverse"])
             cases[name][volume["case_id"]] = metrics.evaluate_volume(
-                on_grid, reference, reference_file.spacing, structures)
+                on_grid, reference, reference_file.spacing, structures
+            )
     summary = {name: metrics.summarize(list(cases[name].values())) for name in predictors}
-    table = "\n".join(f"### {config['method']} — {name} ({split}, {len(volumes)} volumes)\n\n"
-                      + metrics.markdown_table(summary[name]) for name in predictors)
+    table = "\n".join(
+        f"### {config['method']} — {name} ({split}, {len(volumes)} volumes)\n\n" + metrics.markdown_table(summary[name])
+        for name in predictors
+    )
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"method": config["method"], "split": split, "checkpoint": which, "cases": cases, "summary": summary}
@@ -84,8 +90,6 @@ def _all_label_values(cache):
     if source.endswith("dataset.json") and Path(source).exists():
         values.update(read_json(source)["labels"])
     elif modality["layout"] == "mmwhs":
-        from mkd_tf.data.layouts import MMWHS_LABELS
-
         values.update(MMWHS_LABELS)
     return values
 
@@ -97,6 +101,14 @@ def _csv(cases):
     for predictor, per_case in cases.items():
         for case, per_structure in per_case.items():
             for structure, values in per_structure.items():
-                writer.writerow([predictor, case, structure, f"{values['dice']:.6f}", f"{values['assd']:.4f}",
-                                 f"{values['hd95']:.4f}"])
+                writer.writerow(
+                    [
+                        predictor,
+                        case,
+                        structure,
+                        f"{values['dice']:.6f}",
+                        f"{values['assd']:.4f}",
+                        f"{values['hd95']:.4f}",
+                    ]
+                )
     return buffer.getvalue()

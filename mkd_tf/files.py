@@ -1,5 +1,19 @@
-"""Small file helpers every layer uses: atomic text writes and JSON reads that fail in one line."""
+"""File helpers every layer uses: the one atomic-write scheme, all-or-nothing writes, JSON reads.
 
+Atomic writes: everything the package writes goes first to a **hidden temporary sibling**,
+``.NAME.tmp-<8 hex>`` plus the name's suffixes (a tool that picks its format from the extension, such
+as nibabel or matplotlib, still sees ``.nii.gz`` / ``.png``), and is renamed into place only when
+complete, so a reader never sees a half-written file and a killed write leaves only a hidden
+``.NAME.tmp-*`` that the next write of a folder cleans up. Folders (slice cache, phantom, export
+version) use the same name for their staging folder.
+
+Example:
+    >>> name = temporary_sibling("out/case_1001_label.nii.gz").name
+    >>> name[:21], len(name[21:29]), name[29:]
+    ('.case_1001_label.tmp-', 8, '.nii.gz')
+"""
+
+import contextlib
 import json
 import os
 import uuid
@@ -8,25 +22,85 @@ from pathlib import Path
 from mkd_tf.errors import fail
 
 
-def write_text_atomic(path, text):
-    """Write ``text`` to a hidden sibling of ``path``, then rename it into place (never half-written)."""
+def temporary_sibling(path, folder=False):
+    """A hidden, unique path next to ``path``: ``.STEM.tmp-<8 hex><suffixes>`` for a file (the suffixes kept
+    for tools that read them), ``.NAME.tmp-<8 hex>`` for a ``folder`` (what stale-staging clean-ups match)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    stem, dot, suffixes = (path.name, "", "") if folder else path.name.partition(".")
+    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{dot}{suffixes}")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of ``path`` to write; on success rename it onto ``path``, on failure
+    remove it (``path`` is then untouched)."""
+    path = Path(path)
+    temporary = temporary_sibling(path)
     try:
-        temporary.write_text(text)
+        yield temporary
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
-    return path
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)
+
+
+def write_files_atomic(files):
+    """Write ``[(path, bytes), ...]`` all or nothing.
+
+    Missing folders are created, each file goes to a temporary sibling, and only when every temporary
+    is complete are they renamed into place. On failure the temporaries and the folders this call
+    created are removed and :class:`~mkd_tf.errors.MkdError` names the file.
+    """
+    created, temporaries, done = [], [], False
+    try:
+        for path, content in files:
+            path = Path(path)
+            missing, folder = [], path.parent
+            while not folder.exists():
+                missing.append(folder)
+                folder = folder.parent
+            try:
+                for folder in reversed(missing):
+                    folder.mkdir()
+                    created.append(folder)
+                temporary = temporary_sibling(path)
+                temporaries.append(temporary)
+                temporary.write_bytes(content)
+            except OSError as exc:
+                fail(path, f"cannot write ({exc.strerror or exc})")
+        for (path, _), temporary in zip(files, temporaries):
+            try:
+                os.replace(temporary, path)
+            except OSError as exc:
+                fail(path, f"cannot write ({exc.strerror or exc})")
+        done = True
+    finally:
+        for temporary in temporaries:
+            if temporary.exists():
+                temporary.unlink()
+        if not done:
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
 
 
 def read_json(path, missing="file not found"):
-    """Parse a JSON file; a missing or invalid file is an :class:`MkdError` naming it."""
+    """Parse a JSON file; a missing, unreadable or invalid file is an :class:`MkdError` naming it."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         fail(path, missing)
+    except IsADirectoryError:
+        fail(path, "is a folder, not a JSON file")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         fail(path, f"invalid JSON ({exc})")

@@ -1,4 +1,4 @@
-"""Volume-level evaluation in millimetres, its summary table, and a streaming Dice for training.
+"""Volume-level evaluation in millimetres, its summary table, and the one Dice of the package.
 
 Definitions (for boolean 3-D masks A = prediction, B = reference, voxel size `spacing` in mm):
 
@@ -16,7 +16,9 @@ These are medpy.metric.binary's `dc`, `assd` and `hd95` as pinned here (medpy 0.
 
 Empty masks never raise and never give NaN:
 
-- both empty: Dice 1.0, ASSD 0.0, HD95 0.0 (a correct "nothing here");
+- both empty: Dice 1.0, ASSD 0.0, HD95 0.0 (a correct "nothing here"). This is the package's one rule
+  for a class absent from both: evaluation, validation Dice during training and the TFLite parity
+  check all compute Dice through :func:`class_overlaps` and :func:`dice_of_overlaps`;
 - exactly one empty: Dice 0.0, and ASSD = HD95 = the diagonal of the volume in mm,
   sqrt(sum_k (shape_k * spacing_k)^2), the largest distance the volume can hold, so a missed or
   hallucinated structure costs more than any real segmentation of it could.
@@ -27,7 +29,6 @@ it), so a small structure in a 256x256x200 volume costs a few distance transform
 
 import math
 
-import keras
 import numpy as np
 from scipy import ndimage
 
@@ -66,21 +67,60 @@ def dice(prediction, reference):
 
     Returns:
         float in [0, 1].
+
+    Example:
+        >>> dice([1, 1, 0, 0], [1, 0, 0, 0]), dice([0, 0], [0, 0])
+        (0.6666666666666666, 1.0)
     """
     prediction = _as_mask(prediction)
     reference = _as_mask(reference)
     _check_shapes(prediction, reference)
-    total = np.count_nonzero(prediction) + np.count_nonzero(reference)
-    if total == 0:
-        return 1.0
-    return 2.0 * np.count_nonzero(prediction & reference) / total
+    overlaps = np.array(
+        [[np.count_nonzero(prediction & reference)], [np.count_nonzero(prediction)], [np.count_nonzero(reference)]]
+    )
+    return float(dice_of_overlaps(overlaps)[0])
+
+
+def class_overlaps(predicted, reference, num_classes):
+    """Per-class counts of two label maps, to be summed over slices or batches before :func:`dice_of_overlaps`.
+
+    Args:
+        predicted: integer label array.
+        reference: integer label array of the same shape.
+        num_classes: K; classes 0..K-1 are counted.
+
+    Returns:
+        float64 array `(3, K)`: |A_c and B_c|, |A_c|, |B_c| for every class c.
+    """
+    predicted = np.asarray(predicted).astype(np.int64).ravel()
+    reference = np.asarray(reference).astype(np.int64).ravel()
+    _check_shapes(predicted, reference)
+    both = np.bincount(reference[predicted == reference], minlength=num_classes)[:num_classes]
+    return np.stack(
+        [
+            both,
+            np.bincount(predicted, minlength=num_classes)[:num_classes],
+            np.bincount(reference, minlength=num_classes)[:num_classes],
+        ]
+    ).astype(np.float64)
+
+
+def dice_of_overlaps(overlaps):
+    """Dice of every class from :func:`class_overlaps` counts: 2|A and B| / (|A| + |B|), 1.0 for a class
+    absent from both.
+
+    Example:
+        >>> dice_of_overlaps(class_overlaps([0, 1, 1, 2], [0, 1, 2, 2], 4)).tolist()
+        [1.0, 0.6666666666666666, 0.6666666666666666, 1.0]
+    """
+    both, predicted, reference = np.asarray(overlaps, dtype=np.float64)
+    total = predicted + reference
+    return np.where(total > 0, 2.0 * both / np.maximum(total, 1.0), 1.0)
 
 
 def _check_shapes(prediction, reference):
     if prediction.shape != reference.shape:
-        raise MkdError(
-            f"metrics: prediction shape {prediction.shape} differs from reference {reference.shape}"
-        )
+        raise MkdError(f"metrics: prediction shape {prediction.shape} differs from reference {reference.shape}")
 
 
 def surface_distances(prediction, reference, spacing=None):
@@ -131,43 +171,32 @@ def _surface_metrics(to_reference, to_prediction):
     return {"assd": float(pooled.mean()), "hd95": float(np.percentile(pooled, 95))}
 
 
-def _surface_metric(prediction, reference, spacing, name):
-    """One surface metric of two masks, with the documented values for empty masks."""
+def surface_metrics(prediction, reference, spacing=None):
+    """ASSD and HD95 in mm of two masks: the mean and the 95th percentile of d(A, B) joined with d(B, A)
+    (medpy 0.5's ``assd`` and ``hd95``).
+
+    Args:
+        prediction: mask A.
+        reference: mask B, same shape.
+        spacing: voxel size per axis in mm (`None`: 1).
+
+    Returns:
+        ``{"assd": float, "hd95": float}``; both 0.0 when the masks are empty, the volume diagonal when
+        exactly one is.
+
+    Example:
+        >>> a, b = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+        >>> a[2:5, 2:5, 2:5] = b[3:6, 2:5, 2:5] = True
+        >>> surface_metrics(a, b, spacing=(2.0, 1.0, 1.0))["hd95"]
+        2.0
+    """
     prediction = _as_mask(prediction)
     reference = _as_mask(reference)
     _check_shapes(prediction, reference)
     empty = _empty_case(prediction, reference, spacing)
     if empty is not None:
-        return empty
-    return _surface_metrics(*surface_distances(prediction, reference, spacing))[name]
-
-
-def assd(prediction, reference, spacing=None):
-    """Average symmetric surface distance in mm: mean of d(A, B) joined with d(B, A) (medpy 0.5's `assd`).
-
-    Args:
-        prediction: mask A.
-        reference: mask B, same shape.
-        spacing: voxel size per axis in mm (`None`: 1).
-
-    Returns:
-        float; 0.0 when both are empty, the volume diagonal when exactly one is.
-    """
-    return _surface_metric(prediction, reference, spacing, "assd")
-
-
-def hd95(prediction, reference, spacing=None):
-    """95th percentile Hausdorff distance in mm over d(A, B) joined with d(B, A).
-
-    Args:
-        prediction: mask A.
-        reference: mask B, same shape.
-        spacing: voxel size per axis in mm (`None`: 1).
-
-    Returns:
-        float; 0.0 when both are empty, the volume diagonal when exactly one is.
-    """
-    return _surface_metric(prediction, reference, spacing, "hd95")
+        return {"assd": empty, "hd95": empty}
+    return _surface_metrics(*surface_distances(prediction, reference, spacing))
 
 
 def evaluate_volume(prediction, reference, spacing, class_values):
@@ -223,9 +252,7 @@ def summarize(rows):
             summary[name][metric] = {"mean": float(values.mean()), "std": float(values.std())}
     summary["overall"] = {}
     for metric in METRICS:
-        per_case = np.array(
-            [np.mean([row[name][metric] for name in names]) for row in rows], dtype=np.float64
-        )
+        per_case = np.array([np.mean([row[name][metric] for name in names]) for row in rows], dtype=np.float64)
         summary["overall"][metric] = {"mean": float(per_case.mean()), "std": float(per_case.std())}
     return summary
 
@@ -250,82 +277,3 @@ def markdown_table(summary):
             f"| {cells['hd95']['mean']:.2f} ± {cells['hd95']['std']:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-@keras.saving.register_keras_serializable(package="mkd_tf")
-class DiceMetric(keras.metrics.Metric):
-    """Streaming per-class hard Dice over batches of (labels, probabilities).
-
-    Each batch's prediction is the argmax over classes; per class c the metric accumulates
-    I_c = sum 1[pred = c and label = c], P_c = sum 1[pred = c] and G_c = sum 1[label = c] over all
-    pixels seen since the last reset, and Dice_c = 2 I_c / (P_c + G_c), or 1.0 when P_c + G_c = 0
-    (matching :func:`dice` on two empty masks). `result()` is the mean over foreground classes
-    1..K-1. The accumulators are summed across replicas under a distribution strategy.
-
-    Args:
-        num_classes: K, background (class 0) included.
-        name: metric name.
-        dtype: accumulator dtype.
-
-    Example:
-    >>> metric = DiceMetric(num_classes=5)
-    >>> metric.update_state(labels, probabilities)  # (batch, height, width), (batch, height, width, 5)
-    >>> metric.result(), metric.per_class_dice()      # scalar, (5,)
-    """
-
-    def __init__(self, num_classes, name="dice", dtype="float32"):
-        super().__init__(name=name, dtype=dtype)
-        self.num_classes = int(num_classes)
-        shape = (self.num_classes,)
-        self.intersections = self.add_variable(
-            shape=shape, initializer="zeros", dtype=self.dtype, name="intersections"
-        )
-        self.predicted = self.add_variable(
-            shape=shape, initializer="zeros", dtype=self.dtype, name="predicted"
-        )
-        self.reference = self.add_variable(
-            shape=shape, initializer="zeros", dtype=self.dtype, name="reference"
-        )
-
-    def update_state(self, labels, probabilities, sample_weight=None):
-        """Add one batch.
-
-        Args:
-            labels: integer tensor `(batch, height, width)`.
-            probabilities: float tensor `(batch, height, width, classes)` (logits work too).
-            sample_weight: optional `(batch,)` (e.g. a `has_label` mask) or `(batch, height, width)`
-                weights applied to every pixel's counts.
-        """
-        labels = keras.ops.cast(labels, "int32")
-        predicted = keras.ops.argmax(probabilities, axis=-1)
-        predicted_one_hot = keras.ops.one_hot(predicted, self.num_classes, dtype=self.dtype)
-        label_one_hot = keras.ops.one_hot(labels, self.num_classes, dtype=self.dtype)
-        if sample_weight is not None:
-            weight = keras.ops.cast(sample_weight, self.dtype)
-            while len(weight.shape) < len(label_one_hot.shape):
-                weight = keras.ops.expand_dims(weight, -1)
-            predicted_one_hot = predicted_one_hot * weight
-            label_one_hot = label_one_hot * weight
-        axes = tuple(range(len(label_one_hot.shape) - 1))
-        self.intersections.assign_add(
-            keras.ops.sum(predicted_one_hot * label_one_hot, axis=axes)
-        )
-        self.predicted.assign_add(keras.ops.sum(predicted_one_hot, axis=axes))
-        self.reference.assign_add(keras.ops.sum(label_one_hot, axis=axes))
-
-    def per_class_dice(self):
-        """Dice of every class, background included: float tensor `(classes,)`."""
-        total = self.predicted + self.reference
-        return keras.ops.where(
-            total > 0, 2.0 * self.intersections / keras.ops.maximum(total, 1e-12), 1.0
-        )
-
-    def result(self):
-        return keras.ops.mean(self.per_class_dice()[1:])
-
-    def reset_state(self):
-        for variable in (self.intersections, self.predicted, self.reference):
-            variable.assign(keras.ops.zeros_like(variable))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}

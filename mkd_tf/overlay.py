@@ -7,8 +7,7 @@ import numpy as np
 from mkd_tf.data.nifti import to_canonical
 
 # Tableau-like colours, one per structure in class order.
-COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
-           "#fabebe", "#008080"]
+COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080"]
 
 
 def render_overlay(image, labels, record, count=3):
@@ -50,8 +49,10 @@ def render_overlay(image, labels, record, count=3):
                 axis.contour(mask.astype(float), levels=[0.5], colors=[COLOURS[index % len(COLOURS)]], linewidths=1.2)
         axis.set_title(f"axial slice {int(z)}")
         axis.axis("off")
-    handles = [Line2D([0], [0], color=COLOURS[i % len(COLOURS)], lw=2, label=f"{n} ({v})")
-               for i, (n, v) in enumerate(zip(names, values))]
+    handles = [
+        Line2D([0], [0], color=COLOURS[i % len(COLOURS)], lw=2, label=f"{n} ({v})")
+        for i, (n, v) in enumerate(zip(names, values))
+    ]
     figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     buffer = io.BytesIO()
@@ -60,11 +61,3 @@ def render_overlay(image, labels, record, count=3):
     finally:
         plt.close(figure)
     return buffer.getvalue()
-
-
-def write_overlay(path, image, labels, record, count=3):
-    """Write :func:`render_overlay` to the PNG ``path`` (atomically: temporary sibling, then rename)."""
-    from mkd_tf.inference import write_outputs
-
-    write_outputs([(path, render_overlay(image, labels, record, count))])
-    return path

@@ -89,8 +89,11 @@ class RunFolder:
         if self._writers is None:
             self._writers = {}
         if name not in self._writers:
-            self._writers[name] = (tf.summary.create_file_writer(str(self.path / "logs" / name)) if self.chief
-                                   else tf.summary.create_noop_writer())
+            self._writers[name] = (
+                tf.summary.create_file_writer(str(self.path / "logs" / name))
+                if self.chief
+                else tf.summary.create_noop_writer()
+            )
         return self._writers[name]
 
     def flush(self):
@@ -139,12 +142,14 @@ class RunFolder:
         """Every worker calls this in step: the chief saves into ``folder``, the others into a temporary
         folder they delete right away."""
         if self.chief:
-            return tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=max_to_keep,
-                                              checkpoint_name=name).save(checkpoint_number=number)
+            return tf.train.CheckpointManager(
+                checkpoint, str(folder), max_to_keep=max_to_keep, checkpoint_name=name
+            ).save(checkpoint_number=number)
         scratch = tempfile.mkdtemp(prefix="mkd-worker-checkpoint-")
         try:
             tf.train.CheckpointManager(checkpoint, scratch, max_to_keep=1, checkpoint_name=name).save(
-                checkpoint_number=number)
+                checkpoint_number=number
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return None

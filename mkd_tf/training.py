@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mkd_tf import cluster, metrics, registry
 from mkd_tf.config import STRATEGIES, learning_settings, load_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
@@ -42,15 +43,15 @@ def make_strategy(name, worker_timeout=600.0):
     Returns:
         `(strategy, tf_config)`: ``tf_config`` is the parsed `TF_CONFIG` under multi-worker, else None.
     """
-    from mkd_tf import cluster
-
     if name not in STRATEGIES:
         fail("--strategy", f"unknown strategy '{name}' ({', '.join(STRATEGIES)})")
     tf_config = cluster.read_tf_config() if name in ("auto", "multi-worker") else None
     if name == "multi-worker" or (name == "auto" and cluster.worker_count(tf_config) > 1):
         if tf_config is None:
-            fail("--strategy", "multi-worker needs TF_CONFIG (the cluster and this task; see README, "
-                               "'Multi-worker training')")
+            fail(
+                "--strategy",
+                "multi-worker needs TF_CONFIG (the cluster and this task; see README, 'Multi-worker training')",
+            )
         return cluster.make_multi_worker_strategy(worker_timeout, tf_config), tf_config
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default" or (name == "auto" and not gpus):
@@ -65,7 +66,7 @@ def labelled_target_volumes(cache, count, seed):
     if count is None:
         return volumes
     if count > len(volumes):
-        fail(cache.path, f"--target-labeled {count} but the cache has {len(volumes)} labelled target training volumes")
+        fail(cache.path, f"--target-labelled {count} but the cache has {len(volumes)} labelled target training volumes")
     order = sorted(volumes, key=lambda i: cache.volumes("target")[i]["case_id"])
     np.random.default_rng(seed).shuffle(order)
     return sorted(order[:count])
@@ -73,12 +74,13 @@ def labelled_target_volumes(cache, count, seed):
 
 def usable_target_volumes(cache, config):
     """:func:`labelled_target_volumes` of the config; fails when the method needs them and there are none."""
-    keep = labelled_target_volumes(cache, config["data"]["target_labeled"], config["seed"])
-    from mkd_tf.models.baselines import NEEDS_LABELLED_TARGET
-
-    if not keep and config["method"] in NEEDS_LABELLED_TARGET:
-        fail(cache.path, f"method '{config['method']}' needs labelled target training volumes; "
-                         "the cache (or --target-labeled) leaves none")
+    keep = labelled_target_volumes(cache, config["data"]["target_labelled"], config["seed"])
+    if not keep and registry.METHODS[config["method"]].needs_labelled_target:
+        fail(
+            cache.path,
+            f"method '{config['method']}' needs labelled target training volumes; "
+            "the cache (or --target-labelled) leaves none",
+        )
     return keep
 
 
@@ -91,8 +93,15 @@ def training_streams(cache, config, epoch, shard=(0, 1), start=0):
     data = config["data"]
     seed = int(config["seed"]) * 1000 + epoch  # a fresh, reproducible order every epoch (and after resume)
     keep = usable_target_volumes(cache, config)
-    return pipeline.training_dataset(cache, data["batch_size"], augment=data["augment"], seed=seed,
-                                     labelled_target_volumes=keep, shard=shard, start=start)
+    return pipeline.training_dataset(
+        cache,
+        data["batch_size"],
+        augment=data["augment"],
+        seed=seed,
+        labelled_target_volumes=keep,
+        shard=shard,
+        start=start,
+    )
 
 
 def distributed_streams(strategy, cache, config, epoch, start=0):
@@ -105,8 +114,9 @@ def distributed_streams(strategy, cache, config, epoch, start=0):
         fail("--batch-size", f"{global_batch} slices per stream cannot be split evenly over {replicas} replicas")
 
     def dataset_fn(context):
-        dataset = training_streams(cache, config, epoch, shard=(context.input_pipeline_id,
-                                                                 context.num_input_pipelines), start=start)
+        dataset = training_streams(
+            cache, config, epoch, shard=(context.input_pipeline_id, context.num_input_pipelines), start=start
+        )
         per_pipeline = global_batch // context.num_input_pipelines
         per_replica = context.get_per_replica_batch_size(global_batch)
         return dataset if per_replica == per_pipeline else dataset.rebatch(per_replica)
@@ -115,66 +125,50 @@ def distributed_streams(strategy, cache, config, epoch, start=0):
 
 
 def build_method(config, num_classes):
-    """The model of ``config["method"]``, not yet built."""
-    from mkd_tf.models import baselines
-    from mkd_tf.models.mkd import MKDModel
+    """The model of ``config["method"]`` (a registered method, :mod:`mkd_tf.registry`), not yet built.
 
-    method, optimizer = config["method"], config["optimizer"]
-    batch = config["data"]["batch_size"]
-    steps = config["schedule"]["epochs"] * config["schedule"]["steps_per_epoch"]
-    # float16 needs loss scaling on every optimizer (gradients would underflow); bfloat16 and float32 do not
+    Every optimizer is Adam; the segmentors' keeps an exponential moving average of the weights when
+    ``optimizer.ema`` is on, the GAN's use ``gan_beta_1``. Under ``mixed_float16`` each is wrapped in a
+    ``LossScaleOptimizer`` (float16 gradients would underflow; bfloat16 and float32 need no scaling).
+    """
+    settings = config["optimizer"]
     scaled = config.get("precision") == "mixed_float16"
 
-    def adam(*args, **kwargs):
-        inner = keras.optimizers.Adam(*args, **kwargs)
+    def optimizer(role):
+        if role == "segmentors":
+            inner = keras.optimizers.Adam(
+                settings["segmentor_lr"], use_ema=bool(settings["ema"]), ema_momentum=float(settings["ema_momentum"])
+            )
+        else:  # "generators" / "discriminators"
+            inner = keras.optimizers.Adam(settings[f"{role[:-1]}_lr"], beta_1=settings["gan_beta_1"])
         return keras.optimizers.LossScaleOptimizer(inner) if scaled else inner
 
-    segmentor_optimizer = adam(optimizer["segmentor_lr"], use_ema=bool(optimizer["ema"]),
-                               ema_momentum=float(optimizer["ema_momentum"]))
-    if method == "mkd":
-        gan = {"beta_1": optimizer["gan_beta_1"]}
-        return MKDModel(
-            num_classes, batch, segmentor=config["segmentor"], alignment=config["alignment"],
-            weights={k: config["loss"][k] for k in ("temperature", "lambda_s2r", "lambda_r2s", "adversarial",
-                                                     "cycle", "segmentation_to_generator", "real_on_aligned")},
-            use_iam=config["ablation"]["iam"], kd_s2r=config["ablation"]["kd_s2r"],
-            kd_r2s=config["ablation"]["kd_r2s"],
-            pretrain_steps=int(config["schedule"]["mkd_pretrain"] * steps),
-            optimizers={"segmentors": segmentor_optimizer,
-                        "generators": adam(optimizer["generator_lr"], **gan),
-                        "discriminators": adam(optimizer["discriminator_lr"], **gan)})
-    return baselines.build(method, num_classes, batch, config["segmentor"], segmentor_optimizer,
-                           loss=config["loss"], switch_step=int(config["schedule"]["finetune_switch"] * steps))
+    model_class = registry.load(registry.METHODS[config["method"]].model)
+    return model_class.from_settings(config, num_classes, optimizer)
 
 
 def validation_dice(model, cache, batch_size=32, split="val"):
     """Dice per predictor and foreground class over all labelled target slices of ``split``.
 
-    Intersections and sums are accumulated over the whole split (so it is the Dice of the split's
-    volumes stacked together, not a mean over slices). Returns `{predictor: [dice per class]}`, or
-    `None` when the cache has no labelled target slices in the split.
+    The overlaps are accumulated over the whole split (so it is the Dice of the split's volumes stacked
+    together, not a mean over slices; a class absent from both scores 1.0, :mod:`mkd_tf.metrics`).
+    Returns `{predictor: [dice per class]}`, or `None` when the cache has no labelled target slices in
+    the split.
     """
     rows = cache.indices("target", split, labelled=True)
     if rows.size == 0:
         return None
     names = model.predictor_names()
-    classes = cache.num_classes
-    stats = {name: np.zeros((3, classes)) for name in names}
+    overlaps = {name: 0.0 for name in names}
     images, labels = cache.images("target"), cache.labels("target")
     for start in range(0, rows.size, batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         batch = tf.constant(np.asarray(images[chunk])[..., None])
         truth = np.asarray(labels[chunk])
         for name in names:
             predicted = np.argmax(model.predict_probabilities(batch, name).numpy(), axis=-1)
-            for c in range(classes):
-                p, g = predicted == c, truth == c
-                stats[name][:, c] += ((p & g).sum(), p.sum(), g.sum())
-    result = {}
-    for name, (both, pred, true) in stats.items():
-        denominator = pred + true
-        result[name] = [float(2 * b / d) if d > 0 else 1.0 for b, d in zip(both[1:], denominator[1:])]
-    return result
+            overlaps[name] = overlaps[name] + metrics.class_overlaps(predicted, truth, cache.num_classes)
+    return {name: metrics.dice_of_overlaps(counts)[1:].tolist() for name, counts in overlaps.items()}
 
 
 def model_state(model):
@@ -237,8 +231,10 @@ def _best_weights(run):
 def _check_finite(logs, epoch, step):
     for name, value in logs.items():
         if not math.isfinite(value):
-            raise MkdError(f"training diverged: loss '{name}' is {value} at epoch {epoch + 1}, step {step + 1}; "
-                           "lower the learning rates or check the input data")
+            raise MkdError(
+                f"training diverged: loss '{name}' is {value} at epoch {epoch + 1}, step {step + 1}; "
+                "lower the learning rates or check the input data"
+            )
 
 
 def cache_record(cache):
@@ -258,18 +254,12 @@ def float32_outputs(model):
     every generator's output (its residual ``x + r(x)`` too) and every discriminator's scores. The
     networks' containers run in float32 (their inputs are not rounded to 16 bits); the layers inside
     compute in the policy's 16-bit type."""
-    from mkd_tf.models.alignment import ImageAlignmentModule, PatchDiscriminator, ResnetGenerator
-    from mkd_tf.models.cross_modality import CrossModalityModel
-    from mkd_tf.models.segmentor import Segmentor
-
-    heads = {Segmentor: "classifier", ResnetGenerator: "head", PatchDiscriminator: "score",
-             ImageAlignmentModule: None, CrossModalityModel: None}
     for layer in model._flatten_layers(include_self=True, recursive=True):  # noqa: SLF001
-        for kind, head in heads.items():
-            if isinstance(layer, kind):
-                layer.dtype_policy = "float32"
-                if head:
-                    getattr(layer, head).dtype_policy = "float32"
+        if isinstance(layer, keras.Model):  # every network and container: float32 in and out
+            layer.dtype_policy = "float32"
+            head = getattr(layer, "output_layer_name", None)  # a network's last layer (its output)
+            if head:
+                getattr(layer, head).dtype_policy = "float32"
 
 
 @contextlib.contextmanager
@@ -300,8 +290,10 @@ def step_functions(strategy, model, jit_compile=False):
 
         def run_step(batch, save_flag):
             per_replica = strategy.run(replica_step, args=(batch, save_flag))
-            return {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                    for name, value in per_replica.items()}
+            return {
+                name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                for name, value in per_replica.items()
+            }
 
         return tf.function(run_step, jit_compile=bool(jit_compile))
 
@@ -322,8 +314,6 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     Returns:
         dict with the final epoch, best validation Dice and paths.
     """
-    from mkd_tf import cluster
-
     # Everything is checked, and the model built, before the first write into RUN: a run that fails
     # on its inputs leaves nothing behind that would make the corrected command refuse the folder.
     cache = SliceCache(cache_path)
@@ -337,7 +327,7 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         if not existing.is_dir():
             fail(run, "exists and is not a folder" if existing == run else f"cannot be created: {existing} is a file")
         if (run / "config.yaml").exists():
-            previous = learning_settings(load_config(run / "config.yaml"))
+            previous = learning_settings(load_config(run / "config.yaml", recorded=True))
             if previous != learning_settings(config):
                 changed = sorted(k for k in previous if learning_settings(config)[k] != previous.get(k))
                 fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
@@ -348,12 +338,19 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         if tf_config is None:
             return _train(cache, run, config, config_path, strategy, RunFolder(run), None, verbose)
         try:
-            result = _train(cache, run, config, config_path, strategy, RunFolder(run, chief), tf_config,
-                            verbose if chief else 0)
+            result = _train(
+                cache, run, config, config_path, strategy, RunFolder(run, chief), tf_config, verbose if chief else 0
+            )
             cluster.discard_native_log()
             return result
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-                tf.errors.CancelledError, tf.errors.FailedPreconditionError, tf.errors.InternalError) as exc:
+        except (
+            tf.errors.UnavailableError,
+            tf.errors.DeadlineExceededError,
+            tf.errors.AbortedError,
+            tf.errors.CancelledError,
+            tf.errors.FailedPreconditionError,
+            tf.errors.InternalError,
+        ) as exc:
             raise MkdError(cluster.describe_failure(exc, tf_config, float(config["worker_timeout"]))) from None
 
 
@@ -372,8 +369,6 @@ def _xla_errors(jit_compile):
 
 def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose):
     """The loop of :func:`train` (``folder`` knows whether this process writes the run folder)."""
-    from mkd_tf import cluster
-
     size = cache.size
     with strategy.scope():
         model = build_method(config, cache.num_classes)
@@ -415,8 +410,11 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
         progress = None
     history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= first_epoch]
     if verbose and done:
-        print(f"resuming {run} after epoch {first_epoch}" if not skip else
-              f"resuming {run} at epoch {first_epoch + 1}, step {skip + 1} (from a step checkpoint)")
+        print(
+            f"resuming {run} after epoch {first_epoch}"
+            if not skip
+            else f"resuming {run} at epoch {first_epoch + 1}, step {skip + 1} (from a step checkpoint)"
+        )
 
     pretrain_step, train_step = step_functions(strategy, model, config["jit_compile"])
     distributed = strategy.num_replicas_in_sync > 1 or tf_config is not None
@@ -432,8 +430,9 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
             dataset = training_streams(cache, config, epoch, start=start)
             iterator = iter(dataset)
         if folder.chief and panel_batch is None:  # TensorBoard panels: the first batch of the epoch
-            panel_batch = next(iter(dataset if not distributed and not start else
-                                    training_streams(cache, config, epoch)))
+            panel_batch = next(
+                iter(dataset if not distributed and not start else training_streams(cache, config, epoch))
+            )
         progress_bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="step") if verbose else None
         if verbose:
             print(f"epoch {epoch + 1}/{epochs}")
@@ -444,6 +443,8 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
         for step in range(start, steps):
             global_step = epoch * steps + step
             step_function = pretrain_step if global_step < model.pretrain_steps else train_step
+            if global_step == model.pretrain_steps > 0:
+                model.end_pretraining()
             # The chief asks for a step checkpoint when the interval has passed (epoch ends save anyway).
             ask = folder.chief and 0 < interval <= time.monotonic() - last_save and step < steps - 1
             result = step_function(next(iterator), tf.constant(1.0 if ask else 0.0))
@@ -455,9 +456,11 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
             if progress_bar:
                 progress_bar.update(step + 1, list(logs.items()))
             if save_now:  # every worker, in step
-                folder.save_step(checkpoint, global_step + 1, {
-                    "epoch": epoch, "totals": totals,
-                    "seconds": earlier_seconds + time.perf_counter() - started})
+                folder.save_step(
+                    checkpoint,
+                    global_step + 1,
+                    {"epoch": epoch, "totals": totals, "seconds": earlier_seconds + time.perf_counter() - started},
+                )
                 last_save = time.monotonic()
         means = {name: value / steps for name, value in totals.items()}
         seconds = earlier_seconds + time.perf_counter() - started
@@ -467,8 +470,13 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
         folder.save_epoch(checkpoint, epoch + 1)
         last_save = time.monotonic()
     folder.flush()
-    return {"run": str(run), "epochs": epochs, "best": history["best"], "logs": str(run / "logs"),
-            "chief": folder.chief}
+    return {
+        "run": str(run),
+        "epochs": epochs,
+        "best": history["best"],
+        "logs": str(run / "logs"),
+        "chief": folder.chief,
+    }
 
 
 def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, steps, seconds, schedule, verbose):
@@ -477,8 +485,13 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
         dice = validation_dice(model, cache, int(schedule["validation_batch"]))
         # For learning curves only (`mkd compare` plots them); never used to select a checkpoint.
         test_dice = validation_dice(model, cache, int(schedule["validation_batch"]), split="test")
-    record = {"epoch": epoch + 1, "losses": means, "steps_per_second": steps / seconds, "val_dice": dice,
-              "test_dice": test_dice}
+    record = {
+        "epoch": epoch + 1,
+        "losses": means,
+        "steps_per_second": steps / seconds,
+        "val_dice": dice,
+        "test_dice": test_dice,
+    }
     global_step = (epoch + 1) * steps
     with folder.summary_writer("train").as_default():
         for name, value in means.items():
@@ -524,7 +537,7 @@ def load_run(run_dir, which="best"):
     run = Path(run_dir)
     if not (run / "config.yaml").exists():
         fail(run, "not a training run (no config.yaml)")
-    config = load_config(run / "config.yaml")
+    config = load_config(run / "config.yaml", recorded=True)
     record = read_json(run / "cache.json", "missing: the run folder is incomplete")
     model = build_method(config, len(record["classes"]))
     size = int(record["preprocess"]["size"])

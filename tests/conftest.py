@@ -25,6 +25,10 @@ from mkd_tf.data.nifti import load_label, save_volume
 from mkd_tf.data.phantom import write_phantom
 from mkd_tf.data.preprocess import PreprocessConfig
 
+# Scripts run in subprocesses (multi-worker jobs): not test modules, and `--doctest-modules` must not
+# import them (they start a cluster at import).
+collect_ignore_glob = ["scripts/*"]
+
 PHANTOM_SHAPE = (32, 32, 16)
 PHANTOM_CT, PHANTOM_MR = 3, 2
 # Native CT spacing of the phantom (RAS order): with it, the cache is the CT grid itself.
@@ -38,17 +42,34 @@ FAST_CONFIG = PreprocessConfig(spacing=CT_SPACING, size=FAST_SIZE)
 FAST_ARGS = ["--spacing", ",".join(str(s) for s in CT_SPACING), "--size", str(FAST_SIZE)]
 
 # nnU-Net label tables with the same structure names but different ids per modality.
-NNUNET_TARGET_LABELS = {"background": 0, "myocardium": 1, "left_atrium": 2, "left_ventricle": 3, "right_atrium": 4,
-                        "right_ventricle": 5, "ascending_aorta": 6, "pulmonary_artery": 7}
-NNUNET_ASSISTANT_LABELS = {"background": 0, "left_ventricle": 1, "pulmonary_artery": 2, "myocardium": 3,
-                           "ascending_aorta": 4, "right_atrium": 5, "left_atrium": 6, "right_ventricle": 7}
+NNUNET_TARGET_LABELS = {
+    "background": 0,
+    "myocardium": 1,
+    "left_atrium": 2,
+    "left_ventricle": 3,
+    "right_atrium": 4,
+    "right_ventricle": 5,
+    "ascending_aorta": 6,
+    "pulmonary_artery": 7,
+}
+NNUNET_ASSISTANT_LABELS = {
+    "background": 0,
+    "left_ventricle": 1,
+    "pulmonary_artery": 2,
+    "myocardium": 3,
+    "ascending_aorta": 4,
+    "right_atrium": 5,
+    "left_atrium": 6,
+    "right_ventricle": 7,
+}
 
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory):
     """Read-only MM-WHS-layout phantom root holding `ct_train/` and `mr_train/`."""
-    return write_phantom(tmp_path_factory.mktemp("phantom") / "data", n_ct=PHANTOM_CT, n_mr=PHANTOM_MR,
-                         shape=PHANTOM_SHAPE)
+    return write_phantom(
+        tmp_path_factory.mktemp("phantom") / "data", n_ct=PHANTOM_CT, n_mr=PHANTOM_MR, shape=PHANTOM_SHAPE
+    )
 
 
 def copy_phantom(phantom_root, destination):
@@ -93,8 +114,7 @@ def write_nnunet(folder, mmwhs_folder, labels, channel, drop_label_of=()):
         for value, new in value_of.items():
             lookup[value] = new
         save_volume(folder / "labelsTr" / f"{case_id}.nii.gz", lookup[mmwhs.data], mmwhs.affine, np.uint8)
-    spec = {"channel_names": {"0": channel}, "labels": labels, "numTraining": len(sources),
-            "file_ending": ".nii.gz"}
+    spec = {"channel_names": {"0": channel}, "labels": labels, "numTraining": len(sources), "file_ending": ".nii.gz"}
     (folder / "dataset.json").write_text(json.dumps(spec, indent=1))
     return folder, sources
 

@@ -18,29 +18,41 @@ def write(path, text):
     return Path(path)
 
 
+def resolved(method="mkd"):
+    """DEFAULTS as load_config returns them for ``method``: domain_norm (null) becomes the method's default."""
+    config = copy.deepcopy(DEFAULTS)
+    config["method"] = method
+    config["segmentor"]["domain_norm"] = method == "mkd"
+    return config
+
+
 def test_defaults_are_returned_as_an_independent_copy():
     config = load_config()
-    assert config == DEFAULTS
+    assert config == resolved()
+    assert DEFAULTS["segmentor"]["domain_norm"] is None
     config["schedule"]["epochs"] = 1
     assert DEFAULTS["schedule"]["epochs"] == 20 and load_config()["schedule"]["epochs"] == 20
 
 
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
-    path = write(tmp_path / "cfg.yaml", "method: joint\nschedule:\n  epochs: 7\n  steps_per_epoch: 11\n"
-                                        "loss:\n  temperature: 3.5\n")
+    path = write(
+        tmp_path / "cfg.yaml",
+        "method: joint\nschedule:\n  epochs: 7\n  steps_per_epoch: 11\nloss:\n  temperature: 3.5\n",
+    )
     from_file = load_config(path)
     assert from_file["method"] == "joint" and from_file["loss"]["temperature"] == 3.5
     assert from_file["schedule"] == {**DEFAULTS["schedule"], "epochs": 7, "steps_per_epoch": 11}
-    expected = copy.deepcopy(DEFAULTS)
-    expected["method"] = "joint"
+    expected = resolved("joint")
     expected["schedule"].update(epochs=7, steps_per_epoch=11)
     expected["loss"]["temperature"] = 3.5
     assert from_file == expected
 
     # Flags win over the file; flags left unset (None) do not override anything.
-    merged = load_config(path, {"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": None},
-                                "data": {"batch_size": None}})
+    merged = load_config(
+        path, {"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": None}, "data": {"batch_size": None}}
+    )
     expected.update(method="mkd")
+    expected["segmentor"]["domain_norm"] = True
     expected["schedule"]["epochs"] = 2
     assert merged == expected
 
@@ -54,31 +66,58 @@ def test_train_command_flags_reach_the_config_over_the_yaml(tmp_path, monkeypatc
         return {"run": out, "best": None, "logs": f"{out}/logs"}
 
     monkeypatch.setattr("mkd_tf.training.train", fake_train)
-    path = write(tmp_path / "cfg.yaml", "schedule: {epochs: 9, steps_per_epoch: 4}\nsegmentor: {base_filters: 6}\n"
-                                        "data: {augment: true, batch_size: 3}\n")
-    outcome = CliRunner().invoke(cli, ["train", "cache", "--out", str(tmp_path / "run"), "--config", str(path),
-                                       "--epochs", "3", "--no-kd-r2s", "--no-augment", "--depth", "2", "--quiet"])
+    path = write(
+        tmp_path / "cfg.yaml",
+        "schedule: {epochs: 9, steps_per_epoch: 4}\nsegmentor: {base_filters: 6}\n"
+        "data: {augment: true, batch_size: 3}\n",
+    )
+    outcome = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "cache",
+            "--out",
+            str(tmp_path / "run"),
+            "--config",
+            str(path),
+            "--epochs",
+            "3",
+            "--no-kd-r2s",
+            "--no-augment",
+            "--depth",
+            "2",
+            "--quiet",
+        ],
+    )
     assert outcome.exit_code == 0, outcome.output
     config = captured["config"]
     assert config["schedule"]["epochs"] == 3  # flag over YAML
     assert config["schedule"]["steps_per_epoch"] == 4  # YAML over default
-    assert config["segmentor"] == {**DEFAULTS["segmentor"], "base_filters": 6, "depth": 2}
-    assert config["data"] == {"batch_size": 3, "augment": False, "target_labeled": None}
+    assert config["segmentor"] == {**DEFAULTS["segmentor"], "base_filters": 6, "depth": 2, "domain_norm": True}
+    assert config["data"] == {"batch_size": 3, "augment": False, "target_labelled": None}
     assert config["ablation"] == {"iam": True, "kd_s2r": True, "kd_r2s": False}
     assert captured["verbose"] == 0
     assert outcome.output == f"run: {tmp_path / 'run'}\ntensorboard --logdir {tmp_path / 'run'}/logs\n"
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("schedule:\n  epoch: 3\n", "unknown setting 'epoch' (known: epochs, finetune_switch, mkd_pretrain, steps_per_epoch, "
-                                "validation_batch)"),
-    ("learning_rate: 0.1\n", "unknown setting 'learning_rate' (known: ablation, alignment, checkpoint_every, data, "
-                             "jit_compile, loss, method, optimizer, precision, schedule, seed, segmentor, strategy, "
-                             "worker_timeout)"),
-    ("schedule: 5\n", "setting 'schedule' must be a mapping"),
-    ("- 1\n- 2\n", "config must be a mapping"),
-    ("schedule: {epochs: [1\n", "invalid YAML (while parsing a flow sequence)"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            "schedule:\n  epoch: 3\n",
+            "unknown setting 'epoch' (known: epochs, finetune_switch, mkd_pretrain, steps_per_epoch, validation_batch)",
+        ),
+        (
+            "learning_rate: 0.1\n",
+            "unknown setting 'learning_rate' (known: ablation, alignment, checkpoint_every, data, "
+            "jit_compile, loss, method, optimizer, precision, schedule, seed, segmentor, strategy, "
+            "worker_timeout)",
+        ),
+        ("schedule: 5\n", "setting 'schedule' must be a mapping"),
+        ("- 1\n- 2\n", "config must be a mapping"),
+        ("schedule: {epochs: [1\n", "invalid YAML (while parsing a flow sequence)"),
+    ],
+)
 def test_bad_config_files_fail_in_one_line_naming_the_file(tmp_path, text, problem):
     path = write(tmp_path / "cfg.yaml", text)
     with pytest.raises(MkdError) as raised:
@@ -119,3 +158,19 @@ def test_the_resolved_config_is_saved_in_the_run(tmp_path_factory):
     expected = load_config(overrides=tiny_runs.tiny_overrides(ablation={"iam": False}))
     assert saved == expected
     assert saved["ablation"]["iam"] is False and saved["segmentor"]["base_filters"] == 4
+
+
+def test_old_spellings_and_settings_added_since_load(tmp_path):
+    from mkd_tf.config import load_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text("method: mkd\ndata: {target_labeled: 1}\nsegmentor: {base_filters: 4, depth: 2}\n")
+    # a user's file: the renamed key is read, domain_norm takes the method's registered default
+    config = load_config(old)
+    assert config["data"]["target_labelled"] == 1 and "target_labeled" not in config["data"]
+    assert config["segmentor"]["domain_norm"] is True and config["segmentor"]["kind"] == "unet"
+    # a run written before domain_norm existed trained without it
+    assert load_config(old, recorded=True)["segmentor"]["domain_norm"] is False
+    # methods that ignore the setting record false; a baseline's default is off
+    assert load_config(overrides={"method": "ummkd"})["segmentor"]["domain_norm"] is False
+    assert load_config(overrides={"method": "finetune"})["segmentor"]["domain_norm"] is False

@@ -37,8 +37,11 @@ def medpy_scores(predicted, reference, spacing, values):
         p, r = predicted == value, reference == value
         if p.any() and r.any():
             both_present += 1
-            scores[name] = (binary.dc(p, r), binary.assd(p, r, voxelspacing=spacing),
-                            binary.hd95(p, r, voxelspacing=spacing))
+            scores[name] = (
+                binary.dc(p, r),
+                binary.assd(p, r, voxelspacing=spacing),
+                binary.hd95(p, r, voxelspacing=spacing),
+            )
         elif not p.any() and not r.any():
             scores[name] = (1.0, 0.0, 0.0)
         else:
@@ -91,16 +94,23 @@ def test_evaluate_run_agrees_with_medpy_on_the_predicted_files(tmp_path_factory,
 def test_structures_the_cache_does_not_keep_count_as_background(tmp_path_factory, tmp_path, data):
     """A 4-structure cache (MYO/LA/LV/AA): the other structures of the label file are background."""
     phantom, _ = data
-    cache_path = prepare_cache(phantom / "ct_train", phantom / "mr_train", tmp_path / "cache4",
-                               PrepareOptions(structures=4, preprocess=PreprocessConfig(spacing=tiny_runs.SPACING,
-                                                                                         size=tiny_runs.SIZE)))
+    cache_path = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        tmp_path / "cache4",
+        PrepareOptions(structures=4, preprocess=PreprocessConfig(spacing=tiny_runs.SPACING, size=tiny_runs.SIZE)),
+    )
     cache = SliceCache(cache_path)
     assert cache.classes == ["background", "myocardium", "left_atrium", "left_ventricle", "ascending_aorta"]
     from mkd_tf.training import train
 
     with tiny_runs.eager():
-        train(cache_path, tmp_path / "run", overrides=tiny_runs.tiny_overrides(
-            method="target-only", schedule={"steps_per_epoch": 1}), verbose=0)
+        train(
+            cache_path,
+            tmp_path / "run",
+            overrides=tiny_runs.tiny_overrides(method="target-only", schedule={"steps_per_epoch": 1}),
+            verbose=0,
+        )
     result = evaluate_run(tmp_path / "run", "test")
     check_against_medpy(tmp_path / "run", cache, result, tmp_path, ["real"])
     volume = cache.volumes("target", "test")[0]
@@ -130,9 +140,12 @@ def test_evaluation_errors_are_one_line(tmp_path_factory, tmp_path, data):
     assert outcome.stderr.count("\n") == 1 and "not a training run (no config.yaml)" in outcome.stderr
     # A cache with other classes than the run's is refused.
     phantom, _ = data
-    other = prepare_cache(phantom / "ct_train", phantom / "mr_train", tmp_path / "cache4",
-                          PrepareOptions(structures=4, preprocess=PreprocessConfig(spacing=tiny_runs.SPACING,
-                                                                                    size=tiny_runs.SIZE)))
+    other = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        tmp_path / "cache4",
+        PrepareOptions(structures=4, preprocess=PreprocessConfig(spacing=tiny_runs.SPACING, size=tiny_runs.SIZE)),
+    )
     with pytest.raises(MkdError, match="differ from the run's"):
         evaluate_run(run.path, "test", cache_path=other)
 

@@ -179,35 +179,20 @@ def test_unwritable_outputs_are_refused_before_any_work(trained, unseen_case, tm
 
 
 def test_a_failing_overlay_writes_no_label_map(trained, unseen_case, tmp_path, monkeypatch):
-    from mkd_tf import overlay
+    from mkd_tf import prediction_files
 
     def broken(*args, **kwargs):
         raise ValueError("Contour levels must be increasing")
 
-    monkeypatch.setattr(overlay, "render_overlay", broken)
+    monkeypatch.setattr(prediction_files, "render_overlay", broken)
     out = tmp_path / "results" / "labels.nii.gz"
     outcome = predict_cli(trained[0], unseen_case, "-o", out, "--overlay", tmp_path / "figures" / "o.png")
-    assert_one_line_error(outcome, f"{tmp_path / 'figures' / 'o.png'}: cannot draw the overlay (ValueError: "
-                                   "Contour levels must be increasing); nothing was written")
+    assert_one_line_error(
+        outcome,
+        f"{tmp_path / 'figures' / 'o.png'}: cannot draw the overlay (ValueError: "
+        "Contour levels must be increasing); nothing was written",
+    )
     assert list(tmp_path.iterdir()) == []  # not even the folders
-
-
-def test_write_outputs_is_all_or_nothing(tmp_path):
-    """A failure while writing the second file leaves neither file, no temporary and no new folder."""
-    from mkd_tf.errors import MkdError
-    from mkd_tf.inference import write_outputs
-
-    (tmp_path / "existing.nii.gz").write_bytes(b"old")
-    blocker = tmp_path / "blocker"
-    blocker.write_text("")
-    with pytest.raises(MkdError, match=r"blocker/o.png: cannot write"):
-        write_outputs([(tmp_path / "existing.nii.gz", b"new"), (tmp_path / "sub" / "a.nii.gz", b"a"),
-                       (blocker / "o.png", b"png")])
-    assert (tmp_path / "existing.nii.gz").read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "existing.nii.gz"]
-    write_outputs([(tmp_path / "existing.nii.gz", b"new"), (tmp_path / "sub" / "a.nii.gz", b"a")])
-    assert (tmp_path / "existing.nii.gz").read_bytes() == b"new" and (tmp_path / "sub" / "a.nii.gz").read_bytes() == b"a"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "existing.nii.gz", "sub"]
 
 
 def test_an_mri_volume_is_refused_by_a_ct_run_unless_forced(trained, tmp_path):
@@ -215,9 +200,12 @@ def test_an_mri_volume_is_refused_by_a_ct_run_unless_forced(trained, tmp_path):
     mri = phantom / "mr_train" / "mr_train_1001_image.nii.gz"
     out = tmp_path / "mri_labels.nii.gz"
     outcome = predict_cli(run, mri, "-o", out)
-    assert_one_line_error(outcome, f"error: {mri}: values look like MRI or another non-HU image (median ",
-                          "0.0% of voxels <= -500) but the run was trained on CT in Hounsfield units",
-                          "pass --force to segment it anyway")
+    assert_one_line_error(
+        outcome,
+        f"error: {mri}: values look like MRI or another non-HU image (median ",
+        "0.0% of voxels <= -500) but the run was trained on CT in Hounsfield units",
+        "pass --force to segment it anyway",
+    )
     assert not out.exists()
     forced = predict_cli(run, mri, "-o", out, "--force")
     assert forced.exit_code == 0, forced.output
@@ -231,7 +219,7 @@ def test_intensity_rules():
     """CT: air/lung near -1000 must be present (scanner padding counts); z-scored runs refuse only CT-like input."""
     from mkd_tf.data.nifti import Volume
     from mkd_tf.errors import MkdError
-    from mkd_tf.inference import check_intensities
+    from mkd_tf.prediction_files import check_intensities
 
     rng = np.random.default_rng(0)
     body = rng.normal(40, 30, size=(40, 40, 10))
@@ -267,6 +255,8 @@ def test_a_truncated_checkpoint_is_one_line(trained, unseen_case, tmp_path):
     data = next((run / "best").glob("weights.data-*"))
     data.write_bytes(data.read_bytes()[:100])
     out = tmp_path / "out" / "labels.nii.gz"
-    assert_one_line_error(predict_cli(run, unseen_case, "-o", out),
-                          f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file")
+    assert_one_line_error(
+        predict_cli(run, unseen_case, "-o", out),
+        f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file",
+    )
     assert not out.parent.exists()

@@ -14,12 +14,8 @@ LABELS = np.array([[[0, 1], [2, 1]]], dtype=np.int32)  # (1, 2, 2)
 PROBS = np.array(
     [[[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]]], dtype=np.float32
 )  # (1, 2, 2, 3)
-TEACHER = np.array(
-    [[[[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], [[-0.5, 0.3, 1.5], [1.2, -0.7, 0.4]]]], dtype=np.float32
-)
-STUDENT = np.array(
-    [[[[1.0, 1.0, 0.0], [0.3, 0.2, -0.4]], [[0.0, 0.0, 2.0], [-1.0, 0.5, 0.9]]]], dtype=np.float32
-)
+TEACHER = np.array([[[[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], [[-0.5, 0.3, 1.5], [1.2, -0.7, 0.4]]]], dtype=np.float32)
+STUDENT = np.array([[[[1.0, 1.0, 0.0], [0.3, 0.2, -0.4]], [[0.0, 0.0, 2.0], [-1.0, 0.5, 0.9]]]], dtype=np.float32)
 
 
 def _softmax(x):
@@ -60,9 +56,7 @@ def test_soft_dice_loss_by_hand():
     dice2 = (2 * 0.5 + s) / ((0.1 + 0.1 + 0.5 + 0.1) + 1 + s)
     # class 0: label at (0,0); p_0 = .7 .1 .2 .6
     dice0 = (2 * 0.7 + s) / ((0.7 + 0.1 + 0.2 + 0.6) + 1 + s)
-    np.testing.assert_allclose(
-        losses.soft_dice_loss(LABELS, PROBS).numpy(), [1 - (dice1 + dice2) / 2], rtol=1e-6
-    )
+    np.testing.assert_allclose(losses.soft_dice_loss(LABELS, PROBS).numpy(), [1 - (dice1 + dice2) / 2], rtol=1e-6)
     np.testing.assert_allclose(
         losses.soft_dice_loss(LABELS, PROBS, include_background=True).numpy(),
         [1 - (dice0 + dice1 + dice2) / 3],
@@ -95,9 +89,7 @@ def test_distillation_loss_by_hand_and_temperature_squared():
         np.testing.assert_allclose(result, [expected], rtol=1e-5)
     # The T^2 factor exactly: at T=3 the loss is 9 times the unscaled mean KL.
     unscaled = _kl(_softmax(TEACHER / 3.0), _softmax(STUDENT / 3.0)).mean()
-    np.testing.assert_allclose(
-        losses.distillation_loss(TEACHER, STUDENT, 3.0).numpy(), [9 * unscaled], rtol=1e-5
-    )
+    np.testing.assert_allclose(losses.distillation_loss(TEACHER, STUDENT, 3.0).numpy(), [9 * unscaled], rtol=1e-5)
 
 
 def test_distillation_loss_zero_for_identical_logits():
@@ -146,9 +138,7 @@ def test_cycle_loss_by_hand():
     images = PROBS
     reconstructed = PROBS + np.array([0.1, -0.2, 0.3], np.float32)
     second = np.zeros_like(PROBS)
-    result = losses.cycle_loss(
-        np.concatenate([images, second]), np.concatenate([reconstructed, second])
-    ).numpy()
+    result = losses.cycle_loss(np.concatenate([images, second]), np.concatenate([reconstructed, second])).numpy()
     np.testing.assert_allclose(result, [(0.1 + 0.2 + 0.3) / 3, 0.0], rtol=1e-5)
 
 
@@ -175,9 +165,7 @@ def test_classwise_kl_loss_by_hand():
 
 def test_classwise_kl_loss_absent_classes_identity_and_unpaired_labels():
     # Identical logits: zero.
-    np.testing.assert_allclose(
-        losses.classwise_kl_loss(TEACHER, TEACHER, LABELS, 3).numpy(), 0.0, atol=1e-7
-    )
+    np.testing.assert_allclose(losses.classwise_kl_loss(TEACHER, TEACHER, LABELS, 3).numpy(), 0.0, atol=1e-7)
     # With a 4th class that no pixel has, the mean is still over the 3 present classes.
     pad = np.zeros((1, 2, 2, 1), np.float32)
     three = losses.classwise_kl_loss(TEACHER, STUDENT, LABELS, 3).numpy()
@@ -199,9 +187,7 @@ def test_classwise_kl_loss_absent_classes_identity_and_unpaired_labels():
     permuted_student = STUDENT[:, ::-1, ::-1]
     permuted_labels = LABELS[:, ::-1, ::-1]
     np.testing.assert_allclose(
-        losses.classwise_kl_loss(
-            TEACHER, permuted_student, LABELS, 3, student_labels=permuted_labels
-        ).numpy(),
+        losses.classwise_kl_loss(TEACHER, permuted_student, LABELS, 3, student_labels=permuted_labels).numpy(),
         three,
         rtol=1e-6,
     )

@@ -45,9 +45,9 @@ def test_dice_assd_hd95_match_medpy(index):
     expected_dice = binary.dc(prediction, reference)
     assert math.isclose(metrics.dice(prediction, reference), expected_dice, rel_tol=1e-12)
     expected_assd = binary.assd(prediction, reference, voxelspacing=SPACING)
-    assert math.isclose(metrics.assd(prediction, reference, SPACING), expected_assd, rel_tol=1e-6)
+    assert math.isclose(metrics.surface_metrics(prediction, reference, SPACING)["assd"], expected_assd, rel_tol=1e-6)
     expected_hd95 = binary.hd95(prediction, reference, voxelspacing=SPACING)
-    assert math.isclose(metrics.hd95(prediction, reference, SPACING), expected_hd95, rel_tol=1e-6)
+    assert math.isclose(metrics.surface_metrics(prediction, reference, SPACING)["hd95"], expected_hd95, rel_tol=1e-6)
     # The directed sets are medpy's surface distances, element for element.
     forward, backward = metrics.surface_distances(prediction, reference, SPACING)
     medpy_surface_distances = binary.__surface_distances
@@ -65,11 +65,9 @@ def test_assd_is_medpy_05_pooled_not_the_mean_of_directed_means():
     small[8:11, 10:13, 6:9] = True
     large = np.zeros(SHAPE, bool)
     large[2:18, 3:21, 2:14] = True
-    ours = metrics.assd(small, large, SPACING)
+    ours = metrics.surface_metrics(small, large, SPACING)["assd"]
     pooled = binary.assd(small, large, voxelspacing=SPACING)
-    directed = (
-        binary.asd(small, large, voxelspacing=SPACING) + binary.asd(large, small, voxelspacing=SPACING)
-    ) / 2
+    directed = (binary.asd(small, large, voxelspacing=SPACING) + binary.asd(large, small, voxelspacing=SPACING)) / 2
     assert math.isclose(ours, pooled, rel_tol=1e-9)
     assert not math.isclose(ours, directed, rel_tol=1e-3)
 
@@ -81,8 +79,8 @@ def test_hand_computed_distances_on_a_line():
     a[5, 5, 5] = True
     b[5, 5, 8] = True
     assert metrics.dice(a, b) == 0.0
-    assert math.isclose(metrics.assd(a, b, SPACING), 7.5)
-    assert math.isclose(metrics.hd95(a, b, SPACING), 7.5)
+    assert math.isclose(metrics.surface_metrics(a, b, SPACING)["assd"], 7.5)
+    assert math.isclose(metrics.surface_metrics(a, b, SPACING)["hd95"], 7.5)
 
 
 def test_empty_masks():
@@ -91,12 +89,12 @@ def test_empty_masks():
     diagonal = math.sqrt((20 * 0.7) ** 2 + (24 * 1.3) ** 2 + (16 * 2.5) ** 2)
     assert math.isclose(metrics.volume_diagonal(SHAPE, SPACING), diagonal)
     assert metrics.dice(empty, empty) == 1.0
-    assert metrics.assd(empty, empty, SPACING) == 0.0
-    assert metrics.hd95(empty, empty, SPACING) == 0.0
+    assert metrics.surface_metrics(empty, empty, SPACING)["assd"] == 0.0
+    assert metrics.surface_metrics(empty, empty, SPACING)["hd95"] == 0.0
     for prediction, reference in ((empty, blob), (blob, empty)):
         assert metrics.dice(prediction, reference) == 0.0
-        assert math.isclose(metrics.assd(prediction, reference, SPACING), diagonal)
-        assert math.isclose(metrics.hd95(prediction, reference, SPACING), diagonal)
+        assert math.isclose(metrics.surface_metrics(prediction, reference, SPACING)["assd"], diagonal)
+        assert math.isclose(metrics.surface_metrics(prediction, reference, SPACING)["hd95"], diagonal)
 
 
 def test_evaluate_volume_with_mmwhs_values():
@@ -116,8 +114,8 @@ def test_evaluate_volume_with_mmwhs_values():
     for name, value in values.items():
         p, r = prediction == value, reference == value
         assert results[name]["dice"] == metrics.dice(p, r)
-        assert results[name]["assd"] == metrics.assd(p, r, SPACING)
-        assert results[name]["hd95"] == metrics.hd95(p, r, SPACING)
+        assert results[name]["assd"] == metrics.surface_metrics(p, r, SPACING)["assd"]
+        assert results[name]["hd95"] == metrics.surface_metrics(p, r, SPACING)["hd95"]
     # Shifted box 6x6x4 by one voxel along axis 0: overlap 5/6.
     assert math.isclose(results["left_ventricle"]["dice"], 5 / 6)
     assert math.isclose(
@@ -168,39 +166,41 @@ def _numpy_dice(label_batches, probability_batches, num_classes):
     return np.where(totals > 0, 2 * intersections / np.maximum(totals, 1), 1.0)
 
 
-def test_dice_metric_streams_over_two_batches():
+def test_class_overlaps_summed_over_batches_give_the_split_dice():
     rng = np.random.default_rng(5)
     num_classes = 4
     label_batches = [rng.integers(0, 3, size=(2, 8, 8)) for _ in range(2)]  # class 3 never labelled
     probability_batches = []
     for labels in label_batches:
         logits = rng.standard_normal((2, 8, 8, num_classes)) + 2.0 * np.eye(num_classes)[labels]
-        logits[..., 3] -= 10.0  # and never predicted: its Dice is 1 by convention
+        logits[..., 3] -= 10.0  # and never predicted: its Dice is 1 by the package's one rule
         probability_batches.append(keras.ops.convert_to_numpy(keras.ops.softmax(logits)))
-    metric = metrics.DiceMetric(num_classes=num_classes)
-    for labels, probabilities in zip(label_batches, probability_batches):
-        metric.update_state(labels, probabilities)
+    overlaps = sum(
+        metrics.class_overlaps(np.argmax(p, -1), labels, num_classes)
+        for labels, p in zip(label_batches, probability_batches)
+    )
     expected = _numpy_dice(label_batches, probability_batches, num_classes)
     assert expected[3] == 1.0 and 0.3 < expected[1] < 0.99
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(metric.per_class_dice()), expected, rtol=1e-6)
-    np.testing.assert_allclose(float(metric.result()), expected[1:].mean(), rtol=1e-6)
-    # The streaming value is not the mean of per-batch values, and reset starts over.
-    metric.reset_state()
-    metric.update_state(label_batches[1], probability_batches[1])
-    expected_second = _numpy_dice(label_batches[1:], probability_batches[1:], num_classes)
-    np.testing.assert_allclose(float(metric.result()), expected_second[1:].mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics.dice_of_overlaps(overlaps), expected, rtol=1e-12)
+    # The split's Dice is not the mean of the per-batch Dice.
+    per_batch = [
+        metrics.dice_of_overlaps(metrics.class_overlaps(np.argmax(p, -1), labels, num_classes))
+        for labels, p in zip(label_batches, probability_batches)
+    ]
+    assert not np.allclose(np.mean(per_batch, axis=0)[1:3], expected[1:3])
 
 
-def test_dice_metric_sample_weight_and_config():
-    rng = np.random.default_rng(6)
-    labels = rng.integers(0, 3, size=(2, 8, 8))
-    probabilities = rng.random((2, 8, 8, 3)).astype(np.float32)
-    metric = metrics.DiceMetric(num_classes=3, name="val_dice")
-    # Example 1 has no label (has_label = 0): only example 0 counts.
-    metric.update_state(labels, probabilities, sample_weight=np.array([1.0, 0.0]))
-    expected = _numpy_dice([labels[:1]], [probabilities[:1]], 3)
-    np.testing.assert_allclose(float(metric.result()), expected[1:].mean(), rtol=1e-6)
-    config = metric.get_config()
-    assert config["num_classes"] == 3 and config["name"] == "val_dice"
-    clone = metrics.DiceMetric.from_config(config)
-    assert clone.num_classes == 3 and clone.name == "val_dice"
+def test_one_rule_for_absent_classes_everywhere():
+    """metrics.dice, the class counts and the TFLite agreement score a class absent from both as 1.0."""
+    from mkd_tf.export.tflite import dice_agreement
+
+    empty = np.zeros((4, 4), np.int32)
+    assert metrics.dice(empty, empty) == 1.0
+    assert metrics.dice_of_overlaps(metrics.class_overlaps(empty, empty, 3)).tolist() == [1.0, 1.0, 1.0]
+    assert dice_agreement(empty, empty, 3) == 1.0
+    one = empty.copy()
+    one[0, 0] = 1
+    # class 1: predicted once, never labelled -> 0; class 2 absent from both -> 1
+    assert dice_agreement(one, empty, 3) == 0.5
+    for c in (1, 2):
+        assert metrics.dice(one == c, empty == c) == metrics.dice_of_overlaps(metrics.class_overlaps(one, empty, 3))[c]

@@ -47,13 +47,19 @@ def free_ports(count):
 
 
 def tf_config(ports, index):
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+    )
 
 
 def worker_env(ports, index, tmp_dir):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(Path(__file__).parents[1]),
-               TF_CONFIG=tf_config(ports, index), TMPDIR=str(tmp_dir))
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(Path(__file__).parents[1]),
+        TF_CONFIG=tf_config(ports, index),
+        TMPDIR=str(tmp_dir),
+    )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     Path(tmp_dir).mkdir(parents=True, exist_ok=True)
     return env
@@ -61,8 +67,16 @@ def worker_env(ports, index, tmp_dir):
 
 def launch(command, ports, root, name):
     """One process per worker of a 2-worker cluster on ``ports``; each has its own TMPDIR under ``root``."""
-    return [subprocess.Popen(command, env=worker_env(ports, i, root / f"{name}-tmp{i}"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(len(ports))]
+    return [
+        subprocess.Popen(
+            command,
+            env=worker_env(ports, i, root / f"{name}-tmp{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(len(ports))
+    ]
 
 
 def finish(processes, timeout=900):
@@ -78,6 +92,7 @@ def error_lines(stderr):
 
 
 # --- sharded input -----------------------------------------------------------------------------------
+
 
 def test_the_shards_of_a_step_are_the_unsharded_batch_and_start_skips_whole_steps(cache_path):
     cache = SliceCache(cache_path)
@@ -98,6 +113,7 @@ def test_the_shards_of_a_step_are_the_unsharded_batch_and_start_skips_whole_step
 
 # --- a real 2-worker update ----------------------------------------------------------------------------
 
+
 def test_two_worker_update_equals_the_single_process_update(tmp_path, cache_path):
     """One MKD step on 2 workers (2 slices each) == one step in one process on the 4 slices."""
     ports = free_ports(2)
@@ -116,8 +132,9 @@ def test_two_worker_update_equals_the_single_process_update(tmp_path, cache_path
     after_vs_single = largest(workers[0], reference, [(f"after_{k}", f"single_{k}") for k in range(count)])
     in_sync = largest(workers[0], workers[1], [(f"after_{k}", f"after_{k}") for k in range(count)])
     after_vs_wrong = largest(workers[0], reference, [(f"after_{k}", f"wrong_{k}") for k in range(count)])
-    change = largest(reference, reference, [(f"single_{k}", f"initial_{k}") for k in range(count)
-                                            if reference[f"trainable_{k}"]])
+    change = largest(
+        reference, reference, [(f"single_{k}", f"initial_{k}") for k in range(count) if reference[f"trainable_{k}"]]
+    )
     assert after_vs_single < 1e-5, after_vs_single  # every model and optimizer variable, float round-off
     assert in_sync == 0.0
     assert change > 1e-2 and after_vs_wrong > 1000 * 1e-5  # a per-worker loss scaling would be caught
@@ -133,13 +150,32 @@ def test_two_worker_update_equals_the_single_process_update(tmp_path, cache_path
 
 # --- a real 2-worker job: fault, resume, one run folder, evaluate ------------------------------------
 
+
 @pytest.mark.benchmark  # ~14 min on a loaded 2-core machine (200 two-worker steps): not part of make test
 def test_two_worker_job_survives_a_dead_worker_resumes_and_evaluates(tmp_path, cache_path):
     config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
     run = tmp_path / "run"
-    command = [str(MKD_EXECUTABLE), "train", str(cache_path), "--out", str(run), "--config", str(config),
-               "--method", "target-only", "--strategy", "multi-worker", "--epochs", "2", "--steps-per-epoch", "100",
-               "--batch-size", "4", "--worker-timeout", "60"]
+    command = [
+        str(MKD_EXECUTABLE),
+        "train",
+        str(cache_path),
+        "--out",
+        str(run),
+        "--config",
+        str(config),
+        "--method",
+        "target-only",
+        "--strategy",
+        "multi-worker",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "100",
+        "--batch-size",
+        "4",
+        "--worker-timeout",
+        "60",
+    ]
     first = launch(command, free_ports(2), tmp_path, "first")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and all(p.poll() is None for p in first):
@@ -186,16 +222,29 @@ def test_two_worker_job_survives_a_dead_worker_resumes_and_evaluates(tmp_path, c
 
 # --- bad clusters --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, strategy, problem", [
-    ("{not json", "multi-worker", "TF_CONFIG: is not valid JSON"),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}', "multi-worker",
-     "TF_CONFIG: task index 3 is not in [0, 1) for \"worker\""),
-    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "auto",
-     "TF_CONFIG: address 'localhost' of \"worker\" is not \"host:port\""),
-    ('{"cluster": {"ps": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}', "multi-worker",
-     "TF_CONFIG: cluster job 'ps' is not supported by mkd train"),
-    (None, "multi-worker", "--strategy: multi-worker needs TF_CONFIG"),
-])
+
+@pytest.mark.parametrize(
+    "value, strategy, problem",
+    [
+        ("{not json", "multi-worker", "TF_CONFIG: is not valid JSON"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
+            "multi-worker",
+            'TF_CONFIG: task index 3 is not in [0, 1) for "worker"',
+        ),
+        (
+            '{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+            "auto",
+            'TF_CONFIG: address \'localhost\' of "worker" is not "host:port"',
+        ),
+        (
+            '{"cluster": {"ps": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}',
+            "multi-worker",
+            "TF_CONFIG: cluster job 'ps' is not supported by mkd train",
+        ),
+        (None, "multi-worker", "--strategy: multi-worker needs TF_CONFIG"),
+    ],
+)
 def test_a_bad_tf_config_is_one_line_and_writes_nothing(tmp_path, cache_path, monkeypatch, value, strategy, problem):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     if value is not None:
@@ -211,11 +260,22 @@ def test_a_bad_tf_config_is_one_line_and_writes_nothing(tmp_path, cache_path, mo
 def test_a_chief_that_cannot_be_reached_is_one_line_within_the_timeout(tmp_path, cache_path):
     ports = free_ports(2)  # nothing listens on the chief's port
     run = tmp_path / "run"
-    command = [str(MKD_EXECUTABLE), "train", str(cache_path), "--out", str(run), "--strategy", "multi-worker",
-               "--worker-timeout", "5", "--quiet"]
+    command = [
+        str(MKD_EXECUTABLE),
+        "train",
+        str(cache_path),
+        "--out",
+        str(run),
+        "--strategy",
+        "multi-worker",
+        "--worker-timeout",
+        "5",
+        "--quiet",
+    ]
     started = time.monotonic()
-    done = subprocess.run(command, env=worker_env(ports, 1, tmp_path / "tmp"), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        command, env=worker_env(ports, 1, tmp_path / "tmp"), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert time.monotonic() - started < 240
     lines = done.stderr.strip().splitlines()
@@ -226,11 +286,16 @@ def test_a_chief_that_cannot_be_reached_is_one_line_within_the_timeout(tmp_path,
 
 # --- step checkpoints --------------------------------------------------------------------------------
 
+
 def test_a_kill_inside_an_epoch_resumes_at_the_step_with_the_uninterrupted_data(tmp_path, cache_path, monkeypatch):
     """Step checkpoints after every step (checkpoint_every ~ 0); killed after global step 3 of 2 x 2: the
     resumed run ends with the weights of an uninterrupted run, so it saw the same batches."""
-    overrides = tiny_runs.tiny_overrides(method="target-only", checkpoint_every=1e-9, data={"batch_size": 2},
-                                         schedule={"epochs": 2, "steps_per_epoch": 2})
+    overrides = tiny_runs.tiny_overrides(
+        method="target-only",
+        checkpoint_every=1e-9,
+        data={"batch_size": 2},
+        schedule={"epochs": 2, "steps_per_epoch": 2},
+    )
     with tiny_runs.eager():
         train(cache_path, tmp_path / "whole", overrides=overrides, verbose=0)
     saved = RunFolder.save_step
@@ -260,8 +325,9 @@ def test_a_kill_inside_an_epoch_resumes_at_the_step_with_the_uninterrupted_data(
 
 
 def test_a_step_checkpoint_resume_says_where_it_resumes(tmp_path, cache_path, monkeypatch, capsys):
-    overrides = tiny_runs.tiny_overrides(method="target-only", checkpoint_every=1e-9,
-                                         schedule={"epochs": 1, "steps_per_epoch": 3})
+    overrides = tiny_runs.tiny_overrides(
+        method="target-only", checkpoint_every=1e-9, schedule={"epochs": 1, "steps_per_epoch": 3}
+    )
     saved = RunFolder.save_step
 
     def save_then_die(self, checkpoint, global_step, progress):
@@ -279,13 +345,15 @@ def test_a_step_checkpoint_resume_says_where_it_resumes(tmp_path, cache_path, mo
 
 # --- precision and XLA ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("precision, jit", [("mixed_float16", False), ("mixed_bfloat16", False), ("float32", True)])
 def test_precision_and_xla_train_and_lower_the_loss(tmp_path, cache_path, precision, jit):
     """Compiled tiny runs (CPU): the loss falls, weights stay float32, the run loads and predicts in float32."""
     import keras
 
-    overrides = tiny_runs.tiny_overrides(method="target-only", precision=precision, jit_compile=jit,
-                                         schedule={"epochs": 2, "steps_per_epoch": 6})
+    overrides = tiny_runs.tiny_overrides(
+        method="target-only", precision=precision, jit_compile=jit, schedule={"epochs": 2, "steps_per_epoch": 6}
+    )
     from tensorflow.python.framework import config as tf_framework_config
 
     deterministic = tf_framework_config.is_op_determinism_enabled()
@@ -317,19 +385,26 @@ def test_precision_and_xla_train_and_lower_the_loss(tmp_path, cache_path, precis
 def test_xla_that_cannot_compile_the_step_is_one_line(tmp_path, cache_path):
     """Under op determinism (on in these tests) XLA has no MaxPool gradient kernel: one line, exit 2."""
     config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.tiny_overrides(method="target-only"))
-    outcome = CliRunner().invoke(cli, ["train", str(cache_path), "--out", str(tmp_path / "run"), "--config",
-                                       str(config), "--jit-compile", "--quiet"])
+    outcome = CliRunner().invoke(
+        cli,
+        ["train", str(cache_path), "--out", str(tmp_path / "run"), "--config", str(config), "--jit-compile", "--quiet"],
+    )
     assert outcome.exit_code == 2, outcome.output
     lines = outcome.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --jit-compile: XLA cannot compile the training step"), \
+    assert len(lines) == 1 and lines[0].startswith("error: --jit-compile: XLA cannot compile the training step"), (
         outcome.stderr
+    )
 
 
 def test_precision_is_a_learning_setting_and_jit_a_runtime_one(tmp_path, cache_path):
     overrides = tiny_runs.tiny_overrides(method="target-only", schedule={"epochs": 1, "steps_per_epoch": 1})
     with tiny_runs.eager():
         train(cache_path, tmp_path / "run", overrides=overrides, verbose=0)
-        train(cache_path, tmp_path / "run", verbose=0,
-              overrides={**overrides, "jit_compile": True, "checkpoint_every": 0, "worker_timeout": 5})
+        train(
+            cache_path,
+            tmp_path / "run",
+            verbose=0,
+            overrides={**overrides, "jit_compile": True, "checkpoint_every": 0, "worker_timeout": 5},
+        )
         with pytest.raises(MkdError, match="differs in: precision"):
             train(cache_path, tmp_path / "run", overrides={**overrides, "precision": "mixed_bfloat16"}, verbose=0)

@@ -64,11 +64,17 @@ def validation_images(cache):
 
 # --- 1. replica scaling ------------------------------------------------------------------------------
 
+
 def test_two_replica_update_equals_single_device_update(tmp_path):
     """One MKD step on 2 mirrored CPU replicas (2 slices each) == one step on 1 device with the 4 slices."""
     out = tmp_path / "replicas.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "replica_update.py"), str(out)], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "replica_update.py"), str(out)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["replicas"] == 2
@@ -95,8 +101,21 @@ def resumed_run(tmp_path_factory, cache_path):
     root = tmp_path_factory.mktemp("resume")
     config = tiny_runs.write_yaml(root / "tiny.yaml", tiny_runs.TINY)
     run = root / "run"
-    command = [str(MKD_EXECUTABLE), "train", str(cache_path), "--out", str(run), "--config", str(config),
-               "--method", "target-only", "--epochs", "3", "--steps-per-epoch", str(RESUME_STEPS)]
+    command = [
+        str(MKD_EXECUTABLE),
+        "train",
+        str(cache_path),
+        "--out",
+        str(run),
+        "--config",
+        str(config),
+        "--method",
+        "target-only",
+        "--epochs",
+        "3",
+        "--steps-per-epoch",
+        str(RESUME_STEPS),
+    ]
     first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state_file = run / "checkpoints" / "checkpoint"
     deadline = time.monotonic() + 600
@@ -108,8 +127,15 @@ def resumed_run(tmp_path_factory, cache_path):
     first.wait(timeout=60)
     killed_at = latest_checkpoint_number(run)
     second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    return {"run": run, "command": command, "config": config, "first_returncode": first.returncode,
-            "first_stderr": first.stderr.read().decode(), "killed_at": killed_at, "second": second}
+    return {
+        "run": run,
+        "command": command,
+        "config": config,
+        "first_returncode": first.returncode,
+        "first_stderr": first.stderr.read().decode(),
+        "killed_at": killed_at,
+        "second": second,
+    }
 
 
 def test_resume_after_kill_trains_each_epoch_once(resumed_run):
@@ -178,6 +204,7 @@ def test_kill_right_after_a_checkpoint_keeps_that_epoch_in_the_history(tmp_path,
 
 # --- 3. divergence -----------------------------------------------------------------------------------
 
+
 def test_nan_loss_stops_training_naming_the_term_and_the_step(tmp_path, cache_path, monkeypatch):
     calls = {"n": 0}
     original = losses.distillation_loss
@@ -190,8 +217,9 @@ def test_nan_loss_stops_training_naming_the_term_and_the_step(tmp_path, cache_pa
 
     monkeypatch.setattr(losses, "distillation_loss", poisoned)
     # No warm start: every step distils, so the call count maps to (epoch, step) as above.
-    overrides = tiny_runs.tiny_overrides(method="mkd", ablation={"iam": False},
-                                         schedule={"epochs": 2, "mkd_pretrain": 0.0})
+    overrides = tiny_runs.tiny_overrides(
+        method="mkd", ablation={"iam": False}, schedule={"epochs": 2, "mkd_pretrain": 0.0}
+    )
     run = tmp_path / "run"
     with tiny_runs.eager(), pytest.raises(MkdError) as raised:
         train(cache_path, run, overrides=overrides, verbose=0)
@@ -214,8 +242,11 @@ METHODS = {
     "joint": ({"seg_assistant", "seg_target"}, ["joint"], {"seg_assistant", "seg_target"}),
     "finetune": ({"seg"}, ["finetune"], {"seg"}),
     "ummkd": ({"seg_assistant", "seg_target", "kd"}, ["ummkd"], {"seg_assistant", "seg_target", "kd"}),
-    "mkd-no-iam": (ALL_MKD_TERMS - {"adversarial", "cycle", "discriminator"}, MKD_PREDICTORS,
-                   {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"}),
+    "mkd-no-iam": (
+        ALL_MKD_TERMS - {"adversarial", "cycle", "discriminator"},
+        MKD_PREDICTORS,
+        {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"},
+    ),
     "mkd-no-kd-s2r": (ALL_MKD_TERMS - {"kd_s2r"}, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_r2s"}),
     "mkd-no-kd-r2s": (ALL_MKD_TERMS - {"kd_r2s"}, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_s2r"}),
     "mkd": (ALL_MKD_TERMS, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"}),
@@ -292,7 +323,7 @@ def test_method_trains_checkpoints_restores_and_evaluates(tmp_path_factory, cach
 @pytest.mark.parametrize("method", ["target-only", "joint", "finetune", "ummkd"])
 def test_methods_needing_target_labels_fail_clearly_without_them(tmp_path, cache_path, method):
     run = tmp_path / "run"
-    overrides = tiny_runs.tiny_overrides(method=method, data={"target_labeled": 0})
+    overrides = tiny_runs.tiny_overrides(method=method, data={"target_labelled": 0})
     with pytest.raises(MkdError) as raised:
         train(cache_path, run, overrides=overrides, verbose=0)
     message = str(raised.value)
@@ -302,17 +333,21 @@ def test_methods_needing_target_labels_fail_clearly_without_them(tmp_path, cache
     assert not (run / "config.yaml").exists()
 
 
-def test_target_labeled_beyond_the_cache_fails_before_writing(tmp_path, cache_path):
-    with pytest.raises(MkdError, match="--target-labeled 2 but the cache has 1 labelled target training volumes"):
-        train(cache_path, tmp_path / "run", overrides=tiny_runs.tiny_overrides(data={"target_labeled": 2}), verbose=0)
+def test_target_labelled_beyond_the_cache_fails_before_writing(tmp_path, cache_path):
+    with pytest.raises(MkdError, match="--target-labelled 2 but the cache has 1 labelled target training volumes"):
+        train(cache_path, tmp_path / "run", overrides=tiny_runs.tiny_overrides(data={"target_labelled": 2}), verbose=0)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 # --- finetune ----------------------------------------------------------------------------------------
 
+
 def test_finetune_switch_step_is_the_configured_fraction_of_the_budget():
-    config = load_config(overrides=tiny_runs.tiny_overrides(
-        method="finetune", schedule={"epochs": 3, "steps_per_epoch": 10, "finetune_switch": 0.4}))
+    config = load_config(
+        overrides=tiny_runs.tiny_overrides(
+            method="finetune", schedule={"epochs": 3, "steps_per_epoch": 10, "finetune_switch": 0.4}
+        )
+    )
     assert build_method(config, 8).switch_step == 12
 
 
@@ -346,6 +381,7 @@ def test_finetune_trains_on_the_assistant_then_on_the_target():
 
 
 # --- the compiled main run ---------------------------------------------------------------------------
+
 
 def test_main_run_validation_dice_best_epoch_and_tensorboard(tmp_path_factory, cache_path):
     run = tiny_runs.main_mkd_run(tmp_path_factory)
@@ -387,15 +423,23 @@ def test_without_validation_data_the_last_epoch_is_best(tmp_path, tmp_path_facto
     from mkd_tf.data.preprocess import PreprocessConfig
 
     phantom, _ = tiny_runs.tiny_cache(tmp_path_factory)
-    cache = prepare_cache(phantom / "ct_train", phantom / "mr_train", tmp_path / "cache",
-                          PrepareOptions(split=(2, 0, 1), preprocess=PreprocessConfig(spacing=tiny_runs.SPACING,
-                                                                                      size=tiny_runs.SIZE)))
+    cache = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        tmp_path / "cache",
+        PrepareOptions(split=(2, 0, 1), preprocess=PreprocessConfig(spacing=tiny_runs.SPACING, size=tiny_runs.SIZE)),
+    )
     assert SliceCache(cache).volumes("target", "val") == []
-    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.tiny_overrides(
-        method="target-only", schedule={"epochs": 2, "steps_per_epoch": 1}))
+    config = tiny_runs.write_yaml(
+        tmp_path / "tiny.yaml",
+        tiny_runs.tiny_overrides(method="target-only", schedule={"epochs": 2, "steps_per_epoch": 1}),
+    )
     with tiny_runs.capture_models() as built, tiny_runs.eager():
-        outcome = CliRunner().invoke(cli, ["train", str(cache), "--out", str(tmp_path / "run"), "--config", str(config),
-                                           "--quiet"], catch_exceptions=False)
+        outcome = CliRunner().invoke(
+            cli,
+            ["train", str(cache), "--out", str(tmp_path / "run"), "--config", str(config), "--quiet"],
+            catch_exceptions=False,
+        )
     assert outcome.exit_code == 0, outcome.output
     assert outcome.output.splitlines()[0] == f"run: {tmp_path / 'run'}"  # no validation Dice claimed
     history = history_of(tmp_path / "run")

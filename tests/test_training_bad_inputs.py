@@ -26,16 +26,22 @@ def one_line_error(outcome):
     return lines[0]
 
 
-@pytest.mark.parametrize("settings, problem", [
-    ({"schedule": {"epochs": "ten"}}, "setting 'schedule.epochs' must be a whole number, got 'ten'"),
-    ({"schedule": {"epochs": 0}}, "setting 'schedule.epochs' must be in [1, inf], got 0"),
-    ({"loss": {"temperature": "hot"}}, "setting 'loss.temperature' must be a finite number, got 'hot'"),
-    ({"segmentor": {"base_filters": -4}}, "setting 'segmentor.base_filters' must be in [1, inf], got -4"),
-    ({"data": {"augment": "yes"}}, "setting 'data.augment' must be true or false, got 'yes'"),
-    ({"schedule": {"mkd_pretrain": 1.0}}, "setting 'schedule.mkd_pretrain' must be in [0.0, 1.0), got 1.0"),
-    ({"optimizer": {"segmentor_lr": 0}}, "setting 'optimizer.segmentor_lr' must be in (0.0, inf], got 0"),
-    ({"segmentor": {"norm": "layer"}}, "setting 'segmentor.norm' must be one of batch, instance, none, got 'layer'"),
-])
+@pytest.mark.parametrize(
+    "settings, problem",
+    [
+        ({"schedule": {"epochs": "ten"}}, "setting 'schedule.epochs' must be a whole number, got 'ten'"),
+        ({"schedule": {"epochs": 0}}, "setting 'schedule.epochs' must be in [1, inf], got 0"),
+        ({"loss": {"temperature": "hot"}}, "setting 'loss.temperature' must be a finite number, got 'hot'"),
+        ({"segmentor": {"base_filters": -4}}, "setting 'segmentor.base_filters' must be in [1, inf], got -4"),
+        ({"data": {"augment": "yes"}}, "setting 'data.augment' must be true or false, got 'yes'"),
+        ({"schedule": {"mkd_pretrain": 1.0}}, "setting 'schedule.mkd_pretrain' must be in [0.0, 1.0), got 1.0"),
+        ({"optimizer": {"segmentor_lr": 0}}, "setting 'optimizer.segmentor_lr' must be in (0.0, inf], got 0"),
+        (
+            {"segmentor": {"norm": "layer"}},
+            "setting 'segmentor.norm' must be one of batch, instance, none, got 'layer'",
+        ),
+    ],
+)
 def test_config_of_the_wrong_type_or_range_is_one_line_and_writes_nothing(tmp_path, cache_path, settings, problem):
     config = tiny_runs.write_yaml(tmp_path / "cfg.yaml", settings)
     run = tmp_path / "run"
@@ -46,8 +52,9 @@ def test_config_of_the_wrong_type_or_range_is_one_line_and_writes_nothing(tmp_pa
 
 def test_networks_that_do_not_fit_the_slices_fail_before_writing(tmp_path, cache_path):
     run = tmp_path / "run"
-    outcome = CliRunner().invoke(cli, ["train", str(cache_path), "--out", str(run), "--depth", "7",
-                                       "--base-filters", "2", "--quiet"])
+    outcome = CliRunner().invoke(
+        cli, ["train", str(cache_path), "--out", str(run), "--depth", "7", "--base-filters", "2", "--quiet"]
+    )
     assert "do not fit 32x32 slices" in one_line_error(outcome)
     assert not run.exists()  # the corrected command can use the same --out
 
@@ -55,8 +62,10 @@ def test_networks_that_do_not_fit_the_slices_fail_before_writing(tmp_path, cache
 def test_out_below_a_regular_file_is_one_line(tmp_path, cache_path):
     (tmp_path / "notes.txt").write_text("mine")
     outcome = CliRunner().invoke(cli, ["train", str(cache_path), "--out", str(tmp_path / "notes.txt" / "run")])
-    assert one_line_error(outcome) == f"error: {tmp_path / 'notes.txt' / 'run'}: cannot be created: " \
-                                      f"{tmp_path / 'notes.txt'} is a file"
+    assert (
+        one_line_error(outcome) == f"error: {tmp_path / 'notes.txt' / 'run'}: cannot be created: "
+        f"{tmp_path / 'notes.txt'} is a file"
+    )
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -103,8 +112,9 @@ def test_a_kill_between_the_renames_of_best_keeps_a_best_checkpoint(tmp_path, ca
 
 
 def test_evaluation_and_best_use_the_averaged_weights_and_resume_keeps_the_raw_ones(tmp_path, cache_path):
-    overrides = tiny_runs.tiny_overrides(method="target-only", schedule={"epochs": 1, "steps_per_epoch": 3},
-                                         optimizer={"ema_momentum": 0.5})
+    overrides = tiny_runs.tiny_overrides(
+        method="target-only", schedule={"epochs": 1, "steps_per_epoch": 3}, optimizer={"ema_momentum": 0.5}
+    )
     with tiny_runs.eager(), tiny_runs.capture_models() as built:
         train(cache_path, tmp_path / "run", overrides=overrides, verbose=0)
     model = built[-1]

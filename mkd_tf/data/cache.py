@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import fail
+from mkd_tf.files import temporary_sibling
 
 try:
     import fcntl
@@ -46,8 +47,9 @@ SPLITS = ("train", "val", "test")
 VOLUME, SLICE, SPLIT, HAS_LABEL = range(4)
 _FILES = {"images": ("images.f32", np.float32), "labels": ("labels.u8", np.uint8), "slices": ("slices.i32", np.int32)}
 # Every path a cache folder may hold, relative to it.
-_CACHE_ENTRIES = frozenset(["manifest.json", *ROLES,
-                            *(f"{role}/{name}" for role in ROLES for name, _ in _FILES.values())])
+_CACHE_ENTRIES = frozenset(
+    ["manifest.json", *ROLES, *(f"{role}/{name}" for role in ROLES for name, _ in _FILES.values())]
+)
 
 
 def _output_folder(out):
@@ -95,8 +97,11 @@ def not_a_slice_cache(path):
         return "it has no manifest.json"
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return f"its manifest.json is unreadable ({type(exc).__name__})"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"),
-                                                                                             dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         return f"its manifest.json is not an {FORMAT} manifest"
     foreign = _foreign_entries(path)
     if foreign:
@@ -204,10 +209,8 @@ class CacheWriter:
         size: slice height and width.
         overwrite: replace an existing cache at ``out`` (only once the new one is complete).
 
-    Example:
-        >>> with CacheWriter("cache", size=64) as writer:
-        ...     writer.add_volume("target", images, labels, split="train", has_label=True, entry={...})
-        ...     writer.finish({"classes": [...], ...})
+    :func:`mkd_tf.data.prepare.prepare_cache` drives it: one :meth:`add_volume` per preprocessed case,
+    then :meth:`finish` with the manifest; until then nothing is visible at ``out``.
     """
 
     def __init__(self, out, size, overwrite=False):
@@ -217,7 +220,7 @@ class CacheWriter:
         self._folder = check_output(self.out, overwrite)
         self._handles, self._hashes, self._counts, self._volumes = {}, {}, {}, {}
         self._created, self._lock, self._finished = [], None, False
-        self.staging = self._folder.with_name(f".{self._folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.staging = temporary_sibling(self._folder, folder=True)
         try:
             self._make_parents()
             self.staging.mkdir()
@@ -330,8 +333,9 @@ class CacheWriter:
         folder = self._folder
         if folder.exists() or folder.is_symlink():
             # Checked again: the folder may have appeared or changed while the volumes were written.
-            _refuse_existing(self.out, self.overwrite, when=" (it appeared or changed while preparing)"
-                             if not self.overwrite else "")
+            _refuse_existing(
+                self.out, self.overwrite, when=" (it appeared or changed while preparing)" if not self.overwrite else ""
+            )
             retired = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(folder, retired)
             try:
@@ -372,16 +376,22 @@ def _manifest_problem(manifest):
     for relative, record in files.items():
         if relative not in _CACHE_ENTRIES or relative in ROLES or relative == "manifest.json":
             return f'"files" lists {relative!r}, which is not a slice cache file'
-        if not isinstance(record, dict) or not _is_count(record.get("bytes")) or not isinstance(record.get("sha256"),
-                                                                                                str):
+        if (
+            not isinstance(record, dict)
+            or not _is_count(record.get("bytes"))
+            or not isinstance(record.get("sha256"), str)
+        ):
             return f'"files" record of {relative} is not {{"bytes": int, "sha256": str}}'
     modalities = manifest.get("modalities")
     if not isinstance(modalities, dict):
         return '"modalities" is not a mapping'
     for role in ROLES:
         record = modalities.get(role)
-        if not isinstance(record, dict) or not _is_count(record.get("slices")) or not isinstance(
-                record.get("volumes"), list):
+        if (
+            not isinstance(record, dict)
+            or not _is_count(record.get("slices"))
+            or not isinstance(record.get("volumes"), list)
+        ):
             return f'"modalities" has no valid "{role}" record (slices, volumes)'
         count = record["slices"]
         for key, (name, dtype) in _FILES.items():
@@ -390,13 +400,20 @@ def _manifest_problem(manifest):
             if relative not in files:
                 return f'"files" does not list {relative}'
             if files[relative]["bytes"] != count * per_slice:
-                return f"{relative} is listed with {files[relative]['bytes']} bytes, but {count} slices need " \
-                       f"{count * per_slice}"
+                return (
+                    f"{relative} is listed with {files[relative]['bytes']} bytes, but {count} slices need "
+                    f"{count * per_slice}"
+                )
         for volume in record["volumes"]:
             bounds = volume.get("slices") if isinstance(volume, dict) else None
-            if (not isinstance(bounds, list) or len(bounds) != 2 or not all(_is_count(b) for b in bounds)
-                    or not bounds[0] <= bounds[1] <= count or volume.get("split") not in SPLITS
-                    or not isinstance(volume.get("labelled"), bool)):
+            if (
+                not isinstance(bounds, list)
+                or len(bounds) != 2
+                or not all(_is_count(b) for b in bounds)
+                or not bounds[0] <= bounds[1] <= count
+                or volume.get("split") not in SPLITS
+                or not isinstance(volume.get("labelled"), bool)
+            ):
                 return f'a "{role}" volume record is malformed ({str(volume)[:80]})'
     return None
 
@@ -419,7 +436,11 @@ class SliceCache:
     Example:
         >>> cache = SliceCache("cache")
         >>> images = cache.images("target")          # (slices, size, size) float32 memmap
-        >>> train = cache.indices("target", "train", labelled=True)
+        >>> images.dtype, images.shape[1:]
+        (dtype('float32'), (32, 32))
+        >>> train = cache.indices("target", "train", labelled=True)  # row numbers of labelled slices
+        >>> bool(train.size > 0)
+        True
     """
 
     def __init__(self, path, verify=True):

@@ -89,7 +89,9 @@ def discover(path, modality=None):
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and re.match(r"^[a-z]+_train$", p.name))
     if folders:
         if modality is None:
-            fail(root, f"MM-WHS root holds {', '.join(folders)}: choose one with --target-modality/--assistant-modality")
+            fail(
+                root, f"MM-WHS root holds {', '.join(folders)}: choose one with --target-modality/--assistant-modality"
+            )
         folder = root / f"{modality.lower()}_train"
         if not folder.is_dir():
             fail(root, f"no {modality.lower()}_train/ folder (found {', '.join(folders)})")
@@ -108,8 +110,11 @@ def _mmwhs_folder(folder):
                 continue
             case_id = f"{match['modality']}_{match['split']}_{match['id']}"
             if case_id in found:
-                fail(path, f"a second {'image' if found is images else 'label'} file of case {case_id} "
-                           f"(the other is {found[case_id].name}); keep one")
+                fail(
+                    path,
+                    f"a second {'image' if found is images else 'label'} file of case {case_id} "
+                    f"(the other is {found[case_id].name}); keep one",
+                )
             found[case_id] = path
             if found is images:
                 modalities.add(match["modality"])
@@ -193,8 +198,12 @@ def match_labels(target, assistant, structures=None, ignore_unmatched=False):
             parts.append(f"{only_target} only in target {target.label_source}")
         if only_assistant:
             parts.append(f"{only_assistant} only in assistant {assistant.label_source}")
-        fail(target.label_source, "label names do not match across modalities: " + "; ".join(parts)
-             + " (use --ignore-unmatched to drop them)")
+        fail(
+            target.label_source,
+            "label names do not match across modalities: "
+            + "; ".join(parts)
+            + " (use --ignore-unmatched to drop them)",
+        )
     common = [n for n in target_names if n in assistant_names]
     if not common:
         fail(target.label_source, "the two modalities share no label names")

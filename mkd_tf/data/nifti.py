@@ -6,8 +6,6 @@ Writes are atomic: the volume is written to a temporary file in the same folder,
 
 import gzip
 import logging
-import os
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 from nibabel import orientations
 
 from mkd_tf.errors import fail
+from mkd_tf.files import atomic_path
 
 # Affines of an image and its label may differ by float noise from the writer; anything larger
 # than this (in mm, per affine entry) is a real mismatch.
@@ -89,8 +88,15 @@ def _verify_gzip(path):
 def _read_array(image, path):
     try:
         data = np.asanyarray(image.dataobj)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, OverflowError,
-            nib.spatialimages.HeaderDataError) as exc:
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+        gzip.BadGzipFile,
+        ValueError,
+        OverflowError,
+        nib.spatialimages.HeaderDataError,
+    ) as exc:
         fail(path, f"corrupt or truncated data ({type(exc).__name__}: {exc})")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -167,13 +173,6 @@ def from_canonical(data, ornt):
     return np.ascontiguousarray(orientations.apply_orientation(data, back))
 
 
-def temporary_sibling(path):
-    """A hidden path next to ``path`` with the same suffixes, for write-then-rename."""
-    path = Path(path)
-    suffix = "".join(path.suffixes) or ".tmp"
-    return path.with_name(f".{path.name.split('.')[0]}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
-
-
 def save_volume(path, data, affine, dtype=None):
     """Write a NIfTI volume atomically (temporary file in the same folder, then rename).
 
@@ -190,11 +189,6 @@ def save_volume(path, data, affine, dtype=None):
     image.header.set_data_dtype(array.dtype)
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    temporary = temporary_sibling(path)
-    try:
+    with atomic_path(path) as temporary:
         nib.save(image, str(temporary))
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path

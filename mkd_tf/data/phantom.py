@@ -22,7 +22,6 @@ the same data, and each (modality, case id) gets its own random stream.
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from scipy import ndimage
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import save_volume
 from mkd_tf.errors import fail
+from mkd_tf.files import temporary_sibling
 
 DEFAULT_SHAPE = (96, 96, 48)
 # World field of view (x, y, z) in mm; `shape` only decides how finely CT samples it.
@@ -58,8 +58,15 @@ TISSUES = {
     "ascending_aorta": 11,
     "pulmonary_artery": 12,
 }
-BLOOD_TISSUES = ("other_blood", "left_atrium", "left_ventricle", "right_atrium", "right_ventricle",
-                 "ascending_aorta", "pulmonary_artery")
+BLOOD_TISSUES = (
+    "other_blood",
+    "left_atrium",
+    "left_ventricle",
+    "right_atrium",
+    "right_ventricle",
+    "ascending_aorta",
+    "pulmonary_artery",
+)
 # In arterial-phase CT angiography the right heart is less enhanced than the left.
 RIGHT_HEART_TISSUES = ("right_atrium", "right_ventricle", "pulmonary_artery", "other_blood")
 
@@ -304,9 +311,11 @@ def _paint_heart(tissues, heart, rng):
 
     # Pulmonary artery from the RV outflow upwards, then short left and right branches.
     pa_radius = rng.uniform(9.0, 11.0)
-    pa_segments = [(_PA_ROOT, _PA_BIFURCATION, pa_radius),
-                   (_PA_BIFURCATION, (-40.0, -10.0, 40.0), 0.7 * pa_radius),
-                   (_PA_BIFURCATION, (18.0, -16.0, 38.0), 0.7 * pa_radius)]
+    pa_segments = [
+        (_PA_ROOT, _PA_BIFURCATION, pa_radius),
+        (_PA_BIFURCATION, (-40.0, -10.0, 40.0), 0.7 * pa_radius),
+        (_PA_BIFURCATION, (18.0, -16.0, 38.0), 0.7 * pa_radius),
+    ]
     for start, end, radius in pa_segments:
         tissues[_tube(heart, start, end, radius + wall)] = t["soft_tissue"]
     for start, end, radius in pa_segments:
@@ -471,6 +480,8 @@ def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
     Example:
         >>> write_phantom("demo/data", n_ct=2, n_mr=2, shape=(48, 48, 24))
         PosixPath('demo/data')
+        >>> sorted(path.name for path in Path("demo/data/ct_train").iterdir())[:2]
+        ['ct_train_1001_image.nii.gz', 'ct_train_1001_label.nii.gz']
     """
     out_dir = Path(out_dir)
     shape = tuple(shape)
@@ -482,7 +493,7 @@ def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
             fail(out_dir, "exists and is not empty; choose a new folder for the phantom")
     target = out_dir.resolve()  # `.` has no name to put a sibling next to
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = temporary_sibling(target, folder=True)
     try:
         for modality, count in (("ct", n_ct), ("mr", n_mr)):
             folder = staging / f"{modality}_train"

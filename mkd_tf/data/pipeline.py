@@ -107,7 +107,7 @@ def _augment_batch(images, labels, seed, config, block=None):
     max_angle = np.deg2rad(float(config.rotation_degrees))
 
     def mine(values):
-        return values if block is None else values[offset:offset + batch]
+        return values if block is None else values[offset : offset + batch]
 
     angle = mine(_uniform([total], seeds[0], (-max_angle, max_angle)))
     scale = mine(_uniform([total], seeds[1], config.scale_range))
@@ -157,7 +157,10 @@ def augment_slice(image, label, seed, config=AugmentConfig()):
         `(image, label)` with the input shapes and dtypes.
 
     Example:
-        >>> image, label = augment_slice(image, label, seed=tf.constant([0, 7]))
+        >>> image, label = tf.random.stateless_uniform((32, 32, 1), seed=(1, 2)), tf.zeros((32, 32), tf.int32)
+        >>> augmented, augmented_label = augment_slice(image, label, seed=tf.constant([0, 7]))
+        >>> tuple(augmented.shape), augmented_label.dtype.name
+        ((32, 32, 1), 'int32')
     """
     image = tf.convert_to_tensor(image, tf.float32)
     label = tf.convert_to_tensor(label)
@@ -232,8 +235,10 @@ def slice_dataset(
             repeat, fewer than one whole batch with `drop_remainder`).
 
     Example:
-        >>> for batch in slice_dataset(cache, "target", "train", 8, augment=True).take(100):
-        ...     batch["image"].shape   # (8, 256, 256, 1)
+        >>> from mkd_tf.data.cache import SliceCache
+        >>> batch = next(iter(slice_dataset(SliceCache("cache"), "target", "train", 8, augment=True)))
+        >>> tuple(batch["image"].shape), tuple(batch["label"].shape), tuple(batch["has_label"].shape)
+        ((8, 32, 32, 1), (8, 32, 32), (8,))
     """
     _check_role_split(cache, role, split)
     rows = selected_rows(cache, role, split, labelled, volumes)
@@ -279,7 +284,7 @@ def slice_dataset(
 
     def load(batch_index, batch_rows):
         if block is not None:
-            batch_rows = batch_rows[block[0]:block[0] + block_size]
+            batch_rows = batch_rows[block[0] : block[0] + block_size]
         batch_images, batch_labels, batch_has_label = tf.numpy_function(
             gather, [batch_rows], [tf.float32, tf.uint8, tf.float32], stateful=False
         )
@@ -299,43 +304,7 @@ def slice_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def unpaired_dataset(cache, batch_size=8, *, split="train", augment=True, seed=0, target_labelled=None):
-    """Endless pairs of independent assistant and target batches for a training step of the MKD model.
-
-    The assistant (MRI) stream holds labelled slices only; the target (CT) stream holds every target slice
-    of ``split`` (labelled and unlabelled unless ``target_labelled`` narrows it), with ``has_label`` telling
-    which. The two streams are shuffled and augmented independently: the slices are unpaired.
-
-    Args:
-        cache: a :class:`mkd_tf.data.cache.SliceCache`.
-        batch_size: slices per batch in each stream.
-        split: the split to draw from.
-        augment: `True`/`False` or an :class:`AugmentConfig`, for both streams.
-        seed: integer; fixes both streams.
-        target_labelled: `None` (all target slices), `True` or `False`.
-
-    Returns:
-        A `tf.data.Dataset` of `{"assistant": {...}, "target": {...}}`, each inner dict as in
-        :func:`slice_dataset`.
-
-    Raises:
-        MkdError: when either stream would be empty.
-
-    Example:
-        >>> batch = next(iter(unpaired_dataset(cache, 8)))
-        >>> batch["assistant"]["image"].shape, batch["target"]["has_label"].shape   # (8, H, W, 1), (8,)
-    """
-    seed = int(seed)
-    common = dict(shuffle=True, repeat=True, augment=augment, drop_remainder=True)
-    # Distinct seeds per stream so that the two never share a permutation or augmentation draw.
-    target = slice_dataset(cache, "target", split, batch_size, labelled=target_labelled, seed=2 * seed + 1, **common)
-    assistant = slice_dataset(cache, "assistant", split, batch_size, labelled=True, seed=2 * seed, **common)
-    dataset = tf.data.Dataset.zip(assistant, target)
-    return dataset.map(lambda a, t: {"assistant": a, "target": t}).prefetch(tf.data.AUTOTUNE)
-
-
-def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_target_volumes=None, shard=(0, 1),
-                     start=0):
+def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_target_volumes=None, shard=(0, 1), start=0):
     """The batch stream every method trains on (see :mod:`mkd_tf.models.cross_modality`).
 
     Three unpaired, independently shuffled and augmented streams of the train split:
@@ -363,41 +332,14 @@ def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_targ
         "target": slice_dataset(cache, "target", "train", batch_size, seed=3 * seed + 1, **common),
     }
     if selected_rows(cache, "target", "train", True, labelled_target_volumes).size:
-        streams["target_labelled"] = slice_dataset(cache, "target", "train", batch_size, labelled=True,
-                                                   volumes=labelled_target_volumes, seed=3 * seed + 2, **common)
+        streams["target_labelled"] = slice_dataset(
+            cache,
+            "target",
+            "train",
+            batch_size,
+            labelled=True,
+            volumes=labelled_target_volumes,
+            seed=3 * seed + 2,
+            **common,
+        )
     return tf.data.Dataset.zip(streams).prefetch(tf.data.AUTOTUNE)
-
-
-def evaluation_slices(cache, role, split):
-    """Volumes of one role and split, one at a time, as plain numpy arrays in slice order.
-
-    Args:
-        cache: a :class:`mkd_tf.data.cache.SliceCache`.
-        role: `"target"` or `"assistant"`.
-        split: `"train"`, `"val"` or `"test"`.
-
-    Returns:
-        An iterator of `(volume_record, images, labels)`: the manifest record of the volume (case id, split,
-        ``labelled``, slice range, inverse parameters), `(slices, size, size, 1)` float32 and
-        `(slices, size, size)` int32 (all 0 when ``volume_record["labelled"]`` is false).
-
-    Raises:
-        MkdError: when the split holds no volumes of ``role`` (raised on the call, not on first iteration).
-
-    Example:
-        >>> for record, images, labels in evaluation_slices(cache, "target", "test"):
-        ...     predictions = model.predict(images).argmax(-1)
-    """
-    _check_role_split(cache, role, split)
-    volumes = cache.volumes(role, split)
-    if not volumes:
-        fail(cache.path, f"no {role} volumes in split {split!r}")
-
-    def generate():
-        for record in volumes:
-            start, stop = record["slices"]
-            images = np.array(cache.images(role)[start:stop], dtype=np.float32)[..., None]
-            labels = np.array(cache.labels(role)[start:stop], dtype=np.int32)
-            yield record, images, labels
-
-    return generate()

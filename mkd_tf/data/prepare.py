@@ -4,7 +4,7 @@ Decisions:
 - The patient-level split (`fractions` or an explicit split file) applies to the **target** modality.
   Every labelled assistant case goes to `train`: the assistant modality is there to teach, and the
   method is evaluated on target patients only. An explicit split file may still place assistant cases.
-- Target cases without a label file are training cases without labels. `target_labeled=N` keeps the
+- Target cases without a label file are training cases without labels. `target_labelled=N` keeps the
   labels of only the first N target training cases (in seeded order); the rest stay, unlabelled.
 - Every option, the output path and the split are checked before anything is written. The crop window
   must hold every labelled voxel: a window that drops some is refused with the count per case, unless
@@ -38,7 +38,7 @@ class PrepareOptions:
     ignore_unmatched: bool = False
     split: tuple = (0.6, 0.2, 0.2)
     split_file: str | None = None
-    target_labeled: int | None = None
+    target_labelled: int | None = None
     seed: int = 0
     overwrite: bool = False
     # A crop window that cuts off labelled voxels: reported (progress, manifest) when allowed, an error
@@ -50,9 +50,12 @@ class PrepareOptions:
         """Refuse option values that cannot work, naming the option (before anything is read or written)."""
         self.preprocess.check()
         _check_fractions(self.split)
-        if self.target_labeled is not None and (isinstance(self.target_labeled, bool) or not isinstance(
-                self.target_labeled, (int, np.integer)) or self.target_labeled < 0):
-            fail("--target-labeled", f"must be an integer >= 0, got {self.target_labeled!r}")
+        if self.target_labelled is not None and (
+            isinstance(self.target_labelled, bool)
+            or not isinstance(self.target_labelled, (int, np.integer))
+            or self.target_labelled < 0
+        ):
+            fail("--target-labelled", f"must be an integer >= 0, got {self.target_labelled!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             fail("--seed", f"must be an integer, got {self.seed!r}")
         if self.split_file is not None and Path(self.split_file).is_dir():
@@ -92,8 +95,8 @@ def split_fractions(case_ids, fractions, seed):
         else:
             n_test -= 1
     assignment = {case: "test" for case in order[:n_test]}
-    assignment.update({case: "val" for case in order[n_test:n_test + n_val]})
-    assignment.update({case: "train" for case in order[n_test + n_val:]})
+    assignment.update({case: "val" for case in order[n_test : n_test + n_val]})
+    assignment.update({case: "train" for case in order[n_test + n_val :]})
     return assignment
 
 
@@ -144,15 +147,15 @@ def plan_splits(datasets, options):
     return plans
 
 
-def _labelled_training_cases(dataset, plan, target_labeled, seed):
+def _labelled_training_cases(dataset, plan, target_labelled, seed):
     """Which training cases keep their labels."""
     candidates = sorted(c.case_id for c in dataset.cases if plan.get(c.case_id) == "train" and c.label is not None)
-    if target_labeled is None:
+    if target_labelled is None:
         return set(candidates)
-    if target_labeled > len(candidates):
-        fail(dataset.root, f"--target-labeled {target_labeled} but only {len(candidates)} labelled training cases")
+    if target_labelled > len(candidates):
+        fail(dataset.root, f"--target-labelled {target_labelled} but only {len(candidates)} labelled training cases")
     random.Random(seed + 1).shuffle(candidates)
-    return set(candidates[:target_labeled])
+    return set(candidates[:target_labelled])
 
 
 def prepare_cache(target_path, assistant_path, out, options=None, progress=None):
@@ -186,26 +189,34 @@ def prepare_cache(target_path, assistant_path, out, options=None, progress=None)
             split = plan.get(case.case_id)
             if split not in (None, "train") and case.label is None:
                 fail(case.image, f"{split} case has no label file")
-        keep_labels[role] = _labelled_training_cases(dataset, plan, options.target_labeled if role == "target"
-                                                     else None, options.seed)
+        keep_labels[role] = _labelled_training_cases(
+            dataset, plan, options.target_labelled if role == "target" else None, options.seed
+        )
     config = options.preprocess
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mkd_tf_version": __version__,
         "classes": classes,
         "preprocess": config.to_dict(),
-        "split": {"seed": options.seed, "fractions": list(options.split), "file": options.split_file,
-                  "target_labeled": options.target_labeled},
+        "split": {
+            "seed": options.seed,
+            "fractions": list(options.split),
+            "file": options.split_file,
+            "target_labeled": options.target_labelled,
+        },  # manifest key spelt as in earlier caches
         "modalities": {},
     }
     cropped = {role: {} for role in ROLES}  # case id -> labelled voxels outside the window
     with CacheWriter(out, config.size, overwrite=options.overwrite) as writer:
         for role in ROLES:
             dataset, plan = datasets[role], plans[role]
-            value_to_class = {value: (classes.index(name) if name in classes else 0)
-                              for name, value in dataset.labels.items()}
+            value_to_class = {
+                value: (classes.index(name) if name in classes else 0) for name, value in dataset.labels.items()
+            }
             manifest["modalities"][role] = {
-                "name": dataset.modality, "layout": dataset.layout, "root": str(Path(dataset.root).resolve()),
+                "name": dataset.modality,
+                "layout": dataset.layout,
+                "root": str(Path(dataset.root).resolve()),
                 "label_values": {name: dataset.labels[name] for name in classes},
                 "label_source": dataset.label_source,
             }
@@ -223,28 +234,42 @@ def prepare_cache(target_path, assistant_path, out, options=None, progress=None)
                 lost = int(params.get("cropped_label_voxels", 0))
                 if lost:
                     cropped[role][case.case_id] = lost
-                entry = {"case_id": case.case_id, "image": str(Path(case.image).resolve()),
-                         "label": str(Path(case.label).resolve()) if case.label is not None else None,
-                         "inverse": params}
+                entry = {
+                    "case_id": case.case_id,
+                    "image": str(Path(case.image).resolve()),
+                    "label": str(Path(case.label).resolve()) if case.label is not None else None,
+                    "inverse": params,
+                }
                 if options.allow_crop or not any(cropped.values()):  # once refused, only count
                     writer.add_volume(role, slices, label_slices, split, has_label, entry)
-                progress(f"{role:9s} {case.case_id:24s} {split:5s} {'labelled' if has_label else 'unlabelled':10s} "
-                         f"{slices.shape[0]} slices" + (f", {lost} labelled voxels outside the window" if lost else ""))
+                progress(
+                    f"{role:9s} {case.case_id:24s} {split:5s} {'labelled' if has_label else 'unlabelled':10s} "
+                    f"{slices.shape[0]} slices" + (f", {lost} labelled voxels outside the window" if lost else "")
+                )
         losses = _losses(cropped)
         if losses and not options.allow_crop:
             spacing = ",".join(f"{s:g}" for s in config.spacing)
-            fail(f"--size {config.size}", f"the {config.size}x{config.size} window at --spacing {spacing} mm cuts off "
-                 f"labelled voxels: {losses}; use a larger --size or a coarser --spacing, or --allow-crop to "
-                 f"accept the loss")
-        manifest["crop"] = {"allow_crop": bool(options.allow_crop),
-                            "dropped_label_voxels": {role: dict(cropped[role]) for role in ROLES}}
+            fail(
+                f"--size {config.size}",
+                f"the {config.size}x{config.size} window at --spacing {spacing} mm cuts off "
+                f"labelled voxels: {losses}; use a larger --size or a coarser --spacing, or --allow-crop to "
+                f"accept the loss",
+            )
+        manifest["crop"] = {
+            "allow_crop": bool(options.allow_crop),
+            "dropped_label_voxels": {role: dict(cropped[role]) for role in ROLES},
+        }
         return writer.finish(manifest)
 
 
 def _losses(cropped):
     """`"target ct_train_1001 loses 36, ..."` from role -> case id -> cropped labelled voxels."""
-    return ", ".join(f"{role} {case_id} loses {count}" for role in ROLES
-                     if isinstance(cropped.get(role), dict) for case_id, count in cropped[role].items())
+    return ", ".join(
+        f"{role} {case_id} loses {count}"
+        for role in ROLES
+        if isinstance(cropped.get(role), dict)
+        for case_id, count in cropped[role].items()
+    )
 
 
 def _field(record, *keys):
@@ -259,9 +284,13 @@ def _field(record, *keys):
 def cache_summary(cache):
     """Human-readable summary of a :class:`mkd_tf.data.cache.SliceCache` (what `mkd info` prints)."""
     manifest = cache.manifest
-    lines = [f"slice cache {cache.path}  ({manifest.get('created', '?')}, mkd-tf {manifest.get('mkd_tf_version', '?')})"]
-    lines.append(f"  slices {cache.size}x{cache.size}, spacing {_field(manifest, 'preprocess', 'spacing')} mm, "
-                 f"axis {_field(manifest, 'preprocess', 'axis')}, split seed {_field(manifest, 'split', 'seed')}")
+    lines = [
+        f"slice cache {cache.path}  ({manifest.get('created', '?')}, mkd-tf {manifest.get('mkd_tf_version', '?')})"
+    ]
+    lines.append(
+        f"  slices {cache.size}x{cache.size}, spacing {_field(manifest, 'preprocess', 'spacing')} mm, "
+        f"axis {_field(manifest, 'preprocess', 'axis')}, split seed {_field(manifest, 'split', 'seed')}"
+    )
     lines.append(f"  classes ({cache.num_classes}): {', '.join(cache.classes)}")
     crop = manifest.get("crop")
     if isinstance(crop, dict) and isinstance(crop.get("dropped_label_voxels"), dict):
@@ -277,14 +306,19 @@ def cache_summary(cache):
                 continue
             labelled = sum(v["labelled"] for v in volumes)
             slices = sum(v["slices"][1] - v["slices"][0] for v in volumes)
-            lines.append(f"    {split:5s}: {len(volumes)} cases ({labelled} labelled, {len(volumes) - labelled} "
-                         f"unlabelled), {slices} slices")
+            lines.append(
+                f"    {split:5s}: {len(volumes)} cases ({labelled} labelled, {len(volumes) - labelled} "
+                f"unlabelled), {slices} slices"
+            )
         labels = cache.labels(role)
         rows = cache.indices(role, labelled=True)
         counts = np.zeros(cache.num_classes, np.int64)
         for start in range(0, len(rows), 256):
-            counts += np.bincount(labels[rows[start:start + 256]].ravel(), minlength=cache.num_classes)[
-                :cache.num_classes]  # an index beyond the classes can only come from an unverified, altered file
-        lines.append("    voxels per structure (labelled slices): "
-                     + ", ".join(f"{name} {int(count)}" for name, count in zip(cache.classes[1:], counts[1:])))
+            counts += np.bincount(labels[rows[start : start + 256]].ravel(), minlength=cache.num_classes)[
+                : cache.num_classes
+            ]  # an index beyond the classes can only come from an unverified, altered file
+        lines.append(
+            "    voxels per structure (labelled slices): "
+            + ", ".join(f"{name} {int(count)}" for name, count in zip(cache.classes[1:], counts[1:]))
+        )
     return "\n".join(lines)

@@ -120,16 +120,11 @@ def normalise_intensity(image, kind, config):
     mean, std = float(clipped.mean()), float(clipped.std())
     std = std if std > 1e-6 else 1.0
     return ((clipped - mean) / std).astype(np.float32), {
-        "kind": "zscore", "clip": [low, high], "mean": mean, "std": std}
-
-
-def apply_intensity(image, params):
-    """Apply recorded intensity parameters (used by inference on new volumes of a known modality)."""
-    if params["kind"] == "ct":
-        low, high = params["window"]
-        return ((np.clip(image, low, high) - low) / (high - low) * 2.0 - 1.0).astype(np.float32)
-    low, high = params["clip"]
-    return ((np.clip(image, low, high) - params["mean"]) / params["std"]).astype(np.float32)
+        "kind": "zscore",
+        "clip": [low, high],
+        "mean": mean,
+        "std": std,
+    }
 
 
 def _crop_window(normalised, axis, size):
@@ -256,8 +251,10 @@ def labels_to_original(label_slices, params, class_values=None):
             canonical = np.pad(canonical, [(0, c - s) for c, s in zip(canonical_shape, canonical.shape)])
     else:
         # Nearest neighbour: canonical voxel c lies at resampled coordinate c / scale.
-        index = [np.clip(np.rint(np.arange(n) / s).astype(int), 0, m - 1)
-                 for n, s, m in zip(canonical_shape, scale, resampled_shape_)]
+        index = [
+            np.clip(np.rint(np.arange(n) / s).astype(int), 0, m - 1)
+            for n, s, m in zip(canonical_shape, scale, resampled_shape_)
+        ]
         canonical = resampled[np.ix_(*index)]
     volume = from_canonical(canonical, np.asarray(params["ornt"]))
     if class_values is not None:

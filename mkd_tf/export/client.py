@@ -7,8 +7,8 @@ The client does what local `mkd predict` does around the network call, with the 
 `(batch, H, W)` class indices), then the exact inverse :func:`mkd_tf.data.preprocess.labels_to_original`
 and the class-index -> label-value table. So a remote prediction equals the local one for the same
 weights. The checks and the all-or-nothing writing of local `mkd predict` apply too
-(:func:`mkd_tf.inference.check_output_paths`, :func:`~mkd_tf.inference.check_intensities`,
-:func:`~mkd_tf.inference.write_outputs`).
+(:func:`mkd_tf.prediction_files.check_output_paths`, :func:`~mkd_tf.prediction_files.check_intensities`,
+:func:`~mkd_tf.files.write_files_atomic`).
 
 Where the preprocessing comes from: a remote client cannot read files on the server, and TF
 Serving's metadata only describes signatures. So the client takes classes, label values and
@@ -41,8 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mkd_tf.data.nifti import load_image
+from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import read_json
+from mkd_tf.export.serving import read_model_asset
+from mkd_tf.files import read_json, write_files_atomic
+from mkd_tf.prediction_files import check_intensities, check_output_paths, class_values, label_dtype, prediction_outputs
 
 SIGNATURE = "serving_default"
 #: the signature the clients call when the export has it: serving_default without the probabilities
@@ -60,22 +64,29 @@ def model_info(model_dir=None, run=None):
     if (model_dir is None) == (run is None):
         raise MkdError("remote prediction needs exactly one of RUN or --model-dir (for preprocessing and labels)")
     if model_dir is not None:
-        from mkd_tf.export.serving import read_model_asset
-
         asset = read_model_asset(model_dir)
-        return {"classes": asset["classes"], "class_values": [int(v) for v in asset["class_values"]],
-                "preprocess": asset["preprocess"], "target_intensity": asset["target_intensity"],
-                "target_modality": asset.get("target_modality", "the target modality"),
-                "size": int(asset["size"]), "source": str(model_dir)}
+        return {
+            "classes": asset["classes"],
+            "class_values": [int(v) for v in asset["class_values"]],
+            "preprocess": asset["preprocess"],
+            "target_intensity": asset["target_intensity"],
+            "target_modality": asset.get("target_modality", "the target modality"),
+            "size": int(asset["size"]),
+            "source": str(model_dir),
+        }
     record_path = Path(run) / "cache.json"
     if not record_path.exists():
         fail(run, "not a training run (no cache.json); pass a run folder or --model-dir")
     record = read_json(record_path)
-    from mkd_tf.inference import class_values
-
-    return {"classes": record["classes"], "class_values": class_values(record), "preprocess": record["preprocess"],
-            "target_intensity": record["target_intensity"], "target_modality": record["target"]["name"],
-            "size": int(record["preprocess"]["size"]), "source": str(run)}
+    return {
+        "classes": record["classes"],
+        "class_values": class_values(record),
+        "preprocess": record["preprocess"],
+        "target_intensity": record["target_intensity"],
+        "target_modality": record["target"]["name"],
+        "size": int(record["preprocess"]["size"]),
+        "source": str(run),
+    }
 
 
 def check_signature(signature, size, where, signature_name=SIGNATURE):
@@ -93,15 +104,20 @@ def check_signature(signature, size, where, signature_name=SIGNATURE):
         have = signature.get(side, {}).get(name)
         wanted = f"{name} {dtype} (batch, {', '.join(map(str, shape))})"
         if have is None:
-            raise MkdError(f"{where}: signature mismatch: {signature_name} has no {side[:-1]} '{name}' "
-                           f"(has {sorted(signature.get(side, {}))}; expected {wanted})")
+            raise MkdError(
+                f"{where}: signature mismatch: {signature_name} has no {side[:-1]} '{name}' "
+                f"(has {sorted(signature.get(side, {}))}; expected {wanted})"
+            )
         have_dtype, have_shape = have
-        compatible = have_shape is None or (len(have_shape) == len(shape) + 1 and all(
-            h in (-1, w) for h, w in zip(have_shape[1:], shape)))
+        compatible = have_shape is None or (
+            len(have_shape) == len(shape) + 1 and all(h in (-1, w) for h, w in zip(have_shape[1:], shape))
+        )
         if have_dtype != dtype or not compatible:
-            raise MkdError(f"{where}: signature mismatch: {signature_name} {side[:-1]} '{name}' is {have_dtype} {have_shape}, "
-                           f"expected {wanted} (is the server running a different model than {name!r} was "
-                           "exported for? check --model-dir/RUN)")
+            raise MkdError(
+                f"{where}: signature mismatch: {signature_name} {side[:-1]} '{name}' is {have_dtype} {have_shape}, "
+                f"expected {wanted} (is the server running a different model than {name!r} was "
+                "exported for? check --model-dir/RUN)"
+            )
 
 
 def choose_signature(signatures, where):
@@ -149,7 +165,9 @@ class RestClient:
             raise MkdError("pass either --version or --label, not both")
         if version is not None or label is not None:
             if "/versions/" in base or "/labels/" in base:
-                raise MkdError(f"--server {url} already names a version; drop --{'version' if label is None else 'label'}")
+                raise MkdError(
+                    f"--server {url} already names a version; drop --{'version' if label is None else 'label'}"
+                )
             base += f"/versions/{int(version)}" if label is None else f"/labels/{label}"
         self.url = base
         self.timeout = timeout
@@ -157,8 +175,12 @@ class RestClient:
 
     def _request(self, suffix, body=None):
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + suffix, data=data, method="GET" if body is None else "POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + suffix,
+            data=data,
+            method="GET" if body is None else "POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = response.read()
@@ -181,8 +203,13 @@ class RestClient:
         body = self._request("/metadata")
         try:
             signatures = body["metadata"]["signature_def"]["signature_def"]
-            return {key: {side: {name: _json_tensor_info(info) for name, info in definition.get(side, {}).items()}
-                          for side in ("inputs", "outputs")} for key, definition in signatures.items()}
+            return {
+                key: {
+                    side: {name: _json_tensor_info(info) for name, info in definition.get(side, {}).items()}
+                    for side in ("inputs", "outputs")
+                }
+                for key, definition in signatures.items()
+            }
         except (KeyError, TypeError, AttributeError, ValueError):
             raise MkdError(f"{self.url}: not a TF Serving metadata response")
 
@@ -190,14 +217,17 @@ class RestClient:
         """One signature (default ``serving_default``) from ``GET .../metadata`` (see :func:`check_signature`)."""
         signatures = self.signatures()
         if name not in signatures:
-            raise MkdError(f"{self.url}: signature mismatch: the model has no '{name}' signature "
-                           f"(has {sorted(signatures)})")
+            raise MkdError(
+                f"{self.url}: signature mismatch: the model has no '{name}' signature (has {sorted(signatures)})"
+            )
         return signatures[name]
 
     def labels(self, images):
         """Class indices `(batch, H, W)` int32 for preprocessed slices `(batch, H, W, 1)`."""
-        body = self._request(":predict", {"signature_name": self.signature_name,
-                                          "inputs": {"image": np.asarray(images, np.float32).tolist()}})
+        body = self._request(
+            ":predict",
+            {"signature_name": self.signature_name, "inputs": {"image": np.asarray(images, np.float32).tolist()}},
+        )
         outputs = body.get("outputs") if isinstance(body, dict) else None
         if isinstance(outputs, dict):  # several outputs (serving_default): a dict; a single one is not wrapped
             outputs = outputs.get("labels")
@@ -248,8 +278,11 @@ class GrpcClient:
         if version is not None and label is not None:
             raise MkdError("pass either --version or --label, not both")
         self.target, self.model, self.version, self.label, self.timeout = target, model, version, label, timeout
-        self.where = f"grpc://{target}/{model}" + (f"/versions/{version}" if version is not None else "") + (
-            f"/labels/{label}" if label is not None else "")
+        self.where = (
+            f"grpc://{target}/{model}"
+            + (f"/versions/{version}" if version is not None else "")
+            + (f"/labels/{label}" if label is not None else "")
+        )
         self.signature_name = LABELS_SIGNATURE
         # Responses carry a whole batch of label maps: lift gRPC's 4 MB default.
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -296,16 +329,21 @@ class GrpcClient:
             shape = None if tensor.tensor_shape.unknown_rank else [int(d.size) for d in tensor.tensor_shape.dim]
             return types_pb2.DataType.Name(tensor.dtype), shape
 
-        return {key: {"inputs": {k: info(v) for k, v in definition.inputs.items()},
-                      "outputs": {k: info(v) for k, v in definition.outputs.items()}}
-                for key, definition in signature_map.signature_def.items()}
+        return {
+            key: {
+                "inputs": {k: info(v) for k, v in definition.inputs.items()},
+                "outputs": {k: info(v) for k, v in definition.outputs.items()},
+            }
+            for key, definition in signature_map.signature_def.items()
+        }
 
     def signature(self, name=SIGNATURE):
         """One signature (default ``serving_default``) from ``GetModelMetadata``."""
         signatures = self.signatures()
         if name not in signatures:
-            raise MkdError(f"{self.where}: signature mismatch: the model has no '{name}' signature "
-                           f"(has {sorted(signatures)})")
+            raise MkdError(
+                f"{self.where}: signature mismatch: the model has no '{name}' signature (has {sorted(signatures)})"
+            )
         return signatures[name]
 
     def labels(self, images):
@@ -338,8 +376,6 @@ def predict_volume_remote(client, image, info, batch_size=16):
     Returns:
         `(x, y, z)` label volume on the input's grid with the dataset's label values.
     """
-    from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
-    from mkd_tf.inference import label_dtype
 
     where = getattr(client, "url", None) or client.where
     name, signature = choose_signature(client.signatures(), where)
@@ -348,19 +384,32 @@ def predict_volume_remote(client, image, info, batch_size=16):
     slices, params = preprocess_image(image, info["target_intensity"], PreprocessConfig.from_dict(info["preprocess"]))
     indices = np.zeros(slices.shape, np.uint8)
     for start in range(0, len(slices), batch_size):
-        batch = slices[start:start + batch_size]
+        batch = slices[start : start + batch_size]
         labels = client.labels(batch[..., None])
         if labels.shape != batch.shape:
             raise MkdError(f"{where}: 'labels' has shape {labels.shape}, expected {batch.shape}")
         if labels.min() < 0 or labels.max() >= len(info["classes"]):
             raise MkdError(f"{where}: 'labels' holds class {int(labels.max())}, the model has {len(info['classes'])}")
-        indices[start:start + batch_size] = labels
+        indices[start : start + batch_size] = labels
     values = info["class_values"]
     return labels_to_original(indices, params, values).astype(label_dtype(values))
 
 
-def predict_file_remote(image_path, out_path, server=None, grpc_target=None, model=None, version=None,
-                        model_dir=None, run=None, batch_size=16, timeout=120, overlay=None, label=None, force=False):
+def predict_file_remote(
+    image_path,
+    out_path,
+    server=None,
+    grpc_target=None,
+    model=None,
+    version=None,
+    model_dir=None,
+    run=None,
+    batch_size=16,
+    timeout=120,
+    overlay=None,
+    label=None,
+    force=False,
+):
     """`mkd predict --server/--grpc`: read a NIfTI, segment it on TF Serving, write the label map.
 
     Args:
@@ -382,8 +431,6 @@ def predict_file_remote(image_path, out_path, server=None, grpc_target=None, mod
     Returns:
         the label volume written. Nothing is written unless every step succeeded.
     """
-    from mkd_tf.data.nifti import load_image
-    from mkd_tf.inference import check_intensities, check_output_paths, prediction_outputs, write_outputs
 
     if (server is None) == (grpc_target is None):
         raise MkdError("pass exactly one of --server (REST) or --grpc")
@@ -391,13 +438,16 @@ def predict_file_remote(image_path, out_path, server=None, grpc_target=None, mod
     info = model_info(model_dir, run)
     image = load_image(image_path)
     check_intensities(image, info["target_intensity"], info["target_modality"], force)
-    client = (RestClient(server, model, version, timeout, label) if server
-              else GrpcClient(grpc_target, model, version, timeout, label))
+    client = (
+        RestClient(server, model, version, timeout, label)
+        if server
+        else GrpcClient(grpc_target, model, version, timeout, label)
+    )
     try:
         labels = predict_volume_remote(client, image, info, batch_size)
     finally:
         if isinstance(client, GrpcClient):
             client.close()
     record = {"classes": info["classes"], "target": {"label_values": dict(zip(info["classes"], info["class_values"]))}}
-    write_outputs(prediction_outputs(labels, image, out_path, overlay, record))
+    write_files_atomic(prediction_outputs(labels, image, out_path, overlay, record))
     return labels

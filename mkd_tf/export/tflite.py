@@ -27,12 +27,15 @@ Below ``min_agreement`` the file is not written and :class:`MkdError` is raised;
 into place atomically.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
+from mkd_tf.export.serving import read_model_asset
+from mkd_tf.files import atomic_path
+from mkd_tf.metrics import class_overlaps, dice_of_overlaps
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 # Measured (`benchmarks/tflite_agreement.py --seeds 8`: 8 small target-only U-Nets, 16 test slices each):
@@ -93,8 +96,11 @@ def interpreter(model_path_or_content, num_threads=None, delegates=True):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     resolver = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    source = ({"model_content": bytes(model_path_or_content)} if isinstance(model_path_or_content, (bytes, bytearray))
-              else {"model_path": str(model_path_or_content)})
+    source = (
+        {"model_content": bytes(model_path_or_content)}
+        if isinstance(model_path_or_content, (bytes, bytearray))
+        else {"model_path": str(model_path_or_content)}
+    )
     result = Interpreter(**source, num_threads=num_threads, experimental_op_resolver_type=resolver)
     result.allocate_tensors()
     return result
@@ -110,7 +116,7 @@ def run_tflite(model_path_or_content, images, batch_size=16):
     runner = interpreter(model_path_or_content).get_signature_runner(SIGNATURE)
     labels, probabilities = [], []
     for start in range(0, len(images), batch_size):
-        outputs = runner(image=np.asarray(images[start:start + batch_size], np.float32)[..., None])
+        outputs = runner(image=np.asarray(images[start : start + batch_size], np.float32)[..., None])
         labels.append(outputs["labels"])
         probabilities.append(outputs["probabilities"])
     return np.concatenate(labels), np.concatenate(probabilities)
@@ -122,32 +128,28 @@ def run_saved_model(signature, images, batch_size=16):
 
     labels, probabilities = [], []
     for start in range(0, len(images), batch_size):
-        outputs = signature(image=tf.constant(np.asarray(images[start:start + batch_size], np.float32)[..., None]))
+        outputs = signature(image=tf.constant(np.asarray(images[start : start + batch_size], np.float32)[..., None]))
         labels.append(outputs["labels"].numpy())
         probabilities.append(outputs["probabilities"].numpy())
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
 def dice_agreement(labels_a, labels_b, num_classes):
-    """Mean Dice between two class maps over the foreground classes either contains (1.0 if none)."""
-    labels_a, labels_b = np.asarray(labels_a).ravel(), np.asarray(labels_b).ravel()
-    scores = []
-    for c in range(1, num_classes):
-        a, b = labels_a == c, labels_b == c
-        total = int(a.sum()) + int(b.sum())
-        if total:
-            scores.append(2.0 * int((a & b).sum()) / total)
-    return float(np.mean(scores)) if scores else 1.0
+    """Mean Dice between two class maps over the foreground classes (:func:`mkd_tf.metrics.dice_of_overlaps`:
+    a class absent from both scores 1.0)."""
+    return float(np.mean(dice_of_overlaps(class_overlaps(labels_a, labels_b, num_classes))[1:]))
 
 
-def _temporary_sibling(path):
-    import uuid
-
-    return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-
-
-def convert_to_tflite(saved_model_dir, out, quantize="none", cache=None, min_agreement=None, parity_slices=200,
-                      representative_slices=100, report=None):
+def convert_to_tflite(
+    saved_model_dir,
+    out,
+    quantize="none",
+    cache=None,
+    min_agreement=None,
+    parity_slices=200,
+    representative_slices=100,
+    report=None,
+):
     """Convert ``serving_default`` of an exported SavedModel to .tflite and check parity.
 
     Args:
@@ -167,9 +169,6 @@ def convert_to_tflite(saved_model_dir, out, quantize="none", cache=None, min_agr
         ``max_probability_difference``, ``slices``, ``ops`` (sorted operator names), ``min_agreement``.
     """
     import tensorflow as tf
-
-    from mkd_tf.data.cache import SliceCache
-    from mkd_tf.export.serving import read_model_asset
 
     saved_model_dir, out = Path(saved_model_dir), Path(out)
     if not (saved_model_dir / "saved_model.pb").exists():
@@ -192,7 +191,9 @@ def convert_to_tflite(saved_model_dir, out, quantize="none", cache=None, min_agr
     images = slice_cache.images("target")
     representative = None
     if quantize == "int8":
-        representative = np.asarray(images[evenly_spaced(slice_cache.indices("target", "train"), representative_slices)])
+        representative = np.asarray(
+            images[evenly_spaced(slice_cache.indices("target", "train"), representative_slices)]
+        )
 
     converter = make_converter(saved_model_dir, quantize, representative)
     try:
@@ -205,8 +206,7 @@ def convert_to_tflite(saved_model_dir, out, quantize="none", cache=None, min_agr
         fail(saved_model_dir, f"conversion produced non-builtin ops {foreign}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_sibling(out)
-    try:
+    with atomic_path(out) as temporary:
         temporary.write_bytes(content)
         held_out = np.asarray(images[test_rows])
         signature = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE]
@@ -214,25 +214,30 @@ def convert_to_tflite(saved_model_dir, out, quantize="none", cache=None, min_agr
         lite_labels, lite_probabilities = run_tflite(temporary, held_out)
         agreement = dice_agreement(lite_labels, reference_labels, len(asset["classes"]))
         result = {
-            "path": str(out), "bytes": len(content), "quantize": quantize, "agreement": agreement,
+            "path": str(out),
+            "bytes": len(content),
+            "quantize": quantize,
+            "agreement": agreement,
             "pixel_agreement": float(np.mean(lite_labels == reference_labels)),
             "max_probability_difference": float(np.abs(lite_probabilities - reference_probabilities).max()),
-            "slices": int(test_rows.size), "ops": ops, "min_agreement": threshold,
+            "slices": int(test_rows.size),
+            "ops": ops,
+            "min_agreement": threshold,
         }
         if report:
             report(parity_line(result))
         if agreement < threshold:
-            raise MkdError(f"{out}: TFLite ({quantize}) labels agree with the SavedModel's at Dice {agreement:.4f} "
-                           f"< --min-agreement {threshold}; not written")
-        os.replace(temporary, out)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+            raise MkdError(
+                f"{out}: TFLite ({quantize}) labels agree with the SavedModel's at Dice {agreement:.4f} "
+                f"< --min-agreement {threshold}; not written"
+            )
     return result
 
 
 def parity_line(result):
     """One line: the parity of a conversion (what `mkd tflite` prints)."""
-    return (f"parity ({result['quantize']}, {result['slices']} test slices): Dice agreement {result['agreement']:.4f} "
-            f"(threshold {result['min_agreement']}), pixel agreement {result['pixel_agreement']:.4f}, "
-            f"max |probability difference| {result['max_probability_difference']:.2e}")
+    return (
+        f"parity ({result['quantize']}, {result['slices']} test slices): Dice agreement {result['agreement']:.4f} "
+        f"(threshold {result['min_agreement']}), pixel agreement {result['pixel_agreement']:.4f}, "
+        f"max |probability difference| {result['max_probability_difference']:.2e}"
+    )

@@ -6,12 +6,20 @@ PatchGAN discriminators judge realism in each modality (least-squares GAN: raw s
 Losses and the training loop live with the trainer; this file only defines the networks.
 
 Every op converts to TFLite builtins: reflection padding is ``tf.pad(mode="REFLECT")`` → MIRROR_PAD.
+
+References:
+    CycleGAN: J.-Y. Zhu, T. Park, P. Isola, A. A. Efros, "Unpaired Image-to-Image Translation using
+    Cycle-Consistent Adversarial Networks", ICCV 2017, arXiv:1703.10593 (the ResNet generator).
+    PatchGAN: P. Isola, J.-Y. Zhu, T. Zhou, A. A. Efros, "Image-to-Image Translation with Conditional
+    Adversarial Networks", CVPR 2017, arXiv:1611.07004 (the discriminator).
+    LSGAN: X. Mao, Q. Li, H. Xie, R. Y. K. Lau, Z. Wang, S. P. Smolley, "Least Squares Generative
+    Adversarial Networks", ICCV 2017, arXiv:1611.04076 (the adversarial losses, mkd_tf/losses.py).
 """
 
 import keras
 from keras import ops
 
-from mkd_tf.models.segmentor import NORMS, normalization
+from mkd_tf.models.segmentor import normalization
 
 
 @keras.saving.register_keras_serializable(package="mkd_tf")
@@ -30,7 +38,7 @@ class ReflectionPadding2D(keras.layers.Layer):
     Example:
     >>> pad = ReflectionPadding2D(1)
     >>> row = keras.ops.reshape(keras.ops.arange(4.0), (1, 1, 4, 1))  # a 1x4 image: 0 1 2 3
-    >>> pad(keras.ops.tile(row, (1, 2, 1, 1))).shape  # its middle row reads 1 0 1 2 3 2
+    >>> tuple(pad(keras.ops.tile(row, (1, 2, 1, 1))).shape)  # its middle row reads 1 0 1 2 3 2
     (1, 4, 6, 1)
     """
 
@@ -71,21 +79,18 @@ class ResnetBlock(keras.layers.Layer):
 
     Example:
     >>> block = ResnetBlock(8)
-    >>> block(keras.ops.zeros((2, 8, 8, 8))).shape
+    >>> tuple(block(keras.ops.zeros((2, 8, 8, 8))).shape)
     (2, 8, 8, 8)
     """
 
     def __init__(self, filters, norm="instance", **kwargs):
         super().__init__(**kwargs)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.filters = filters
         self.norm = norm
         use_bias = norm == "none"
         self.pads = [ReflectionPadding2D(1, name=f"pad{i}") for i in (1, 2)]
         self.convs = [
-            keras.layers.Conv2D(filters, 3, padding="valid", use_bias=use_bias, name=f"conv{i}")
-            for i in (1, 2)
+            keras.layers.Conv2D(filters, 3, padding="valid", use_bias=use_bias, name=f"conv{i}") for i in (1, 2)
         ]
         self.norms = [normalization(norm, name=f"norm{i}") for i in (1, 2)]
 
@@ -162,9 +167,12 @@ class ResnetGenerator(keras.Model):
 
     Example:
     >>> generator = ResnetGenerator(base_filters=4, num_blocks=1)
-    >>> generator(keras.ops.zeros((2, 32, 32, 1))).shape
+    >>> tuple(generator(keras.ops.zeros((2, 32, 32, 1))).shape)
     (2, 32, 32, 1)
     """
+
+    #: the last layer, kept in float32 under a mixed-precision policy (training.float32_outputs)
+    output_layer_name = "head"
 
     def __init__(self, base_filters=32, num_blocks=6, norm="instance", residual=True, **kwargs):
         super().__init__(**kwargs)
@@ -172,8 +180,6 @@ class ResnetGenerator(keras.Model):
             raise ValueError(f"base_filters must be >= 1, got {base_filters}")
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.base_filters = base_filters
         self.num_blocks = num_blocks
         self.norm = norm
@@ -188,9 +194,7 @@ class ResnetGenerator(keras.Model):
         )
         self.downsamplers = [
             (
-                keras.layers.Conv2D(
-                    k * 2**i, 3, strides=2, padding="same", use_bias=use_bias, name=f"down{i}_conv"
-                ),
+                keras.layers.Conv2D(k * 2**i, 3, strides=2, padding="same", use_bias=use_bias, name=f"down{i}_conv"),
                 normalization(norm, name=f"down{i}_norm"),
             )
             for i in (1, 2)
@@ -219,8 +223,7 @@ class ResnetGenerator(keras.Model):
         for axis, size in zip(("height", "width"), shape[1:3]):
             if size is not None and (size % 4 or size < 8):
                 raise ValueError(
-                    f"ResnetGenerator needs {axis} divisible by 4 and >= 8, got {size} "
-                    f"(input shape {shape})"
+                    f"ResnetGenerator needs {axis} divisible by 4 and >= 8, got {size} (input shape {shape})"
                 )
 
     def build(self, input_shape):
@@ -250,8 +253,12 @@ class ResnetGenerator(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"base_filters": self.base_filters, "num_blocks": self.num_blocks, "norm": self.norm,
-             "residual": self.residual}
+            {
+                "base_filters": self.base_filters,
+                "num_blocks": self.num_blocks,
+                "norm": self.norm,
+                "residual": self.residual,
+            }
         )
         return config
 
@@ -287,9 +294,12 @@ class PatchDiscriminator(keras.Model):
 
     Example:
     >>> discriminator = PatchDiscriminator(base_filters=4, num_layers=3)
-    >>> discriminator(keras.ops.zeros((2, 32, 32, 1))).shape
+    >>> tuple(discriminator(keras.ops.zeros((2, 32, 32, 1))).shape)
     (2, 2, 2, 1)
     """
+
+    #: the last layer, kept in float32 under a mixed-precision policy (training.float32_outputs)
+    output_layer_name = "score"
 
     def __init__(self, base_filters=64, num_layers=3, norm="instance", **kwargs):
         super().__init__(**kwargs)
@@ -297,8 +307,6 @@ class PatchDiscriminator(keras.Model):
             raise ValueError(f"base_filters must be >= 1, got {base_filters}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.base_filters = base_filters
         self.num_layers = num_layers
         self.norm = norm
@@ -374,9 +382,7 @@ class PatchDiscriminator(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {"base_filters": self.base_filters, "num_layers": self.num_layers, "norm": self.norm}
-        )
+        config.update({"base_filters": self.base_filters, "num_layers": self.num_layers, "norm": self.norm})
         return config
 
     @classmethod
@@ -417,9 +423,9 @@ class ImageAlignmentModule(keras.Model):
     Example:
     >>> module = ImageAlignmentModule(base_filters=4, num_blocks=1, disc_filters=4)
     >>> module.build((None, 32, 32, 1))
-    >>> module.align(keras.ops.zeros((2, 32, 32, 1))).shape
+    >>> tuple(module.align(keras.ops.zeros((2, 32, 32, 1))).shape)
     (2, 32, 32, 1)
-    >>> module.target_discriminator(keras.ops.zeros((2, 32, 32, 1))).shape
+    >>> tuple(module.target_discriminator(keras.ops.zeros((2, 32, 32, 1))).shape)
     (2, 2, 2, 1)
     """
 
@@ -440,15 +446,9 @@ class ImageAlignmentModule(keras.Model):
         self.disc_filters = disc_filters
         self.disc_layers = disc_layers
         self.norm = norm
-        self.assistant_to_target = ResnetGenerator(
-            base_filters, num_blocks, norm, residual, name="assistant_to_target"
-        )
-        self.target_to_assistant = ResnetGenerator(
-            base_filters, num_blocks, norm, residual, name="target_to_assistant"
-        )
-        self.target_discriminator = PatchDiscriminator(
-            disc_filters, disc_layers, norm, name="target_discriminator"
-        )
+        self.assistant_to_target = ResnetGenerator(base_filters, num_blocks, norm, residual, name="assistant_to_target")
+        self.target_to_assistant = ResnetGenerator(base_filters, num_blocks, norm, residual, name="target_to_assistant")
+        self.target_discriminator = PatchDiscriminator(disc_filters, disc_layers, norm, name="target_discriminator")
         self.assistant_discriminator = PatchDiscriminator(
             disc_filters, disc_layers, norm, name="assistant_discriminator"
         )

@@ -5,19 +5,24 @@
 - `joint`: one segmentor on labelled slices of both modalities at once.
 - `finetune`: one segmentor on the assistant for the first `switch_step` steps, then on the target.
 - `ummkd`: Dou et al. (TMI 2020), see :mod:`mkd_tf.models.ummkd`.
+
+Each is registered in :mod:`mkd_tf.registry` and built by its ``from_settings``.
+
+With ``domain_norm=True`` the methods that see both modalities (`joint`, `finetune`) keep one
+batch-norm set per modality with shared convolutions (domain 0: assistant, 1: target; inference on
+the target uses 1), as MKD's segmentors can; `target-only` and `assistant-only` see one modality and
+ignore it; `ummkd` always has it.
 """
 
 import keras
 import tensorflow as tf
 
 from mkd_tf import losses
-from mkd_tf.errors import MkdError
 from mkd_tf.models.cross_modality import CrossModalityModel
-from mkd_tf.models.segmentor import Segmentor
+from mkd_tf.models.segmentor_factory import build_segmentor
 
-
-#: methods that cannot train without labelled target slices
-NEEDS_LABELLED_TARGET = ("target-only", "joint", "finetune", "ummkd")
+#: batch-norm sets with ``domain_norm`` (the same numbering as UMMKD's and MKD's)
+ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
 
 
 class SingleSegmentorModel(CrossModalityModel):
@@ -26,18 +31,43 @@ class SingleSegmentorModel(CrossModalityModel):
     Args:
         num_classes: int, classes including background.
         global_batch_size: int, slices per stream per step over all replicas.
-        segmentor: dict of :class:`Segmentor` arguments.
+        segmentor: dict of segmentor settings (see :func:`~mkd_tf.models.segmentor_factory.build_segmentor`).
         optimizer: keras optimizer for the segmentor.
         predictor: name under which the segmentor is reported (`"real"`, `"syn"`, `"joint"`, ...).
+        domain_norm: bool, one batch-norm set per modality (see the module docstring).
     """
 
-    def __init__(self, num_classes, global_batch_size, segmentor=None, optimizer=None, predictor="segmentor",
-                 **kwargs):
+    def __init__(
+        self,
+        num_classes,
+        global_batch_size,
+        segmentor=None,
+        optimizer=None,
+        predictor="segmentor",
+        domain_norm=False,
+        **kwargs,
+    ):
         super().__init__(num_classes, global_batch_size, **kwargs)
         self.segmentor_args = dict(segmentor or {})
         self.predictor = predictor
-        self.segmentor = Segmentor(num_classes, name=predictor, **self.segmentor_args)
+        self.domain_norm = bool(domain_norm)
+        domains = {"num_domains": 2, "default_domain": TARGET_DOMAIN} if self.domain_norm else {}
+        self.segmentor = build_segmentor(num_classes, self.segmentor_args, name=predictor, **domains)
         self.segmentor_optimizer = optimizer or keras.optimizers.Adam(1e-3)
+
+    #: the name of the segmentor's predictor when built from settings
+    predictor_name = "segmentor"
+
+    @classmethod
+    def from_settings(cls, config, num_classes, optimizer):
+        return cls(
+            num_classes,
+            config["data"]["batch_size"],
+            config["segmentor"],
+            optimizer("segmentors"),
+            predictor=cls.predictor_name,
+            domain_norm=config["segmentor"]["domain_norm"],
+        )
 
     def segmentors(self):
         return {self.predictor: self.segmentor}
@@ -49,9 +79,10 @@ class SingleSegmentorModel(CrossModalityModel):
     def optimizers(self):
         return {"segmentors": (self.segmentor_optimizer, self.segmentor.trainable_variables)}
 
-    def supervised(self, stream):
-        """Replica-averaged segmentation loss of the segmentor on one labelled stream."""
-        logits = self.segmentor(stream["image"], training=True)
+    def supervised(self, stream, domain=None):
+        """Replica-averaged segmentation loss of the segmentor on one labelled stream; ``domain``
+        (ASSISTANT_DOMAIN or TARGET_DOMAIN) picks the batch-norm set when ``domain_norm`` is on."""
+        logits = self.segmentor(stream["image"], training=True, domain=domain if self.domain_norm else None)
         return self.average(losses.segmentation_loss(stream["label"], tf.nn.softmax(logits)) * stream["has_label"])
 
     def loss_terms(self, batch):
@@ -62,14 +93,13 @@ class SingleSegmentorModel(CrossModalityModel):
         with tf.GradientTape() as tape:
             logs = self.loss_terms(batch)
             total = tf.add_n(list(logs.values()))
-        self.step(tape, total, "segmentors")
-        self.step_counter.assign_add(1)
-        logs["total"] = total
-        return logs
+        return self.end_step(tape, {"segmentors": total}, logs, total)
 
 
 class TargetOnlyModel(SingleSegmentorModel):
     """Supervised on labelled target slices only."""
+
+    predictor_name = "real"
 
     def loss_terms(self, batch):
         return {"seg_real": self.supervised(batch["target_labelled"])}
@@ -78,6 +108,8 @@ class TargetOnlyModel(SingleSegmentorModel):
 class AssistantOnlyModel(SingleSegmentorModel):
     """Supervised on raw (unaligned) assistant slices; evaluated on the target."""
 
+    predictor_name = "syn"
+
     def loss_terms(self, batch):
         return {"seg_syn": self.supervised(batch["assistant"])}
 
@@ -85,9 +117,13 @@ class AssistantOnlyModel(SingleSegmentorModel):
 class JointModel(SingleSegmentorModel):
     """Supervised on both modalities' labelled slices with one set of weights."""
 
+    predictor_name = "joint"
+
     def loss_terms(self, batch):
-        return {"seg_assistant": self.supervised(batch["assistant"]),
-                "seg_target": self.supervised(batch["target_labelled"])}
+        return {
+            "seg_assistant": self.supervised(batch["assistant"], ASSISTANT_DOMAIN),
+            "seg_target": self.supervised(batch["target_labelled"], TARGET_DOMAIN),
+        }
 
 
 class FinetuneModel(SingleSegmentorModel):
@@ -97,32 +133,24 @@ class FinetuneModel(SingleSegmentorModel):
         switch_step: steps spent on the assistant before training on the target.
     """
 
+    predictor_name = "finetune"
+
     def __init__(self, *args, switch_step=0, **kwargs):
         super().__init__(*args, **kwargs)
         self.switch_step = int(switch_step)
 
+    @classmethod
+    def from_settings(cls, config, num_classes, optimizer):
+        model = super().from_settings(config, num_classes, optimizer)
+        schedule = config["schedule"]
+        model.switch_step = int(schedule["finetune_switch"] * schedule["epochs"] * schedule["steps_per_epoch"])
+        return model
+
     def loss_terms(self, batch):
         on_assistant = self.step_counter < self.switch_step
-        loss = tf.cond(on_assistant, lambda: self.supervised(batch["assistant"]),
-                       lambda: self.supervised(batch["target_labelled"]))
+        loss = tf.cond(
+            on_assistant,
+            lambda: self.supervised(batch["assistant"], ASSISTANT_DOMAIN),
+            lambda: self.supervised(batch["target_labelled"], TARGET_DOMAIN),
+        )
         return {"seg": loss}
-
-
-def build(method, num_classes, global_batch_size, segmentor, optimizer, loss=None, switch_step=0):
-    """The baseline model called ``method``."""
-    if method == "target-only":
-        return TargetOnlyModel(num_classes, global_batch_size, segmentor, optimizer, predictor="real")
-    if method == "assistant-only":
-        return AssistantOnlyModel(num_classes, global_batch_size, segmentor, optimizer, predictor="syn")
-    if method == "joint":
-        return JointModel(num_classes, global_batch_size, segmentor, optimizer, predictor="joint")
-    if method == "finetune":
-        return FinetuneModel(num_classes, global_batch_size, segmentor, optimizer, predictor="finetune",
-                             switch_step=switch_step)
-    if method == "ummkd":
-        from mkd_tf.models.ummkd import UMMKDModel
-
-        loss = loss or {}
-        return UMMKDModel(num_classes, global_batch_size, segmentor, optimizer,
-                          temperature=loss.get("ummkd_temperature", 2.0), kd_weight=loss.get("ummkd_weight", 1.0))
-    raise MkdError(f"unknown method '{method}'")

@@ -82,6 +82,22 @@ class CrossModalityModel(keras.Model):
         for optimizer, variables in self.optimizers().values():
             optimizer.build(variables)
 
+    @classmethod
+    def from_settings(cls, config, num_classes, optimizer):
+        """The model of a resolved ``config`` (:mod:`mkd_tf.config`); ``optimizer(role)`` makes the
+        configured optimizer of ``"segmentors"``, ``"generators"`` or ``"discriminators"``. Registered
+        methods (:mod:`mkd_tf.registry`) are built through it."""
+        raise NotImplementedError
+
+    def end_step(self, tape, losses_by_optimizer, logs, total):
+        """The end of every training step: one update per ``{optimizer name: loss}`` from ``tape``,
+        the step counter, and ``logs`` with ``"total"``. Returns ``logs``."""
+        for name, loss in losses_by_optimizer.items():
+            self.step(tape, loss, name)
+        self.step_counter.assign_add(1)
+        logs["total"] = total
+        return logs
+
     def step(self, tape, loss, name):
         """One optimizer step for ``name`` from ``loss`` recorded on ``tape``."""
         optimizer, variables = self.optimizers()[name]
@@ -92,7 +108,9 @@ class CrossModalityModel(keras.Model):
             gradients = tape.gradient(loss, variables, output_gradients=optimizer.scale_loss(tf.ones_like(loss)))
         else:
             gradients = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables))
+        # A variable the loss does not reach (e.g. the target's batch-norm set during MKD's warm start,
+        # which sees assistant images only) is left alone, as Keras would, without its warning.
+        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
 
     #: steps at the start of training that run :meth:`pretrain_step` instead of :meth:`train_step`
     pretrain_steps = 0
@@ -100,6 +118,22 @@ class CrossModalityModel(keras.Model):
     def pretrain_step(self, batch):
         """The step of the first :attr:`pretrain_steps` steps (methods with a warm start override it)."""
         return self.train_step(batch)
+
+    def end_pretraining(self):
+        """Called once by the training loop before the first :meth:`train_step` after the warm start."""
+
+    def copy_variables(self, pairs):
+        """Assign each ``(source, destination)`` variable pair, and the optimizer's moving average of
+        ``destination`` (``use_ema``) from that of ``source``, so the averaged weights follow too."""
+        averages = {}
+        for optimizer, variables in self.optimizers().values():
+            optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+            if optimizer.use_ema and optimizer.built:
+                averages.update({id(v): a for v, a in zip(variables, optimizer._model_variables_moving_average)})
+        for source, destination in pairs:
+            destination.assign(source)
+            if id(source) in averages and id(destination) in averages:
+                averages[id(destination)].assign(averages[id(source)])
 
     def load_averaged_weights(self):
         """Assign to every variable whose optimizer keeps an exponential moving average (Keras

@@ -1,5 +1,8 @@
 """Online Mutual Knowledge Distillation (Li, Yu, Wang, Heng, AAAI 2020) as one Keras model.
 
+Reference: K. Li, L. Yu, S. Wang, P.-A. Heng, "Towards Cross-Modality Medical Image Segmentation with
+Online Mutual Knowledge Distillation", AAAI 2020, arXiv:2010.01532.
+
 The model owns the Image Alignment Module (G: assistant -> target, F: target -> assistant, and their
 PatchGAN discriminators), the segmentor S_syn that learns on aligned assistant images and the
 segmentor S_real that learns on target images. :meth:`MKDModel.train_step` reads like the method:
@@ -18,11 +21,18 @@ segmentor S_real that learns on target images. :meth:`MKDModel.train_step` reads
    tell real from aligned images;
 5. three optimizers (segmentors, generators, discriminators), built inside the strategy scope.
 
+Domain normalisation (``domain_norm=True``): each segmentor keeps **one batch-norm set per input
+domain** -- domain 0 for (aligned) assistant images, domain 1 for target images -- with shared
+convolutions, as UMMKD does. Both segmentors see both domains (S_real the aligned images in
+S_syn -> S_real distillation, S_syn the target images in S_real -> S_syn distillation); with one
+batch-norm set their moving statistics, used at inference on the target, would be a mixture of the
+two domains' statistics. Inference uses domain 1.
+
 Ablations: ``use_iam=False`` feeds raw assistant images to S_syn (no alignment); ``kd_s2r=False`` /
 ``kd_r2s=False`` drop one direction of distillation.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import keras
 import tensorflow as tf
@@ -30,11 +40,14 @@ import tensorflow as tf
 from mkd_tf import losses
 from mkd_tf.models.alignment import ImageAlignmentModule
 from mkd_tf.models.cross_modality import CrossModalityModel
-from mkd_tf.models.segmentor import Segmentor
+from mkd_tf.models.segmentor_factory import build_segmentor
+
+#: batch-norm sets of the segmentors with ``domain_norm``: (aligned) assistant images, target images
+ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
 
 
 @dataclass
-class MKDWeights:
+class MKDLossWeights:
     """Loss weights and the distillation temperature.
 
     Args:
@@ -70,12 +83,15 @@ class MKDModel(CrossModalityModel):
     Args:
         num_classes: int, classes including background.
         global_batch_size: int, slices per stream per step over all replicas.
-        segmentor: dict of :class:`Segmentor` arguments (`base_filters`, `depth`, `norm`, `dropout`).
+        segmentor: dict of segmentor settings (``kind`` and its arguments, see
+            :func:`~mkd_tf.models.segmentor_factory.build_segmentor`).
         alignment: dict of :class:`ImageAlignmentModule` arguments.
-        weights: :class:`MKDWeights` or a dict of its fields.
+        loss_weights: :class:`MKDLossWeights` or a dict of its fields.
         use_iam, kd_s2r, kd_r2s: ablation switches (all on = the full method).
         pretrain_steps: int, steps of :meth:`pretrain_step` (warm start on the assistant) before
             :meth:`train_step`; 0 starts with mutual distillation.
+        domain_norm: bool, one batch-norm set per input domain in both segmentors (needs
+            ``segmentor["norm"] == "batch"``).
         optimizers: dict with keras optimizers under `"segmentors"`, `"generators"`, `"discriminators"`.
 
     Call: ``model.predict_probabilities(images, which="ensemble"|"syn"|"real")`` on target slices
@@ -87,16 +103,33 @@ class MKDModel(CrossModalityModel):
         >>> model.build_for((32, 32, 1))
     """
 
-    def __init__(self, num_classes, global_batch_size, segmentor=None, alignment=None, weights=None,
-                 use_iam=True, kd_s2r=True, kd_r2s=True, optimizers=None, pretrain_steps=0, **kwargs):
+    def __init__(
+        self,
+        num_classes,
+        global_batch_size,
+        segmentor=None,
+        alignment=None,
+        loss_weights=None,
+        use_iam=True,
+        kd_s2r=True,
+        kd_r2s=True,
+        optimizers=None,
+        pretrain_steps=0,
+        domain_norm=False,
+        **kwargs,
+    ):
         super().__init__(num_classes, global_batch_size, **kwargs)
         self.pretrain_steps = int(pretrain_steps)
         self.segmentor_args = dict(segmentor or {})
         self.alignment_args = dict(alignment or {})
-        self.weights_config = weights if isinstance(weights, MKDWeights) else MKDWeights(**(weights or {}))
+        self.loss_weights = (
+            loss_weights if isinstance(loss_weights, MKDLossWeights) else MKDLossWeights(**(loss_weights or {}))
+        )
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
-        self.synthetic_segmentor = Segmentor(num_classes, name="s_syn", **self.segmentor_args)
-        self.real_segmentor = Segmentor(num_classes, name="s_real", **self.segmentor_args)
+        self.domain_norm = bool(domain_norm)
+        domains = {"num_domains": 2, "default_domain": TARGET_DOMAIN} if self.domain_norm else {}
+        self.synthetic_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_syn", **domains)
+        self.real_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_real", **domains)
         self.alignment = ImageAlignmentModule(name="iam", **self.alignment_args) if self.use_iam else None
         optimizers = optimizers or {}
         self.segmentor_optimizer = optimizers.get("segmentors") or keras.optimizers.Adam(1e-3)
@@ -104,8 +137,34 @@ class MKDModel(CrossModalityModel):
             self.generator_optimizer = optimizers.get("generators") or keras.optimizers.Adam(2e-4, beta_1=0.5)
             self.discriminator_optimizer = optimizers.get("discriminators") or keras.optimizers.Adam(2e-4, beta_1=0.5)
 
+    @classmethod
+    def from_settings(cls, config, num_classes, optimizer):
+        schedule = config["schedule"]
+        steps = schedule["epochs"] * schedule["steps_per_epoch"]
+        return cls(
+            num_classes,
+            config["data"]["batch_size"],
+            segmentor=config["segmentor"],
+            alignment=config["alignment"],
+            loss_weights={field.name: config["loss"][field.name] for field in fields(MKDLossWeights)},
+            use_iam=config["ablation"]["iam"],
+            kd_s2r=config["ablation"]["kd_s2r"],
+            kd_r2s=config["ablation"]["kd_r2s"],
+            pretrain_steps=int(schedule["mkd_pretrain"] * steps),
+            domain_norm=config["segmentor"]["domain_norm"],
+            optimizers={role: optimizer(role) for role in ("segmentors", "generators", "discriminators")},
+        )
+
     def segmentors(self):
         return {"syn": self.synthetic_segmentor, "real": self.real_segmentor}
+
+    def on_assistant(self, segmentor, images):
+        """Training-mode logits of ``segmentor`` on (aligned) assistant-domain images."""
+        return segmentor(images, training=True, domain=ASSISTANT_DOMAIN if self.domain_norm else None)
+
+    def on_target(self, segmentor, images):
+        """Training-mode logits of ``segmentor`` on target-domain images."""
+        return segmentor(images, training=True, domain=TARGET_DOMAIN if self.domain_norm else None)
 
     def build_for(self, image_shape):
         shape = (None,) + tuple(image_shape)
@@ -124,7 +183,7 @@ class MKDModel(CrossModalityModel):
         return groups
 
     def train_step(self, batch):
-        w = self.weights_config
+        w = self.loss_weights
         assistant, target = batch["assistant"], batch["target"]
         labelled_target = batch.get("target_labelled")
         logs = {}
@@ -136,33 +195,38 @@ class MKDModel(CrossModalityModel):
                 aligned = assistant["image"]
 
             # 2. Supervised segmentation losses.
-            syn_on_aligned = self.synthetic_segmentor(aligned, training=True)
+            syn_on_aligned = self.on_assistant(self.synthetic_segmentor, aligned)
             logs["seg_syn"] = self.average(losses.segmentation_loss(assistant["label"], tf.nn.softmax(syn_on_aligned)))
             segmentation = logs["seg_syn"]
             if labelled_target is not None:
-                real_on_labelled = self.real_segmentor(labelled_target["image"], training=True)
-                logs["seg_real"] = self.average(losses.segmentation_loss(
-                    labelled_target["label"], tf.nn.softmax(real_on_labelled)) * labelled_target["has_label"])
+                real_on_labelled = self.on_target(self.real_segmentor, labelled_target["image"])
+                logs["seg_real"] = self.average(
+                    losses.segmentation_loss(labelled_target["label"], tf.nn.softmax(real_on_labelled))
+                    * labelled_target["has_label"]
+                )
                 segmentation += logs["seg_real"]
 
             if self.kd_s2r or w.real_on_aligned:
-                real_on_aligned = self.real_segmentor(tf.stop_gradient(aligned), training=True)
+                real_on_aligned = self.on_assistant(self.real_segmentor, tf.stop_gradient(aligned))
             if w.real_on_aligned:
                 logs["seg_real_aligned"] = self.average(
-                    losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_on_aligned)))
+                    losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_on_aligned))
+                )
                 segmentation += w.real_on_aligned * logs["seg_real_aligned"]
 
             # 3. Mutual distillation; teachers (and the aligned images) are stop-gradient.
             distillation = 0.0
             if self.kd_s2r:
-                logs["kd_s2r"] = self.average(losses.distillation_loss(
-                    tf.stop_gradient(syn_on_aligned), real_on_aligned, w.temperature))
+                logs["kd_s2r"] = self.average(
+                    losses.distillation_loss(tf.stop_gradient(syn_on_aligned), real_on_aligned, w.temperature)
+                )
                 distillation += w.lambda_s2r * logs["kd_s2r"]
             if self.kd_r2s:
-                real_on_target = self.real_segmentor(target["image"], training=True)
-                syn_on_target = self.synthetic_segmentor(target["image"], training=True)
-                logs["kd_r2s"] = self.average(losses.distillation_loss(
-                    tf.stop_gradient(real_on_target), syn_on_target, w.temperature))
+                real_on_target = self.on_target(self.real_segmentor, target["image"])
+                syn_on_target = self.on_target(self.synthetic_segmentor, target["image"])
+                logs["kd_r2s"] = self.average(
+                    losses.distillation_loss(tf.stop_gradient(real_on_target), syn_on_target, w.temperature)
+                )
                 distillation += w.lambda_r2s * logs["kd_r2s"]
             segmentor_loss = segmentation + distillation
 
@@ -182,8 +246,12 @@ class MKDModel(CrossModalityModel):
         assistant, target = batch["assistant"], batch["target"]
         logs = {}
         with tf.GradientTape(persistent=True) as tape:
-            per_example = [losses.segmentation_loss(assistant["label"], tf.nn.softmax(model(assistant["image"], training=True)))
-                           for model in (self.synthetic_segmentor, self.real_segmentor)]
+            per_example = [
+                losses.segmentation_loss(
+                    assistant["label"], tf.nn.softmax(self.on_assistant(model, assistant["image"]))
+                )
+                for model in (self.synthetic_segmentor, self.real_segmentor)
+            ]
             logs["seg_syn"], logs["seg_real"] = (self.average(loss) for loss in per_example)
             segmentor_loss = logs["seg_syn"] + logs["seg_real"]
             generator_loss = None
@@ -192,36 +260,45 @@ class MKDModel(CrossModalityModel):
                 generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
         return self.finish_step(tape, segmentor_loss, generator_loss, logs)
 
+    def end_pretraining(self):
+        """With ``domain_norm`` the warm start trained only the assistant's batch-norm set: start the
+        target's from it (the kernels were learnt with those scales and statistics), not from scratch."""
+        if self.domain_norm:
+            for segmentor in (self.synthetic_segmentor, self.real_segmentor):
+                self.copy_variables(segmentor.domain_variable_pairs(ASSISTANT_DOMAIN, TARGET_DOMAIN))
+
     def alignment_losses(self, assistant_images, target_images, aligned, logs):
         """CycleGAN losses of the IAM (call inside the tape): returns the generators' adversarial +
         cycle loss and records ``adversarial``, ``cycle`` and ``discriminator`` in ``logs``."""
-        w, iam = self.weights_config, self.alignment
+        w, iam = self.loss_weights, self.alignment
         target_as_assistant = iam.target_to_assistant(target_images, training=True)
         assistant_cycle = iam.target_to_assistant(aligned, training=True)
         target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
         logs["adversarial"] = self.average(
             losses.lsgan_generator_loss(iam.target_discriminator(aligned, training=True))
-            + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True)))
-        logs["cycle"] = self.average(losses.cycle_loss(assistant_images, assistant_cycle)
-                                     + losses.cycle_loss(target_images, target_cycle))
+            + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True))
+        )
+        logs["cycle"] = self.average(
+            losses.cycle_loss(assistant_images, assistant_cycle) + losses.cycle_loss(target_images, target_cycle)
+        )
         logs["discriminator"] = self.average(
-            losses.lsgan_discriminator_loss(iam.target_discriminator(target_images, training=True),
-                                            iam.target_discriminator(tf.stop_gradient(aligned), training=True))
+            losses.lsgan_discriminator_loss(
+                iam.target_discriminator(target_images, training=True),
+                iam.target_discriminator(tf.stop_gradient(aligned), training=True),
+            )
             + losses.lsgan_discriminator_loss(
                 iam.assistant_discriminator(assistant_images, training=True),
-                iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True)))
+                iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True),
+            )
+        )
         return w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
 
     def finish_step(self, tape, segmentor_loss, generator_loss, logs):
         """Apply the segmentor, generator and discriminator updates recorded on ``tape``."""
-        self.step(tape, segmentor_loss, "segmentors")
+        losses_by_optimizer = {"segmentors": segmentor_loss}
         if generator_loss is not None:
-            self.step(tape, generator_loss, "generators")
-            self.step(tape, logs["discriminator"], "discriminators")
-        del tape
-        self.step_counter.assign_add(1)
-        logs["total"] = segmentor_loss
-        return logs
+            losses_by_optimizer.update(generators=generator_loss, discriminators=logs["discriminator"])
+        return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
 
     def image_panels(self, batch):
         assistant, target = batch["assistant"], batch["target"]
@@ -242,8 +319,15 @@ class MKDModel(CrossModalityModel):
 
     def get_config(self):
         return {
-            "num_classes": self.num_classes, "global_batch_size": self.global_batch_size,
-            "segmentor": self.segmentor_args, "alignment": self.alignment_args,
-            "weights": asdict(self.weights_config), "use_iam": self.use_iam, "kd_s2r": self.kd_s2r,
-            "kd_r2s": self.kd_r2s, "pretrain_steps": self.pretrain_steps, "name": self.name,
+            "num_classes": self.num_classes,
+            "global_batch_size": self.global_batch_size,
+            "segmentor": self.segmentor_args,
+            "alignment": self.alignment_args,
+            "loss_weights": asdict(self.loss_weights),
+            "use_iam": self.use_iam,
+            "kd_s2r": self.kd_s2r,
+            "kd_r2s": self.kd_r2s,
+            "pretrain_steps": self.pretrain_steps,
+            "domain_norm": self.domain_norm,
+            "name": self.name,
         }

@@ -61,14 +61,12 @@ class ConvBlock(keras.layers.Layer):
 
     Example:
     >>> block = ConvBlock(8, norm="instance")
-    >>> block(keras.ops.zeros((2, 16, 16, 3))).shape
+    >>> tuple(block(keras.ops.zeros((2, 16, 16, 3))).shape)
     (2, 16, 16, 8)
     """
 
     def __init__(self, filters, norm="batch", num_domains=1, **kwargs):
         super().__init__(**kwargs)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         check_domains(num_domains, norm)
         self.filters = filters
         self.norm = norm
@@ -76,8 +74,7 @@ class ConvBlock(keras.layers.Layer):
         # A bias before a normalisation layer is cancelled by its mean subtraction.
         use_bias = norm == "none"
         self.convs = [
-            keras.layers.Conv2D(filters, 3, padding="same", use_bias=use_bias, name=f"conv{i}")
-            for i in (1, 2)
+            keras.layers.Conv2D(filters, 3, padding="same", use_bias=use_bias, name=f"conv{i}") for i in (1, 2)
         ]
         # Flat list, position-major: norms[position * num_domains + domain]. With one domain it is
         # [norm1, norm2] under the same names as before, so existing checkpoints still load.
@@ -85,9 +82,7 @@ class ConvBlock(keras.layers.Layer):
             self.norms = [normalization(norm, name=f"norm{i}") for i in (1, 2)]
         else:
             self.norms = [
-                normalization(norm, name=f"norm{i}_domain{domain}")
-                for i in (1, 2)
-                for domain in range(num_domains)
+                normalization(norm, name=f"norm{i}_domain{domain}") for i in (1, 2) for domain in range(num_domains)
             ]
 
     def norms_of(self, domain):
@@ -159,14 +154,17 @@ class Segmentor(keras.Model):
     Example:
     >>> model = Segmentor(num_classes=5, base_filters=4, depth=2)
     >>> logits = model(keras.ops.zeros((2, 32, 32, 1)))
-    >>> logits.shape
+    >>> tuple(logits.shape)
     (2, 32, 32, 5)
-    >>> model.predict_probabilities(keras.ops.zeros((2, 32, 32, 1))).shape
+    >>> tuple(model.predict_probabilities(keras.ops.zeros((2, 32, 32, 1))).shape)
     (2, 32, 32, 5)
     >>> shared = Segmentor(5, base_filters=4, depth=2, num_domains=2, default_domain=1)
-    >>> shared(keras.ops.zeros((2, 32, 32, 1)), domain=0).shape
+    >>> tuple(shared(keras.ops.zeros((2, 32, 32, 1)), domain=0).shape)
     (2, 32, 32, 5)
     """
+
+    #: the last layer, kept in float32 under a mixed-precision policy (training.float32_outputs)
+    output_layer_name = "classifier"
 
     def __init__(
         self,
@@ -186,8 +184,6 @@ class Segmentor(keras.Model):
             raise ValueError(f"depth must be >= 1, got {depth}")
         if base_filters < 1:
             raise ValueError(f"base_filters must be >= 1, got {base_filters}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         check_domains(num_domains, norm)
@@ -210,9 +206,7 @@ class Segmentor(keras.Model):
         # Decoder lists run from the deepest level up, in the order they are applied.
         levels_up = range(depth - 1, -1, -1)
         self.upsamplers = [
-            keras.layers.Conv2DTranspose(
-                base_filters * 2**level, 2, strides=2, padding="same", name=f"up{level}"
-            )
+            keras.layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same", name=f"up{level}")
             for level in levels_up
         ]
         self.concats = [keras.layers.Concatenate(name=f"skip{level}") for level in levels_up]
@@ -262,6 +256,16 @@ class Segmentor(keras.Model):
             raise ValueError(f"domain must be in [0, {self.num_domains}), got {domain}")
         return domain
 
+    def domain_variable_pairs(self, source, destination):
+        """``[(variable of domain source, same variable of domain destination)]`` over every
+        batch-norm layer (gamma, beta, moving mean and variance), e.g. to start a domain from another."""
+        pairs = []
+        for block in self.encoder_blocks + [self.bottleneck] + self.decoder_blocks:
+            for from_norm, to_norm in zip(block.norms_of(source), block.norms_of(destination)):
+                if from_norm is not None:
+                    pairs += list(zip(from_norm.variables, to_norm.variables))
+        return pairs
+
     def call(self, images, training=False, domain=None):
         self.check_input_shape(images.shape)
         return self._run(images, training=training, domain=self.resolve_domain(domain))
@@ -275,9 +279,7 @@ class Segmentor(keras.Model):
             x = pool(x)
         x = self.bottleneck(x, training=training, domain=domain)
         x = self.bottleneck_dropout(x, training=training)
-        for upsample, concat, block, skip in zip(
-            self.upsamplers, self.concats, self.decoder_blocks, reversed(skips)
-        ):
+        for upsample, concat, block, skip in zip(self.upsamplers, self.concats, self.decoder_blocks, reversed(skips)):
             x = upsample(x)
             x = concat([x, skip])
             x = block(x, training=training, domain=domain)

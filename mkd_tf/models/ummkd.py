@@ -1,6 +1,9 @@
 """UMMKD: unpaired multi-modal segmentation via knowledge distillation (Dou, Liu, Heng, Glocker,
 IEEE TMI 2020), the compact baseline MKD is compared with.
 
+Reference: Q. Dou, Q. Liu, P. A. Heng, B. Glocker, "Unpaired Multi-modal Segmentation via Knowledge
+Distillation", IEEE Transactions on Medical Imaging 39(7), 2020, arXiv:2001.03111.
+
 One segmentor serves both modalities: its convolution kernels are **shared** and only its batch
 normalisation is **modality-specific** (:class:`Segmentor` with ``num_domains=2``; domain 0 is the
 assistant modality, e.g. MRI, domain 1 the target, e.g. CT). It learns from both modalities' labelled
@@ -13,7 +16,7 @@ import tensorflow as tf
 
 from mkd_tf import losses
 from mkd_tf.models.cross_modality import CrossModalityModel
-from mkd_tf.models.segmentor import Segmentor
+from mkd_tf.models.segmentor_factory import build_segmentor
 
 #: the batch-norm set of each modality inside the shared segmentor
 ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
@@ -58,7 +61,7 @@ class UMMKDModel(CrossModalityModel):
     Args:
         num_classes: int, classes including background.
         global_batch_size: int, slices per stream per step over all replicas.
-        segmentor: dict of :class:`Segmentor` arguments (`base_filters`, `depth`, `dropout`; `norm` is
+        segmentor: dict of segmentor settings (``kind`` and its arguments; ``norm`` is
             forced to `"batch"`, because modality-specific batch norm is the method).
         optimizer: keras optimizer of the segmentor (default Adam(1e-3)).
         temperature: T of the class-wise softened softmax (UMMKD uses 2).
@@ -75,15 +78,28 @@ class UMMKDModel(CrossModalityModel):
         TensorShape([2, 32, 32, 5])
     """
 
-    def __init__(self, num_classes, global_batch_size, segmentor=None, optimizer=None, temperature=2.0,
-                 kd_weight=1.0, **kwargs):
+    def __init__(
+        self, num_classes, global_batch_size, segmentor=None, optimizer=None, temperature=2.0, kd_weight=1.0, **kwargs
+    ):
         super().__init__(num_classes, global_batch_size, **kwargs)
         self.segmentor_args = {**dict(segmentor or {}), "norm": "batch"}
         self.temperature = float(temperature)
         self.kd_weight = float(kd_weight)
-        self.network = Segmentor(num_classes, num_domains=2, default_domain=TARGET_DOMAIN, name="ummkd",
-                                 **self.segmentor_args)
+        self.network = build_segmentor(
+            num_classes, self.segmentor_args, name="ummkd", num_domains=2, default_domain=TARGET_DOMAIN
+        )
         self.segmentor_optimizer = optimizer or keras.optimizers.Adam(1e-3)
+
+    @classmethod
+    def from_settings(cls, config, num_classes, optimizer):
+        return cls(
+            num_classes,
+            config["data"]["batch_size"],
+            config["segmentor"],
+            optimizer("segmentors"),
+            temperature=config["loss"]["ummkd_temperature"],
+            kd_weight=config["loss"]["ummkd_weight"],
+        )
 
     def segmentors(self):
         return {"ummkd": self.network}
@@ -108,28 +124,40 @@ class UMMKDModel(CrossModalityModel):
             assistant_logits = self.network(assistant["image"], training=True, domain=ASSISTANT_DOMAIN)
             target_logits = self.network(target["image"], training=True, domain=TARGET_DOMAIN)
 
-            logs = {"seg_assistant": self.supervised(assistant_logits, assistant),
-                    "seg_target": self.supervised(target_logits, target)}
+            logs = {
+                "seg_assistant": self.supervised(assistant_logits, assistant),
+                "seg_target": self.supervised(target_logits, target),
+            }
 
             # Symmetric class-wise KL between the unpaired modalities (no stop-gradient: one network).
             assistant_labels, target_labels = mask_unlabelled(assistant), mask_unlabelled(target)
             assistant_to_target = losses.classwise_kl_loss(
-                assistant_logits, target_logits, assistant_labels, self.num_classes, self.temperature,
-                student_labels=target_labels)
+                assistant_logits,
+                target_logits,
+                assistant_labels,
+                self.num_classes,
+                self.temperature,
+                student_labels=target_labels,
+            )
             target_to_assistant = losses.classwise_kl_loss(
-                target_logits, assistant_logits, target_labels, self.num_classes, self.temperature,
-                student_labels=assistant_labels)
+                target_logits,
+                assistant_logits,
+                target_labels,
+                self.num_classes,
+                self.temperature,
+                student_labels=assistant_labels,
+            )
             logs["kd"] = 0.5 * (assistant_to_target + target_to_assistant) / float(replicas)
 
             total = logs["seg_assistant"] + logs["seg_target"] + self.kd_weight * logs["kd"]
-        self.step(tape, total, "segmentors")
-        self.step_counter.assign_add(1)
-        logs["total"] = total
-        return logs
+        return self.end_step(tape, {"segmentors": total}, logs, total)
 
     def get_config(self):
         return {
-            "num_classes": self.num_classes, "global_batch_size": self.global_batch_size,
-            "segmentor": self.segmentor_args, "temperature": self.temperature, "kd_weight": self.kd_weight,
+            "num_classes": self.num_classes,
+            "global_batch_size": self.global_batch_size,
+            "segmentor": self.segmentor_args,
+            "temperature": self.temperature,
+            "kd_weight": self.kd_weight,
             "name": self.name,
         }

@@ -17,8 +17,16 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import load_image, load_label, save_volume
 from mkd_tf.data.preprocess import labels_to_original
-from tests.conftest import (FAST_ARGS, NNUNET_ASSISTANT_LABELS, NNUNET_TARGET_LABELS, PHANTOM_SHAPE, case_files,
-                            copy_phantom, leftovers, write_nnunet)
+from tests.conftest import (
+    FAST_ARGS,
+    NNUNET_ASSISTANT_LABELS,
+    NNUNET_TARGET_LABELS,
+    PHANTOM_SHAPE,
+    case_files,
+    copy_phantom,
+    leftovers,
+    write_nnunet,
+)
 
 MKD = Path(sys.executable).with_name("mkd")
 
@@ -39,7 +47,7 @@ def _one_line_error(result):
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 def _prepare_args(target, assistant, out, *extra):
@@ -52,8 +60,10 @@ def _summary_numbers(cache):
     for role in ("target", "assistant"):
         labels = np.asarray(cache.labels(role))[cache.indices(role, labelled=True)]
         counts = np.bincount(labels.ravel(), minlength=cache.num_classes)
-        lines.append("    voxels per structure (labelled slices): "
-                     + ", ".join(f"{name} {count}" for name, count in zip(cache.classes[1:], counts[1:])))
+        lines.append(
+            "    voxels per structure (labelled slices): "
+            + ", ".join(f"{name} {count}" for name, count in zip(cache.classes[1:], counts[1:]))
+        )
     return lines
 
 
@@ -83,7 +93,7 @@ def test_every_option_shows_its_default(command):
     if command == "prepare":
         assert "[default: 256; x>=8]" in out
         assert "[default: 1.5]" in out and "[default: 0.6,0.2,0.2]" in out and "[default: all]" in out
-        assert "default: all" in out.split("--target-labeled")[1].split("--seed")[0]
+        assert "default: all" in out.split("--target-labelled")[1].split("--seed")[0]
     if command == "phantom":
         assert "[default: 96,96,48]" in out and "[default: 6; x>=1]" in out
 
@@ -97,15 +107,15 @@ def test_phantom_prepare_info_on_mmwhs_folders(phantom_root, tmp_path):
     assert out.startswith(f"phantom: 3 CT + 2 MRI cases in {tmp_path / 'data'}")
     # The command writes what the library writes.
     for modality, number in (("ct", 1003), ("mr", 1002)):
-        for mine, reference in zip(case_files(tmp_path / "data", modality, number),
-                                   case_files(phantom_root, modality, number)):
+        for mine, reference in zip(
+            case_files(tmp_path / "data", modality, number), case_files(phantom_root, modality, number)
+        ):
             assert mine.read_bytes() == reference.read_bytes()
 
-    out = _ok(_run(*_prepare_args(tmp_path / "data" / "ct_train", tmp_path / "data" / "mr_train",
-                                  tmp_path / "cache")))
+    out = _ok(_run(*_prepare_args(tmp_path / "data" / "ct_train", tmp_path / "data" / "mr_train", tmp_path / "cache")))
     progress = [line for line in out.splitlines() if line.startswith(("target ", "assistant "))]
     assert len(progress) == 5 and progress[0].split()[:2] == ["target", "ct_train_1001"]
-    summary = out[out.index("slice cache "):]
+    summary = out[out.index("slice cache ") :]
     assert _ok(_run("info", tmp_path / "cache")) == summary
     assert _ok(_run("info", tmp_path / "cache", "--no-verify")) == summary
 
@@ -121,8 +131,19 @@ def test_phantom_prepare_info_on_mmwhs_folders(phantom_root, tmp_path):
 
 
 def test_mmwhs_root_with_modality_options_equals_modality_folders(phantom_root, tmp_path):
-    _ok(_run(*_prepare_args(phantom_root, phantom_root, tmp_path / "root_cache",
-                            "--target-modality", "ct", "--assistant-modality", "mr")))
+    _ok(
+        _run(
+            *_prepare_args(
+                phantom_root,
+                phantom_root,
+                tmp_path / "root_cache",
+                "--target-modality",
+                "ct",
+                "--assistant-modality",
+                "mr",
+            )
+        )
+    )
     _ok(_run(*_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "folder_cache")))
     from_root, from_folders = SliceCache(tmp_path / "root_cache"), SliceCache(tmp_path / "folder_cache")
     for role in ("target", "assistant"):
@@ -130,8 +151,19 @@ def test_mmwhs_root_with_modality_options_equals_modality_folders(phantom_root, 
         np.testing.assert_array_equal(np.asarray(from_root.labels(role)), np.asarray(from_folders.labels(role)))
         assert from_root.modality(role)["root"] == from_folders.modality(role)["root"]
     # An MRI target and a CT assistant from the same root.
-    _ok(_run(*_prepare_args(phantom_root, phantom_root, tmp_path / "swapped",
-                            "--target-modality", "mr", "--assistant-modality", "ct")))
+    _ok(
+        _run(
+            *_prepare_args(
+                phantom_root,
+                phantom_root,
+                tmp_path / "swapped",
+                "--target-modality",
+                "mr",
+                "--assistant-modality",
+                "ct",
+            )
+        )
+    )
     swapped = SliceCache(tmp_path / "swapped")
     assert (swapped.modality("target")["name"], swapped.modality("assistant")["name"]) == ("mr", "ct")
     assert len(swapped.volumes("target")) == 2 and len(swapped.volumes("assistant")) == 3
@@ -168,8 +200,13 @@ def test_prepare_info_on_nnunet_with_different_ids_per_modality(phantom_root, tm
 
 
 def test_four_structures(phantom_root, tmp_path):
-    out = _ok(_run(*_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache",
-                                  "--structures", "4")))
+    out = _ok(
+        _run(
+            *_prepare_args(
+                phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache", "--structures", "4"
+            )
+        )
+    )
     assert "classes (5): background, myocardium, left_atrium, left_ventricle, ascending_aorta" in out
     cache = SliceCache(tmp_path / "cache")
     for role in ("target", "assistant"):
@@ -186,16 +223,30 @@ def test_four_structures(phantom_root, tmp_path):
         assert other > 0
 
 
-def test_split_file_and_target_labeled(phantom_root, tmp_path):
+def test_split_file_and_target_labelled(phantom_root, tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"target": {"train": ["ct_train_1002", "ct_train_1003"], "test": ["ct_train_1001"]}}))
-    out = _ok(_run(*_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache",
-                                  "--split-file", split, "--target-labeled", 0)))
+    out = _ok(
+        _run(
+            *_prepare_args(
+                phantom_root / "ct_train",
+                phantom_root / "mr_train",
+                tmp_path / "cache",
+                "--split-file",
+                split,
+                "--target-labelled",
+                0,
+            )
+        )
+    )
     assert "    train: 2 cases (0 labelled, 2 unlabelled), 32 slices" in out
     assert "    test : 1 cases (1 labelled, 0 unlabelled), 16 slices" in out
     cache = SliceCache(tmp_path / "cache")
     assert {v["case_id"]: (v["split"], v["labelled"]) for v in cache.volumes("target")} == {
-        "ct_train_1001": ("test", True), "ct_train_1002": ("train", False), "ct_train_1003": ("train", False)}
+        "ct_train_1001": ("test", True),
+        "ct_train_1002": ("train", False),
+        "ct_train_1003": ("train", False),
+    }
     assert cache.indices("target", "train", labelled=True).size == 0
     assert cache.manifest["split"]["file"] == str(split) and cache.manifest["split"]["target_labeled"] == 0
 
@@ -211,8 +262,15 @@ def test_ignore_unmatched_keeps_only_common_names(phantom_root, tmp_path):
     assert not (tmp_path / "cache").exists() and leftovers(tmp_path / "cache") == []
 
     out = _ok(_run(*_prepare_args(target, assistant, tmp_path / "cache", "--ignore-unmatched")))
-    common = ["background", "myocardium", "left_atrium", "left_ventricle", "right_atrium", "right_ventricle",
-              "ascending_aorta"]
+    common = [
+        "background",
+        "myocardium",
+        "left_atrium",
+        "left_ventricle",
+        "right_atrium",
+        "right_ventricle",
+        "ascending_aorta",
+    ]
     assert f"classes (7): {', '.join(common)}" in out
     cache = SliceCache(tmp_path / "cache")
     assert cache.classes == common
@@ -266,9 +324,13 @@ BAD_FILES = {
     "corrupt_gzip": ("ct", 1002, 0, _truncate, "corrupt or truncated"),
     "not_nifti": ("mr", 1001, 0, lambda p: p.write_bytes(b"<html>not an image</html>\n"), "not a NIfTI file"),
     "four_d": ("ct", 1003, 0, _four_d, "expected a 3-D volume, got shape (32, 32, 16, 2)"),
-    "shape_mismatch": ("ct", 1001, 1, lambda p: save_volume(p, load_label(p).data[:, :, :-1], load_label(p).affine,
-                                                             np.uint16),
-                       "shape (32, 32, 15) does not match image"),
+    "shape_mismatch": (
+        "ct",
+        1001,
+        1,
+        lambda p: save_volume(p, load_label(p).data[:, :, :-1], load_label(p).affine, np.uint16),
+        "shape (32, 32, 15) does not match image",
+    ),
     "affine_mismatch": ("mr", 1002, 1, _shifted_affine, "affine differs from image"),
     "label_not_in_mapping": ("mr", 1002, 1, _label_77, "unknown label values [77]"),
     "nan_voxels": ("ct", 1002, 0, lambda p: _rewrite_image(p, _nan), "2 NaN/Inf voxels"),
@@ -294,30 +356,46 @@ def test_missing_and_empty_folders(phantom_root, tmp_path):
     (tmp_path / "empty").mkdir()
     message = _one_line_error(_run(*_prepare_args(phantom_root / "ct_train", tmp_path / "empty", tmp_path / "c")))
     assert message == f"{tmp_path / 'empty'}: folder is empty"
-    message = _one_line_error(_run(*_prepare_args(phantom_root, phantom_root, tmp_path / "c",
-                                                  "--target-modality", "pet")))
+    message = _one_line_error(
+        _run(*_prepare_args(phantom_root, phantom_root, tmp_path / "c", "--target-modality", "pet"))
+    )
     assert message == f"{phantom_root}: no pet_train/ folder (found ct_train, mr_train)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"target": {"train": ["ct_train_1001"], "test": ["ct_train_4242"]}}, 'target case "ct_train_4242" is not in'),
-    ({"target": {"train": ["ct_train_1001", "ct_train_1002"], "val": ["ct_train_1002"]}},
-     'target case "ct_train_1002" is listed in both train and val'),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"target": {"train": ["ct_train_1001"], "test": ["ct_train_4242"]}}, 'target case "ct_train_4242" is not in'),
+        (
+            {"target": {"train": ["ct_train_1001", "ct_train_1002"], "val": ["ct_train_1002"]}},
+            'target case "ct_train_1002" is listed in both train and val',
+        ),
+    ],
+)
 def test_bad_split_file(phantom_root, tmp_path, spec, problem):
     split = tmp_path / "split.json"
     split.write_text(json.dumps(spec))
-    message = _one_line_error(_run(*_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train",
-                                                  tmp_path / "cache", "--split-file", split)))
+    message = _one_line_error(
+        _run(
+            *_prepare_args(
+                phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache", "--split-file", split
+            )
+        )
+    )
     assert message.startswith(f"{split}: ") and problem in message
     assert not (tmp_path / "cache").exists() and leftovers(tmp_path / "cache") == []
 
 
 def test_too_many_labelled_target_volumes(phantom_root, tmp_path):
-    message = _one_line_error(_run(*_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train",
-                                                  tmp_path / "cache", "--target-labeled", 5)))
-    assert message == f"{phantom_root / 'ct_train'}: --target-labeled 5 but only 1 labelled training cases"
+    message = _one_line_error(
+        _run(
+            *_prepare_args(
+                phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache", "--target-labelled", 5
+            )
+        )
+    )
+    assert message == f"{phantom_root / 'ct_train'}: --target-labelled 5 but only 1 labelled training cases"
     assert not (tmp_path / "cache").exists()
 
 
@@ -334,8 +412,9 @@ def test_existing_cache_needs_overwrite(phantom_root, tmp_path):
 
 
 def test_bad_option_values_are_usage_errors(phantom_root, tmp_path):
-    result = _run(*_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache",
-                                 "--split", "0.5,0.5"))
+    result = _run(
+        *_prepare_args(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache", "--split", "0.5,0.5")
+    )
     assert result.exit_code == 2 and "Invalid value for --split: expected 3 numbers, got 2" in result.stderr
     result = _run("prepare", "--target", "x", "--assistant", "y", "--out", "z", "--spacing", "one")
     assert result.exit_code == 2 and "Invalid value for --spacing" in result.stderr
@@ -366,7 +445,7 @@ def test_info_refuses_a_truncated_cache_file(good_cache, tmp_path):
     cache = Path(shutil.copytree(good_cache, tmp_path / "cache"))
     file = cache / "target" / "images.f32"
     size = file.stat().st_size
-    file.write_bytes(file.read_bytes()[:-48 * 48 * 4])
+    file.write_bytes(file.read_bytes()[: -48 * 48 * 4])
     message = _one_line_error(_run("info", cache))
     assert message == f"{file}: truncated or altered: {size - 48 * 48 * 4} bytes, manifest says {size}"
     assert _one_line_error(_run("info", cache, "--no-verify")) == message  # sizes are always checked
@@ -396,8 +475,9 @@ def test_info_refuses_a_cache_without_manifest(good_cache, tmp_path):
 
 def _real(*args, cwd):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([str(MKD), *[str(a) for a in args]], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [str(MKD), *[str(a) for a in args]], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 def test_installed_mkd_prepare_corrupt_gzip_exits_2_with_one_line(phantom_root, tmp_path):

@@ -29,8 +29,10 @@ def _tree(folder):
         return None
     if folder.is_symlink() or folder.is_file():
         return {".": os.readlink(folder) if folder.is_symlink() else folder.read_bytes()}
-    return {str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None)
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def _args(phantom_root, out, *extra):
@@ -93,8 +95,9 @@ def test_overwrite_never_replaces_what_is_not_a_slice_cache(phantom_root, good_c
     reason = NOT_CACHES[name](out, good_cache)
     before = {p.name: _tree(p) for p in tmp_path.iterdir()}
     message = _one_line_error(_run(*_args(phantom_root, out, "--overwrite")))
-    assert message == (f"{out}: --overwrite replaces only a slice cache, and this is not one ({reason}); "
-                       "nothing was changed")
+    assert message == (
+        f"{out}: --overwrite replaces only a slice cache, and this is not one ({reason}); nothing was changed"
+    )
     assert {p.name: _tree(p) for p in tmp_path.iterdir()} == before
     # Without --overwrite it is not suggested as the way out.
     message = _one_line_error(_run(*_args(phantom_root, out)))
@@ -124,11 +127,14 @@ def test_crop_that_drops_labels_is_refused_with_counts_per_case(phantom_root, tm
     # The counts are those --allow-crop records (checked against the files below).
     _ok(_run(*_args(phantom_root, tmp_path / "allowed", *CROP, "--allow-crop")))
     dropped = SliceCache(tmp_path / "allowed").manifest["crop"]["dropped_label_voxels"]
-    expected = ", ".join(f"{role} {case} loses {count}" for role in ("target", "assistant")
-                         for case, count in dropped[role].items())
+    expected = ", ".join(
+        f"{role} {case} loses {count}" for role in ("target", "assistant") for case, count in dropped[role].items()
+    )
     assert len(dropped["target"]) == 3 and len(dropped["assistant"]) == 2
-    assert message == prefix + expected + "; use a larger --size or a coarser --spacing, or --allow-crop to " \
-                                          "accept the loss"
+    assert (
+        message == prefix + expected + "; use a larger --size or a coarser --spacing, or --allow-crop to "
+        "accept the loss"
+    )
     assert not out.exists() and leftovers(out) == []
 
 
@@ -142,9 +148,11 @@ def test_allow_crop_reports_and_records_what_was_lost(phantom_root, tmp_path):
         for volume in cache.volumes(role):
             lost = volume["inverse"]["cropped_label_voxels"]
             assert lost > 0 and crop["dropped_label_voxels"][role][volume["case_id"]] == lost
-            assert any(line.startswith(f"{role:9s} {volume['case_id']}")
-                       and line.endswith(f", {lost} labelled voxels outside the window")
-                       for line in printed.splitlines())
+            assert any(
+                line.startswith(f"{role:9s} {volume['case_id']}")
+                and line.endswith(f", {lost} labelled voxels outside the window")
+                for line in printed.splitlines()
+            )
             if role == "target":  # native CT spacing: the loss is the file's labels minus the cache's
                 original = int((load_label(volume["label"]).data > 0).sum())
                 kept = int((np.asarray(cache.labels(role)[slice(*volume["slices"])]) > 0).sum())
@@ -220,17 +228,25 @@ BAD_PREPARE_OPTIONS = [
     ("--split", "0.9,0.9,0.1", "the train,val,test fractions must add up to 1, not 1.9, got '0.9,0.9,0.1'"),
     ("--split", "-0.2,0.6,0.6", "fractions must be >= 0, got '-0.2,0.6,0.6'"),
     ("--split", "0,0,0", "the train,val,test fractions must add up to 1, not 0, got '0,0,0'"),
-    ("--ct-window", "800,-200", "expected low,high HU with low < high (otherwise every voxel becomes one value), "
-                                "got '800,-200'"),
-    ("--ct-window", "100", "expected low,high HU with low < high (otherwise every voxel becomes one value), "
-                           "got '100'"),
-    ("--percentiles", "99,1", "expected low,high with 0 <= low < high <= 100 (otherwise every voxel becomes one "
-                              "value), got '99,1'"),
-    ("--percentiles", "0,101", "expected low,high with 0 <= low < high <= 100 (otherwise every voxel becomes one "
-                               "value), got '0,101'"),
+    (
+        "--ct-window",
+        "800,-200",
+        "expected low,high HU with low < high (otherwise every voxel becomes one value), got '800,-200'",
+    ),
+    ("--ct-window", "100", "expected low,high HU with low < high (otherwise every voxel becomes one value), got '100'"),
+    (
+        "--percentiles",
+        "99,1",
+        "expected low,high with 0 <= low < high <= 100 (otherwise every voxel becomes one value), got '99,1'",
+    ),
+    (
+        "--percentiles",
+        "0,101",
+        "expected low,high with 0 <= low < high <= 100 (otherwise every voxel becomes one value), got '0,101'",
+    ),
     ("--size", "4", "4 is not in the range x>=8."),
     ("--size", "big", "'big' is not a valid integer range."),
-    ("--target-labeled", "-1", "-1 is not in the range x>=0."),
+    ("--target-labelled", "-1", "-1 is not in the range x>=0."),
     ("--axis", "oblique", "'oblique' is not one of 'axial', 'coronal', 'sagittal'."),
 ]
 
@@ -240,6 +256,8 @@ def test_bad_prepare_option_is_one_line_before_anything_is_written(phantom_root,
     out = tmp_path / "new" / "cache"
     message = _one_line_error(_run(*_args(phantom_root, out, option, value)))
     quoted = option if option in ("--spacing", "--split", "--ct-window", "--percentiles") else f"'{option}'"
+    if option == "--target-labelled":  # click names the option with its old spelling too
+        quoted = "'--target-labelled' / '--target-labeled'"
     assert message == f"Invalid value for {quoted}: {problem}"
     assert list(tmp_path.iterdir()) == []
 
@@ -262,14 +280,19 @@ def test_bad_phantom_option_is_one_line_before_anything_is_written(tmp_path, opt
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ([["ct_train_1001"]], 'expected a JSON object {"target": {"train": [...], "val": [...], "test": [...]}, '
-                          '"assistant": ...}'),
-    ({"targets": {"train": ["ct_train_1001"]}}, 'unknown key "targets" (use target, assistant)'),
-    ({"target": ["ct_train_1001"]}, '"target" must map train/val/test to lists of case ids'),
-    ({"target": {"train": "ct_train_1001"}}, 'target "train" must be a list of case ids'),
-    (None, "split file is a folder, expected a JSON file"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        (
+            [["ct_train_1001"]],
+            'expected a JSON object {"target": {"train": [...], "val": [...], "test": [...]}, "assistant": ...}',
+        ),
+        ({"targets": {"train": ["ct_train_1001"]}}, 'unknown key "targets" (use target, assistant)'),
+        ({"target": ["ct_train_1001"]}, '"target" must map train/val/test to lists of case ids'),
+        ({"target": {"train": "ct_train_1001"}}, 'target "train" must be a list of case ids'),
+        (None, "split file is a folder, expected a JSON file"),
+    ],
+)
 def test_malformed_split_file(phantom_root, tmp_path, spec, problem):
     split = tmp_path / "split.json"
     if spec is None:
@@ -305,16 +328,25 @@ def test_next_successful_run_removes_stale_staging_and_retired_siblings(phantom_
     assert len(staged) == 1 and staged[0].startswith(".cache.tmp-")
     shutil.copytree(good_cache, tmp_path / ".cache.old-0123abcd")  # an --overwrite killed before its clean-up
     # Look-alikes that are not ours to delete.
-    decoys = {".cache.tmp-89abcdef": "thesis.txt", ".cache.tmp-notours1": "x", ".cache2.tmp-01234567": "x",
-              "cache.tmp-01234567": "x", ".cache.old-0123abcd.bak": "x"}
+    decoys = {
+        ".cache.tmp-89abcdef": "thesis.txt",
+        ".cache.tmp-notours1": "x",
+        ".cache2.tmp-01234567": "x",
+        "cache.tmp-01234567": "x",
+        ".cache.old-0123abcd.bak": "x",
+    }
     for name, file in decoys.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / file).write_text("mine")
     (tmp_path / ".cache.old-deadbeef").write_text("a file, not a folder")
     _ok(_run(*_args(phantom_root, out)))
     SliceCache(out)
-    assert leftovers(out) == [".cache.old-0123abcd.bak", ".cache.old-deadbeef", ".cache.tmp-89abcdef",
-                              ".cache.tmp-notours1"]
+    assert leftovers(out) == [
+        ".cache.old-0123abcd.bak",
+        ".cache.old-deadbeef",
+        ".cache.tmp-89abcdef",
+        ".cache.tmp-notours1",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*decoys, ".cache.old-deadbeef", "cache"])
     assert all((tmp_path / name / file).read_text() == "mine" for name, file in decoys.items())
 
@@ -341,15 +373,20 @@ def test_a_failed_run_leaves_stale_siblings_alone(phantom_root, tmp_path):
 
 
 MANIFEST_EDITS = {
-    "files_outside_the_cache": (lambda m: m["files"].update({"../../etc/passwd": {"bytes": 1, "sha256": "0"}}),
-                                "altered or incomplete manifest: \"files\" lists '../../etc/passwd', which is not a "
-                                "slice cache file"),
-    "slice_count": (lambda m: m["modalities"]["target"].update(slices=1000),
-                    "altered or incomplete manifest: target/images.f32 is listed with"),
-    "no_modalities": (lambda m: m.pop("modalities"), "altered or incomplete manifest: \"modalities\" is not a mapping"),
+    "files_outside_the_cache": (
+        lambda m: m["files"].update({"../../etc/passwd": {"bytes": 1, "sha256": "0"}}),
+        "altered or incomplete manifest: \"files\" lists '../../etc/passwd', which is not a slice cache file",
+    ),
+    "slice_count": (
+        lambda m: m["modalities"]["target"].update(slices=1000),
+        "altered or incomplete manifest: target/images.f32 is listed with",
+    ),
+    "no_modalities": (lambda m: m.pop("modalities"), 'altered or incomplete manifest: "modalities" is not a mapping'),
     "size_text": (lambda m: m.update(size="48"), "altered or incomplete manifest: \"size\" is '48'"),
-    "volume_record": (lambda m: m["modalities"]["target"]["volumes"][0].pop("slices"),
-                      'altered or incomplete manifest: a "target" volume record is malformed'),
+    "volume_record": (
+        lambda m: m["modalities"]["target"]["volumes"][0].pop("slices"),
+        'altered or incomplete manifest: a "target" volume record is malformed',
+    ),
 }
 
 
@@ -375,8 +412,10 @@ def test_info_without_prepare_settings_still_prints(good_cache, tmp_path):
 
 def test_info_on_a_file(tmp_path):
     (tmp_path / "cache").write_text("x")
-    assert _one_line_error(_run("info", tmp_path / "cache")) == f"{tmp_path / 'cache'}: not a slice cache (a file, " \
-                                                                 "not a folder)"
+    assert (
+        _one_line_error(_run("info", tmp_path / "cache")) == f"{tmp_path / 'cache'}: not a slice cache (a file, "
+        "not a folder)"
+    )
 
 
 # --- the installed command, in a real process ----------------------------------------------------------
@@ -387,10 +426,13 @@ def test_installed_mkd_overwrite_of_a_user_folder_exits_2_with_one_line(phantom_
     out = tmp_path / "thesis"
     _user_folder(out)
     args = [str(a) for a in _args(phantom_root, out, "--overwrite")]
-    result = subprocess.run([str(mkd), *args], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    result = subprocess.run(
+        [str(mkd), *args], capture_output=True, text=True, timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == (f"error: {out}: --overwrite replaces only a slice cache, and this is not one (it has no "
-                             "manifest.json); nothing was changed\n")
+    assert result.stderr == (
+        f"error: {out}: --overwrite replaces only a slice cache, and this is not one (it has no "
+        "manifest.json); nothing was changed\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
     assert (out / "thesis.txt").read_text() == "four years of work"

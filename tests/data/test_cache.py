@@ -41,8 +41,12 @@ def cache_path(tmp_path):
 def test_layout_manifest_and_arrays(cache_path):
     assert sorted(p.name for p in cache_path.iterdir()) == ["assistant", "manifest.json", "target"]
     manifest = json.loads((cache_path / "manifest.json").read_text())
-    assert (manifest["format"], manifest["version"], manifest["size"], manifest["note"]) == (FORMAT, VERSION, SIZE,
-                                                                                             "hand-made")
+    assert (manifest["format"], manifest["version"], manifest["size"], manifest["note"]) == (
+        FORMAT,
+        VERSION,
+        SIZE,
+        "hand-made",
+    )
     # 9 target slices of 8 x 8 float32 = 2304 bytes; 9 x 4 int32 = 144 bytes.
     assert manifest["files"]["target/images.f32"]["bytes"] == 9 * SIZE * SIZE * 4
     assert manifest["files"]["target/labels.u8"]["bytes"] == 9 * SIZE * SIZE
@@ -69,7 +73,10 @@ def test_layout_manifest_and_arrays(cache_path):
     np.testing.assert_array_equal(labels[5:9], _labels(4, 2))
     volumes = cache.volumes("target")
     assert [(v["case_id"], v["split"], v["labelled"], v["slices"]) for v in volumes] == [
-        ("t1", "train", True, [0, 3]), ("t2", "train", False, [3, 5]), ("t3", "test", True, [5, 9])]
+        ("t1", "train", True, [0, 3]),
+        ("t2", "train", False, [3, 5]),
+        ("t3", "test", True, [5, 9]),
+    ]
     assert [v["case_id"] for v in cache.volumes("target", "test")] == ["t3"]
     assert cache.modality("assistant")["slices"] == 5
 
@@ -144,10 +151,11 @@ def _message(path, verify=True):
 
 def test_truncated_file_fails_the_size_check(cache_path):
     file = cache_path / "target" / "images.f32"
-    file.write_bytes(file.read_bytes()[:-SIZE * SIZE * 4])
+    file.write_bytes(file.read_bytes()[: -SIZE * SIZE * 4])
     for verify in (True, False):
-        assert _message(cache_path, verify) == (f"{file}: truncated or altered: {8 * SIZE * SIZE * 4} bytes, "
-                                                f"manifest says {9 * SIZE * SIZE * 4}")
+        assert _message(cache_path, verify) == (
+            f"{file}: truncated or altered: {8 * SIZE * SIZE * 4} bytes, manifest says {9 * SIZE * SIZE * 4}"
+        )
 
 
 def test_changed_byte_fails_the_checksum(cache_path):
@@ -173,8 +181,9 @@ def test_incomplete_or_foreign_caches(cache_path, tmp_path):
     manifest.write_text(text[: len(text) // 2])
     assert _message(cache_path).startswith(f"{manifest}: corrupt manifest")
     manifest.unlink()
-    assert _message(cache_path) == (f"{cache_path}: not a complete slice cache (no manifest.json); "
-                                    "run `mkd prepare` again")
+    assert _message(cache_path) == (
+        f"{cache_path}: not a complete slice cache (no manifest.json); run `mkd prepare` again"
+    )
 
 
 # --- what may be replaced, and stale siblings ------------------------------------------------------------
@@ -190,8 +199,10 @@ def test_not_a_slice_cache(cache_path, tmp_path):
     assert not_a_slice_cache(cache_path) == "it holds target/notes.md, which a slice cache does not"
     with pytest.raises(MkdError) as info:
         CacheWriter(cache_path, SIZE, overwrite=True)
-    assert str(info.value) == (f"{cache_path}: --overwrite replaces only a slice cache, and this is not one (it holds "
-                               "target/notes.md, which a slice cache does not); nothing was changed")
+    assert str(info.value) == (
+        f"{cache_path}: --overwrite replaces only a slice cache, and this is not one (it holds "
+        "target/notes.md, which a slice cache does not); nothing was changed"
+    )
     assert (cache_path / "target" / "notes.md").read_text() == "mine" and leftovers(cache_path) == []
 
 
@@ -203,8 +214,9 @@ def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
             out.mkdir()
             (out / "thesis.txt").write_text("mine")
             writer.finish({"classes": ["background", "x"]})
-    assert str(info.value).startswith(f"{out}: already exists (it appeared or changed while preparing) and is not a "
-                                      "slice cache")
+    assert str(info.value).startswith(
+        f"{out}: already exists (it appeared or changed while preparing) and is not a slice cache"
+    )
     assert [p.name for p in out.iterdir()] == ["thesis.txt"] and leftovers(out) == []
 
 

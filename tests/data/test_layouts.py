@@ -16,9 +16,16 @@ def _message(exc_info):
 
 
 def test_mmwhs_label_values_are_the_challenge_values():
-    assert MMWHS_LABELS == {"background": 0, "myocardium": 205, "left_atrium": 420, "left_ventricle": 500,
-                            "right_atrium": 550, "right_ventricle": 600, "ascending_aorta": 820,
-                            "pulmonary_artery": 850}
+    assert MMWHS_LABELS == {
+        "background": 0,
+        "myocardium": 205,
+        "left_atrium": 420,
+        "left_ventricle": 500,
+        "right_atrium": 550,
+        "right_ventricle": 600,
+        "ascending_aorta": 820,
+        "pulmonary_artery": 850,
+    }
     assert MMWHS_FOUR == ("myocardium", "left_atrium", "left_ventricle", "ascending_aorta")
 
 
@@ -76,8 +83,13 @@ def test_folder_mixing_modalities_is_refused(phantom_root, tmp_path):
 
 
 def test_nnunet_folder(phantom_root, tmp_path):
-    folder, _ = write_nnunet(tmp_path / "Dataset001_Heart", phantom_root / "ct_train", NNUNET_TARGET_LABELS, "CT",
-                             drop_label_of=("ct_train_1003",))
+    folder, _ = write_nnunet(
+        tmp_path / "Dataset001_Heart",
+        phantom_root / "ct_train",
+        NNUNET_TARGET_LABELS,
+        "CT",
+        drop_label_of=("ct_train_1003",),
+    )
     dataset = discover(folder)
     assert (dataset.layout, dataset.modality) == ("nnunet", "ct")
     assert dataset.labels == NNUNET_TARGET_LABELS
@@ -88,12 +100,15 @@ def test_nnunet_folder(phantom_root, tmp_path):
     assert dataset.cases[2].label is None
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ("{not json", "invalid JSON"),
-    ({"channel_names": {"0": "CT"}}, 'no "labels" mapping'),
-    ({"labels": {"background": 0, "heart": [1, 2]}}, 'label "heart" has value [1, 2]; only integer labels'),
-    ({"labels": {"heart": 1}}, "labels have no background (value 0)"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("{not json", "invalid JSON"),
+        ({"channel_names": {"0": "CT"}}, 'no "labels" mapping'),
+        ({"labels": {"background": 0, "heart": [1, 2]}}, 'label "heart" has value [1, 2]; only integer labels'),
+        ({"labels": {"heart": 1}}, "labels have no background (value 0)"),
+    ],
+)
 def test_nnunet_bad_dataset_json(tmp_path, spec, problem):
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "dataset.json").write_text(spec if isinstance(spec, str) else json.dumps(spec))
@@ -135,8 +150,15 @@ def test_unmatched_names_fail_or_are_dropped(phantom_root, tmp_path):
     assert "['pulmonary_artery', 'coronary_artery'] only in target" in message
     assert "--ignore-unmatched" in message
     classes = match_labels(discover(target), discover(assistant), ignore_unmatched=True)
-    assert classes == ["background", "myocardium", "left_atrium", "left_ventricle", "right_atrium",
-                       "right_ventricle", "ascending_aorta"]
+    assert classes == [
+        "background",
+        "myocardium",
+        "left_atrium",
+        "left_ventricle",
+        "right_atrium",
+        "right_ventricle",
+        "ascending_aorta",
+    ]
 
 
 def test_no_common_names(phantom_root, tmp_path):
@@ -149,8 +171,13 @@ def test_no_common_names(phantom_root, tmp_path):
 
 def test_four_structures(phantom_root, tmp_path):
     ct, mr = discover(phantom_root / "ct_train"), discover(phantom_root / "mr_train")
-    assert match_labels(ct, mr, structures=4) == ["background", "myocardium", "left_atrium", "left_ventricle",
-                                                   "ascending_aorta"]
+    assert match_labels(ct, mr, structures=4) == [
+        "background",
+        "myocardium",
+        "left_atrium",
+        "left_ventricle",
+        "ascending_aorta",
+    ]
     assert match_labels(ct, mr, structures=7) == list(MMWHS_LABELS)
     assert structure_names(ct) == list(MMWHS_LABELS)[1:]
     folder, _ = write_nnunet(tmp_path / "t", phantom_root / "ct_train", NNUNET_TARGET_LABELS, "CT")
@@ -179,8 +206,10 @@ def test_mmwhs_label_pairs_by_case_not_by_extension(phantom_root, tmp_path):
     (folder / "ct_train_1001_image.nii").write_bytes(b"")
     with pytest.raises(MkdError) as info:
         discover(folder)
-    assert _message(info) == (f"{folder / 'ct_train_1001_image.nii.gz'}: a second image file of case ct_train_1001 "
-                              "(the other is ct_train_1001_image.nii); keep one")
+    assert _message(info) == (
+        f"{folder / 'ct_train_1001_image.nii.gz'}: a second image file of case ct_train_1001 "
+        "(the other is ct_train_1001_image.nii); keep one"
+    )
 
 
 def test_nnunet_label_without_image(phantom_root, tmp_path):
@@ -189,8 +218,9 @@ def test_nnunet_label_without_image(phantom_root, tmp_path):
     image.unlink()
     with pytest.raises(MkdError) as info:
         discover(folder)
-    assert _message(info) == (f"{folder / 'labelsTr' / 'ct_train_1001.nii.gz'}: label file without its image "
-                              f"(expected {image})")
+    assert _message(info) == (
+        f"{folder / 'labelsTr' / 'ct_train_1001.nii.gz'}: label file without its image (expected {image})"
+    )
 
 
 def test_nnunet_labels_tr_that_is_a_file(tmp_path):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from mkd_tf.data import nifti
-from mkd_tf.data.nifti import (Volume, check_same_grid, from_canonical, load_image, load_label, save_volume,
-                               temporary_sibling, to_canonical)
+from mkd_tf.data.nifti import Volume, check_same_grid, from_canonical, load_image, load_label, save_volume, to_canonical
 from mkd_tf.errors import MkdError
 
 # Array axes (A, R, I) in world RAS, like the phantom's MRI: permuted and flipped.
@@ -100,12 +99,15 @@ def test_header_cut_short_is_refused(tmp_path):
     _one_line(info, "cut.nii.gz")
 
 
-@pytest.mark.parametrize("name, content", [
-    ("notes.nii.gz", b"patient notes, not an image\n" * 20),  # not gzip at all
-    ("zipped.nii.gz", gzip.compress(b"patient notes, not an image\n" * 20)),  # gzip, but not NIfTI inside
-    ("plain.nii", b"patient notes, not an image\n" * 20),
-    ("empty.nii.gz", b""),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("notes.nii.gz", b"patient notes, not an image\n" * 20),  # not gzip at all
+        ("zipped.nii.gz", gzip.compress(b"patient notes, not an image\n" * 20)),  # gzip, but not NIfTI inside
+        ("plain.nii", b"patient notes, not an image\n" * 20),
+        ("empty.nii.gz", b""),
+    ],
+)
 def test_non_nifti_file_with_nifti_name_is_refused(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(MkdError) as info:
@@ -113,17 +115,20 @@ def test_non_nifti_file_with_nifti_name_is_refused(tmp_path, name, content):
     _one_line(info, name, "not a NIfTI file")
 
 
-@pytest.mark.parametrize("offset, value, problem", [
-    (70, np.int16(3), "invalid NIfTI header (data code 3 not recognized)"),  # no such datatype
-    (70, np.int16(0), "invalid NIfTI header (data code 0 not supported)"),  # DT_UNKNOWN
-    (108, np.float32(128.0), "invalid NIfTI header (vox offset 128"),  # voxels starting inside the header
-    (42, np.int16(-5), "corrupt or truncated data"),  # negative dim[1]
-])
+@pytest.mark.parametrize(
+    "offset, value, problem",
+    [
+        (70, np.int16(3), "invalid NIfTI header (data code 3 not recognized)"),  # no such datatype
+        (70, np.int16(0), "invalid NIfTI header (data code 0 not supported)"),  # DT_UNKNOWN
+        (108, np.float32(128.0), "invalid NIfTI header (vox offset 128"),  # voxels starting inside the header
+        (42, np.int16(-5), "corrupt or truncated data"),  # negative dim[1]
+    ],
+)
 def test_corrupt_header_fields_are_one_line_errors(tmp_path, capfd, offset, value, problem):
     level = nib.imageglobals.logger.level
     save_volume(tmp_path / "a.nii", _image(), np.eye(4))
     raw = bytearray((tmp_path / "a.nii").read_bytes())
-    raw[offset:offset + value.nbytes] = value.tobytes()
+    raw[offset : offset + value.nbytes] = value.tobytes()
     (tmp_path / "a.nii").write_bytes(bytes(raw))
     with pytest.raises(MkdError) as info:
         load_image(tmp_path / "a.nii")
@@ -207,12 +212,6 @@ def test_canonical_reorientation_is_exact_and_invertible():
     # The same voxel keeps its world position: canonical voxel (0, 0, 0) is array voxel (0, 0, 5).
     np.testing.assert_allclose(affine[:3, 3], (PERMUTED @ [0, 0, 5, 1])[:3])
     np.testing.assert_array_equal(from_canonical(canonical, ornt), data)
-
-
-def test_temporary_sibling_is_hidden_next_to_the_file_with_the_same_suffixes(tmp_path):
-    temporary = temporary_sibling(tmp_path / "case_1001_label.nii.gz")
-    assert temporary.parent == tmp_path
-    assert temporary.name.startswith(".case_1001_label.tmp-") and temporary.name.endswith(".nii.gz")
 
 
 def test_save_volume_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -63,17 +63,19 @@ def test_grids_hand_computed():
     # CT: 153.6 x 153.6 x 120 mm over (48, 48, 24) -> 3.2 x 3.2 x 5 mm, axes L, P, S, centred on 0.
     ct_shape, ct_affine = modality_grid("ct", SHAPE)
     assert ct_shape == SHAPE
-    np.testing.assert_allclose(ct_affine, [[-3.2, 0, 0, 3.2 * 23.5],
-                                           [0, -3.2, 0, 3.2 * 23.5],
-                                           [0, 0, 5.0, -5.0 * 11.5],
-                                           [0, 0, 0, 1]], atol=1e-9)
+    np.testing.assert_allclose(
+        ct_affine,
+        [[-3.2, 0, 0, 3.2 * 23.5], [0, -3.2, 0, 3.2 * 23.5], [0, 0, 5.0, -5.0 * 11.5], [0, 0, 0, 1]],
+        atol=1e-9,
+    )
     # MR: 1.25 x 1.25 x 1.2 coarser -> 4 x 4 x 6 mm; 153.6 / 4 = 38.4 -> 38, 120 / 6 = 20; axes A, R, I.
     mr_shape, mr_affine = modality_grid("mr", SHAPE)
     assert mr_shape == (38, 38, 20)
-    np.testing.assert_allclose(mr_affine, [[0, 4.0, 0, -4.0 * 18.5],
-                                           [4.0, 0, 0, -4.0 * 18.5],
-                                           [0, 0, -6.0, 6.0 * 9.5],
-                                           [0, 0, 0, 1]], atol=1e-9)
+    np.testing.assert_allclose(
+        mr_affine,
+        [[0, 4.0, 0, -4.0 * 18.5], [4.0, 0, 0, -4.0 * 18.5], [0, 0, -6.0, 6.0 * 9.5], [0, 0, 0, 1]],
+        atol=1e-9,
+    )
     # Default shape: the spacings the issue asks for.
     assert modality_grid("ct")[0] == (96, 96, 48)
     np.testing.assert_allclose(np.abs(np.diag(modality_grid("ct")[1])[:3]), [1.6, 1.6, 2.5])
@@ -98,8 +100,13 @@ def test_anatomy_is_built_in_world_mm():
         shape, affine = modality_grid(modality, (96, 96, 48))
         labels = tissue_labels(make_anatomy(np.random.default_rng(7), shape, affine))
         voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-        sampled[modality] = {name: (_world_centroid(labels == MMWHS_LABELS[name], affine),
-                                    (labels == MMWHS_LABELS[name]).sum() * voxel_ml) for name in STRUCTURES}
+        sampled[modality] = {
+            name: (
+                _world_centroid(labels == MMWHS_LABELS[name], affine),
+                (labels == MMWHS_LABELS[name]).sum() * voxel_ml,
+            )
+            for name in STRUCTURES
+        }
     for name in STRUCTURES:
         (ct_centre, ct_ml), (mr_centre, mr_ml) = sampled["ct"][name], sampled["mr"][name]
         assert np.linalg.norm(ct_centre - mr_centre) < 1.0, name
@@ -121,8 +128,11 @@ def test_same_seed_same_bytes_other_seed_other_data(root, tmp_path):
     other = write_phantom(tmp_path / "other", n_ct=2, n_mr=2, shape=SHAPE, seed=1)
     for modality in ("ct", "mr"):
         for case_id in IDS:
-            for first, second, third in zip(_case_files(root, modality, case_id), _case_files(again, modality, case_id),
-                                            _case_files(other, modality, case_id)):
+            for first, second, third in zip(
+                _case_files(root, modality, case_id),
+                _case_files(again, modality, case_id),
+                _case_files(other, modality, case_id),
+            ):
                 assert first.read_bytes() == second.read_bytes()
                 assert not np.array_equal(load_image(first).data, load_image(third).data)
 
@@ -133,8 +143,10 @@ def test_cases_are_different_patients(root):
         heart_first, heart_second = first.data > 0, second.data > 0
         dice = 2 * (heart_first & heart_second).sum() / (heart_first.sum() + heart_second.sum())
         assert dice < 0.9, dice
-        shift = np.linalg.norm(_world_centroid(first.data == MMWHS_LABELS["left_ventricle"], first.affine)
-                               - _world_centroid(second.data == MMWHS_LABELS["left_ventricle"], second.affine))
+        shift = np.linalg.norm(
+            _world_centroid(first.data == MMWHS_LABELS["left_ventricle"], first.affine)
+            - _world_centroid(second.data == MMWHS_LABELS["left_ventricle"], second.affine)
+        )
         assert shift > 1.0
 
 

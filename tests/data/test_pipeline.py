@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from mkd_tf.data.cache import CacheWriter, SliceCache
-from mkd_tf.data.pipeline import AugmentConfig, augment_slice, evaluation_slices, slice_dataset, unpaired_dataset
+from mkd_tf.data.pipeline import AugmentConfig, augment_slice, slice_dataset, training_dataset
 from mkd_tf.errors import MkdError
 
 SIZE = 32
@@ -244,10 +244,10 @@ def test_disabled_augmentation_is_identity():
     np.testing.assert_array_equal(out_label.numpy(), label)
 
 
-def test_unpaired_dataset_structure_and_streams(cache):
-    dataset = unpaired_dataset(cache, 4, augment=False, seed=0)
+def test_training_dataset_structure_and_streams(cache):
+    dataset = training_dataset(cache, 4, augment=False, seed=0)
     for element in dataset.take(10):
-        assert set(element) == {"assistant", "target"}
+        assert set(element) == {"assistant", "target", "target_labelled"}
         for stream in element.values():
             assert stream["image"].shape == (4, SIZE, SIZE, 1) and stream["image"].dtype == tf.float32
             assert stream["label"].shape == (4, SIZE, SIZE) and stream["label"].dtype == tf.int32
@@ -257,7 +257,7 @@ def test_unpaired_dataset_structure_and_streams(cache):
         np.testing.assert_array_equal(element["assistant"]["has_label"], np.ones(4))
         assert set(target.tolist()) <= TARGET_TRAIN_LABELLED | TARGET_TRAIN_UNLABELLED
         np.testing.assert_array_equal(element["target"]["has_label"], (target < 100).astype(np.float32))
-    augmented = next(iter(unpaired_dataset(cache, 4, seed=0)))
+    augmented = next(iter(training_dataset(cache, 4, seed=0)))
     assert set(np.unique(augmented["target"]["label"].numpy())) <= {0, 1, 2}
 
 
@@ -266,21 +266,5 @@ def test_empty_selection_raises_naming_the_cache(cache):
         slice_dataset(cache, "target", "val")
     with pytest.raises(MkdError, match="no assistant slices"):
         slice_dataset(cache, "assistant", "test")
-    with pytest.raises(MkdError, match=str(cache.path)):
-        unpaired_dataset(cache, 4, split="val")
-    with pytest.raises(MkdError, match=str(cache.path)):
-        evaluation_slices(cache, "target", "val")
     with pytest.raises(MkdError, match="fewer than one batch"):
         slice_dataset(cache, "target", "test", 8, repeat=False)
-
-
-def test_evaluation_slices_yield_whole_volumes_in_order(cache):
-    (record, images, labels), = list(evaluation_slices(cache, "target", "test"))
-    assert record["case"] == "ct2" and record["labelled"]
-    assert images.shape == (SLICES, SIZE, SIZE, 1) and images.dtype == np.float32
-    np.testing.assert_array_equal(images[:, 0, 0, 0], [200, 201, 202, 203, 204])
-    assert labels.shape == (SLICES, SIZE, SIZE) and labels.dtype == np.int32
-    np.testing.assert_array_equal(labels[:, 0, 0], [0, 1, 2, 0, 1])
-    train = list(evaluation_slices(cache, "target", "train"))
-    assert [r["case"] for r, _, _ in train] == ["ct0", "ct1"]
-    assert not train[1][0]["labelled"] and not train[1][2].any()

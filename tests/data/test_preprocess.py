@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 
 from mkd_tf.data.nifti import Volume
-from mkd_tf.data.preprocess import (PreprocessConfig, labels_to_original, preprocess_image, preprocess_volume,
-                                    resampled_shape)
+from mkd_tf.data.preprocess import (
+    PreprocessConfig,
+    labels_to_original,
+    preprocess_image,
+    preprocess_volume,
+    resampled_shape,
+)
 from mkd_tf.errors import MkdError
 
 VALUES = {0: 0, 205: 1, 500: 2}
@@ -62,7 +67,7 @@ def test_crop_smaller_than_volume_is_inverted_with_background_outside():
     # Inside the window the labels are exact; everything outside is background.
     inside = np.zeros(restored.shape, bool)
     (sx, sy) = params["crop_start"]
-    inside[max(sx, 0):sx + 24, max(sy, 0):sy + 24, :] = True
+    inside[max(sx, 0) : sx + 24, max(sy, 0) : sy + 24, :] = True
     np.testing.assert_array_equal(restored[inside], label.data[inside])
     assert not restored[~inside].any()
 
@@ -103,26 +108,36 @@ def test_resampled_shape_keeps_centres_inside():
 def test_cropped_label_voxels_are_counted():
     image, label = _blob_volume((16, 40, 40), np.diag([1.0, 1.0, 2.0, 1.0]))
     classes = np.vectorize(VALUES.get)(label.data)
-    _, label_slices, params = preprocess_volume(image, label, "ct", PreprocessConfig(spacing=(1.0, 1.0, 2.0), size=8),
-                                                VALUES)
+    _, label_slices, params = preprocess_volume(
+        image, label, "ct", PreprocessConfig(spacing=(1.0, 1.0, 2.0), size=8), VALUES
+    )
     # Native spacing: the loss is exactly the labelled voxels outside the window.
     assert params["cropped_label_voxels"] == int((classes > 0).sum()) - int((label_slices > 0).sum()) > 0
     _, _, params = preprocess_volume(image, label, "ct", PreprocessConfig(spacing=(1.0, 1.0, 2.0), size=48), VALUES)
     assert params["cropped_label_voxels"] == 0
-    _, params = preprocess_image(image, {"kind": "ct", "window": [-200.0, 800.0]},
-                                 PreprocessConfig(spacing=(1.0, 1.0, 2.0), size=24))
+    _, params = preprocess_image(
+        image, {"kind": "ct", "window": [-200.0, 800.0]}, PreprocessConfig(spacing=(1.0, 1.0, 2.0), size=24)
+    )
     assert "cropped_label_voxels" not in params  # no label, nothing to count
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"spacing": (0.0, 1.0, 1.0)}, "--spacing: every value must be a finite number > 0 (mm), got [0.0, 1.0, 1.0]"),
-    ({"spacing": (float("nan"),) * 3}, "--spacing: every value must be a finite number > 0 (mm)"),
-    ({"size": 4}, "--size: must be an integer >= 8 (pixels), got 4"),
-    ({"axis": 3}, "--axis: must be 0, 1 or 2 (sagittal, coronal, axial), got 3"),
-    ({"ct_window": (800.0, -200.0)}, "--ct-window: must be two finite HU values low,high with low < high, got 800,-200"),
-    ({"percentiles": (99.0, 1.0)}, "--percentiles: must be two percentiles low,high with 0 <= low < high <= 100, "
-                                   "got 99,1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"spacing": (0.0, 1.0, 1.0)}, "--spacing: every value must be a finite number > 0 (mm), got [0.0, 1.0, 1.0]"),
+        ({"spacing": (float("nan"),) * 3}, "--spacing: every value must be a finite number > 0 (mm)"),
+        ({"size": 4}, "--size: must be an integer >= 8 (pixels), got 4"),
+        ({"axis": 3}, "--axis: must be 0, 1 or 2 (sagittal, coronal, axial), got 3"),
+        (
+            {"ct_window": (800.0, -200.0)},
+            "--ct-window: must be two finite HU values low,high with low < high, got 800,-200",
+        ),
+        (
+            {"percentiles": (99.0, 1.0)},
+            "--percentiles: must be two percentiles low,high with 0 <= low < high <= 100, got 99,1",
+        ),
+    ],
+)
 def test_config_check_names_the_option(change, message):
     with pytest.raises(MkdError) as info:
         PreprocessConfig(**change).check()

@@ -42,8 +42,9 @@ def cache(phantom, tmp_path_factory):
     from mkd_tf.data.preprocess import PreprocessConfig
 
     options = PrepareOptions(preprocess=PreprocessConfig(spacing=(3.2, 3.2, 7.5), size=32), allow_crop=True)
-    return prepare_cache(f"{phantom}/ct_train", f"{phantom}/mr_train", tmp_path_factory.mktemp("cache") / "cache",
-                         options)
+    return prepare_cache(
+        f"{phantom}/ct_train", f"{phantom}/mr_train", tmp_path_factory.mktemp("cache") / "cache", options
+    )
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +52,17 @@ def mkd_run(cache, tmp_path_factory):
     from mkd_tf.training import train
 
     run = tmp_path_factory.mktemp("runs") / "mkd"
-    train(cache, run, overrides={"schedule": {"epochs": 1, "steps_per_epoch": 2}, "data": {"batch_size": 2},
-                                 "segmentor": {"base_filters": 4, "depth": 2}, "alignment": TINY_ALIGNMENT},
-          verbose=0)
+    train(
+        cache,
+        run,
+        overrides={
+            "schedule": {"epochs": 1, "steps_per_epoch": 2},
+            "data": {"batch_size": 2},
+            "segmentor": {"base_filters": 4, "depth": 2},
+            "alignment": TINY_ALIGNMENT,
+        },
+        verbose=0,
+    )
     return run
 
 
@@ -62,10 +71,18 @@ def confident_run(cache, tmp_path_factory):
     from mkd_tf.training import train
 
     run = tmp_path_factory.mktemp("runs") / "target_only"
-    train(cache, run, overrides={"method": "target-only", "schedule": {"epochs": 6, "steps_per_epoch": 50},
-                                 "data": {"batch_size": 8, "augment": False}, "optimizer": {"segmentor_lr": 1e-2},
-                                 "segmentor": {"base_filters": 8, "depth": 2}},
-          verbose=0)
+    train(
+        cache,
+        run,
+        overrides={
+            "method": "target-only",
+            "schedule": {"epochs": 6, "steps_per_epoch": 50},
+            "data": {"batch_size": 8, "augment": False},
+            "optimizer": {"segmentor_lr": 1e-2},
+            "segmentor": {"base_filters": 8, "depth": 2},
+        },
+        verbose=0,
+    )
     return run
 
 

@@ -22,8 +22,9 @@ def _preprocessed_slices(ct_image, record):
     from mkd_tf.data.nifti import load_image
     from mkd_tf.data.preprocess import PreprocessConfig, preprocess_image
 
-    slices, _ = preprocess_image(load_image(ct_image), record["target_intensity"],
-                                 PreprocessConfig.from_dict(record["preprocess"]))
+    slices, _ = preprocess_image(
+        load_image(ct_image), record["target_intensity"], PreprocessConfig.from_dict(record["preprocess"])
+    )
     return slices
 
 
@@ -56,11 +57,15 @@ def test_only_the_predictors_segmentors_are_exported(mkd_run, mkd_export, loaded
     import tensorflow as tf
 
     def stored_values(version_dir):
-        return sum(int(np.prod(shape)) for name, shape in tf.train.list_variables(
-            str(Path(version_dir) / "variables" / "variables")) if name.startswith("_all_variables/"))
+        return sum(
+            int(np.prod(shape))
+            for name, shape in tf.train.list_variables(str(Path(version_dir) / "variables" / "variables"))
+            if name.startswith("_all_variables/")
+        )
 
     def parameters(segmentor):
-        return sum(int(np.prod(v.shape)) for v in segmentor.variables)
+        # with per-domain batch norm (MKD's default) only the target's set serves target images and is exported
+        return sum(int(np.prod(v.shape)) for v in segmentor.variables if "_domain0/" not in v.path)
 
     segmentors = loaded_mkd[0].segmentors()
     assert stored_values(mkd_export["path"]) == parameters(segmentors["real"]) + parameters(segmentors["syn"])
@@ -70,20 +75,24 @@ def test_only_the_predictors_segmentors_are_exported(mkd_run, mkd_export, loaded
 
 
 def test_saved_model_cli_shows_the_three_signatures(mkd_export):
-    shown = subprocess.run([str(BIN / "saved_model_cli"), "show", "--all", "--dir", mkd_export["path"]],
-                           capture_output=True, text=True, check=True).stdout
-    default = shown[shown.index("signature_def['serving_default']"):]
-    default = default[:default.index("Method name")]
+    shown = subprocess.run(
+        [str(BIN / "saved_model_cli"), "show", "--all", "--dir", mkd_export["path"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    default = shown[shown.index("signature_def['serving_default']") :]
+    default = default[: default.index("Method name")]
     assert "inputs['image']" in default and "shape: (-1, 32, 32, 1)" in default and "DT_FLOAT" in default
     assert "outputs['probabilities']" in default and "shape: (-1, 32, 32, 8)" in default
     assert "outputs['labels']" in default and "shape: (-1, 32, 32)" in default and "DT_INT32" in default
-    labels_only = shown[shown.index("signature_def['labels_only']"):]
-    labels_only = labels_only[:labels_only.index("Method name")]
+    labels_only = shown[shown.index("signature_def['labels_only']") :]
+    labels_only = labels_only[: labels_only.index("Method name")]
     assert "inputs['image']" in labels_only and "shape: (-1, 32, 32, 1)" in labels_only
     assert "outputs['labels']" in labels_only and "shape: (-1, 32, 32)" in labels_only
     assert "probabilities" not in labels_only
-    raw = shown[shown.index("signature_def['segment_slices']"):]
-    raw = raw[:raw.index("Method name")]
+    raw = shown[shown.index("signature_def['segment_slices']") :]
+    raw = raw[: raw.index("Method name")]
     assert "inputs['image']" in raw and "shape: (-1, -1, -1, 1)" in raw
     assert "outputs['labels']" in raw and "shape: (-1, -1, -1)" in raw and "DT_INT32" in raw
     assert "probabilities" not in raw
@@ -93,16 +102,33 @@ def test_saved_model_cli_run_gives_the_labels_of_mkd_predict(mkd_export, loaded_
     model, _, record = loaded_mkd
     slices = _preprocessed_slices(ct_image, record)
     np.save(tmp_path / "slices.npy", slices[..., None])
-    subprocess.run([str(BIN / "saved_model_cli"), "run", "--dir", mkd_export["path"], "--tag_set", "serve",
-                    "--signature_def", "serving_default", "--inputs", f"image={tmp_path / 'slices.npy'}",
-                    "--outdir", str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            str(BIN / "saved_model_cli"),
+            "run",
+            "--dir",
+            mkd_export["path"],
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"image={tmp_path / 'slices.npy'}",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     labels = np.load(tmp_path / "out" / "labels.npy")
     probabilities = np.load(tmp_path / "out" / "probabilities.npy")
     expected = _in_process_labels(model, slices)
     assert labels.dtype == np.int32 and labels.shape == slices.shape
     np.testing.assert_array_equal(labels, expected)
-    np.testing.assert_allclose(probabilities, model.predict_probabilities(slices[..., None], "ensemble").numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        probabilities, model.predict_probabilities(slices[..., None], "ensemble").numpy(), atol=1e-6
+    )
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
 
 
@@ -139,7 +165,6 @@ def test_loads_and_runs_without_mkd_tf(mkd_export, confident_export, loaded_mkd,
     up). That exact comparison uses the confident run (the two-step MKD model has near-ties everywhere,
     which float rounding in a differently ordered normalisation could flip).
     """
-    from mkd_tf.data.preprocess import apply_intensity
     from mkd_tf.inference import class_values
     from mkd_tf.training import load_run
 
@@ -148,21 +173,27 @@ def test_loads_and_runs_without_mkd_tf(mkd_export, confident_export, loaded_mkd,
     slices = _preprocessed_slices(ct_image, record)
     window = record["target_intensity"]["window"]
     hounsfield = ((slices.astype(np.float64) + 1.0) / 2.0 * (window[1] - window[0]) + window[0]).astype(np.float32)
-    renormalised = apply_intensity(hounsfield, record["target_intensity"])  # what the graph must compute
+    # what the graph must compute: the CT window of the record, mapped to [-1, 1]
+    renormalised = ((np.clip(hounsfield, *window) - window[0]) / (window[1] - window[0]) * 2.0 - 1.0).astype(np.float32)
     np.save(tmp_path / "slices.npy", slices[..., None])
     np.save(tmp_path / "raw.npy", np.repeat(np.repeat(hounsfield, 2, axis=1), 2, axis=2)[..., None])
     script = ISOLATED
-    for key, value in {"SITE_PACKAGES": sysconfig.get_paths()["purelib"], "MKD_EXPORT": mkd_export["path"],
-                       "CONFIDENT_EXPORT": confident_export["path"], "SLICES": tmp_path / "slices.npy",
-                       "RAW": tmp_path / "raw.npy", "OUT": tmp_path / "out.npz"}.items():
+    for key, value in {
+        "SITE_PACKAGES": sysconfig.get_paths()["purelib"],
+        "MKD_EXPORT": mkd_export["path"],
+        "CONFIDENT_EXPORT": confident_export["path"],
+        "SLICES": tmp_path / "slices.npy",
+        "RAW": tmp_path / "raw.npy",
+        "OUT": tmp_path / "out.npz",
+    }.items():
         script = script.replace(key, repr(str(value)))
-    process = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, capture_output=True,
-                             text=True)
+    process = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-2000:]
     out = np.load(tmp_path / "out.npz")
     np.testing.assert_array_equal(out["mkd_labels"], _in_process_labels(mkd_model, slices, "ensemble"))
-    np.testing.assert_allclose(out["mkd_probabilities"],
-                               mkd_model.predict_probabilities(slices[..., None], "ensemble").numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        out["mkd_probabilities"], mkd_model.predict_probabilities(slices[..., None], "ensemble").numpy(), atol=1e-6
+    )
     np.testing.assert_array_equal(out["confident_labels"], _in_process_labels(confident_model, slices, "real"))
     for name in ("mkd", "confident"):  # labels_only: serving_default's labels, nothing else
         np.testing.assert_array_equal(out[name + "_labels_only"], out[name + "_labels"])
@@ -188,8 +219,9 @@ def test_segment_slices_zscore_normalisation_matches_numpy():
     got = serving.normalise_in_graph(tf.constant(volume), {"kind": "zscore"}, config.percentiles).numpy()
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert got.min() == pytest.approx((params["clip"][0] - params["mean"]) / params["std"], abs=2e-5)
-    ct = serving.normalise_in_graph(tf.constant([[-1000.0, -200.0, 300.0, 800.0, 3000.0]]),
-                                    {"kind": "ct", "window": [-200.0, 800.0]}, None).numpy()
+    ct = serving.normalise_in_graph(
+        tf.constant([[-1000.0, -200.0, 300.0, 800.0, 3000.0]]), {"kind": "ct", "window": [-200.0, 800.0]}, None
+    ).numpy()
     np.testing.assert_allclose(ct, [[-1.0, -1.0, 0.0, 1.0, 1.0]])
 
 
@@ -238,14 +270,28 @@ def test_version_policy_keeps_every_version_and_labels_move(mkd_run, tmp_path):
     first = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart"), "--label", "stable"])
     assert first.exit_code == 0, first.output
     assert "label 'stable' -> version 1\n" in first.stdout
-    second = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart"), "--which", "real",
-                                  "--label", "canary"])
+    second = runner.invoke(
+        main, ["export", str(mkd_run), "--out", str(root / "heart"), "--which", "real", "--label", "canary"]
+    )
     assert second.exit_code == 0, second.output
     (entry,) = _parse_models_config(root / "models.config").model_config_list.config
     assert list(entry.model_version_policy.specific.versions) == [1, 2]
     assert dict(entry.version_labels) == {"stable": 1, "canary": 2}  # stable kept from the first export
-    third = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart"), "--which", "syn",
-                                 "--label", "stable", "--label", "canary"])
+    third = runner.invoke(
+        main,
+        [
+            "export",
+            str(mkd_run),
+            "--out",
+            str(root / "heart"),
+            "--which",
+            "syn",
+            "--label",
+            "stable",
+            "--label",
+            "canary",
+        ],
+    )
     assert third.exit_code == 0, third.output
     assert "label 'stable' -> version 3 (was version 1)" in third.stdout
     (entry,) = _parse_models_config(root / "models.config").model_config_list.config
@@ -281,8 +327,9 @@ def test_cli_export_next_version_and_never_overwrite(mkd_run, tmp_path):
     (root / "heart" / "notes").mkdir()  # not a version
     (root / "ignored_file").write_text("")
     runner = CliRunner()
-    result = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart"), "--which", "syn",
-                                  "--serving-root", "/srv"])
+    result = runner.invoke(
+        main, ["export", str(mkd_run), "--out", str(root / "heart"), "--which", "syn", "--serving-root", "/srv"]
+    )
     assert result.exit_code == 0, result.output
     assert f"to {root / 'heart' / '4'}" in result.stdout and "predictor 'syn'" in result.stdout
     assert serving.read_model_asset(root / "heart" / "4")["predictor"] == "syn"
@@ -292,7 +339,8 @@ def test_cli_export_next_version_and_never_overwrite(mkd_run, tmp_path):
     assert (root / "models.config").read_text() == (
         'model_config_list {\n  config {\n    name: "heart"\n    base_path: "/srv/heart"\n'
         '    model_platform: "tensorflow"\n    model_version_policy {\n      specific {\n        versions: 4\n'
-        '      }\n    }\n  }\n}\n')
+        "      }\n    }\n  }\n}\n"
+    )
     before = (root / "heart" / "4" / "saved_model.pb").read_bytes()
     again = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart"), "--version", "4"])
     assert again.exit_code == 2
@@ -311,8 +359,12 @@ def test_cli_help_shows_defaults():
     for default in ("[default: ensemble]", "[default: best]", "[default: /models]", "[default: the next free integer]"):
         assert default in " ".join(export_help.split()), default
     tflite_help = " ".join(runner.invoke(main, ["tflite", "--help"]).output.split())
-    for default in ("[default: none]", "[default: 200;", "[default: 0.99; 0.97 for int8]",
-                    "[default: the export's recorded cache]"):
+    for default in (
+        "[default: none]",
+        "[default: 200;",
+        "[default: 0.99; 0.97 for int8]",
+        "[default: the export's recorded cache]",
+    ):
         assert default in tflite_help, default
 
 
@@ -368,8 +420,9 @@ def _segment_slices_versus_predict(export_path, model, record, image_path):
     _, params = preprocess_image(image, record["target_intensity"], config)
     assert params["axis"] == 2 and params["spacing"][2] == pytest.approx(params["canonical_spacing"][2])
     ratio = params["spacing"][0] / params["canonical_spacing"][0]
-    assert ratio == pytest.approx(round(ratio)) and params["spacing"][1] / params["canonical_spacing"][1] == \
-        pytest.approx(ratio)
+    assert ratio == pytest.approx(round(ratio)) and params["spacing"][1] / params["canonical_spacing"][
+        1
+    ] == pytest.approx(ratio)
     ratio = int(round(ratio))
     width = config.size * ratio  # native pixels covering the model's field of view
     raw = np.full((canonical.shape[2], width, width), canonical.min(), np.float32)
@@ -449,8 +502,9 @@ def test_export_of_a_truncated_checkpoint_is_one_line(mkd_run, tmp_path):
     data = next((run / "best").glob("weights.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "saved_models" / "heart")])
-    _assert_one_line_error(result, f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt "
-                                   "weights file")
+    _assert_one_line_error(
+        result, f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file"
+    )
     assert not (tmp_path / "saved_models").exists()
 
 

@@ -10,16 +10,21 @@ from click.testing import CliRunner
 from mkd_cli.main import main
 from mkd_tf.export import tflite
 
-PARITY = re.compile(r"parity \((?P<mode>\w+), (?P<slices>\d+) test slices\): Dice agreement (?P<agreement>[\d.]+) "
-                    r"\(threshold (?P<threshold>[\d.]+)\), pixel agreement (?P<pixels>[\d.]+), "
-                    r"max \|probability difference\| (?P<difference>[\d.e+-]+)")
+PARITY = re.compile(
+    r"parity \((?P<mode>\w+), (?P<slices>\d+) test slices\): Dice agreement (?P<agreement>[\d.]+) "
+    r"\(threshold (?P<threshold>[\d.]+)\), pixel agreement (?P<pixels>[\d.]+), "
+    r"max \|probability difference\| (?P<difference>[\d.e+-]+)"
+)
 
 
 def _parameters(saved_model_dir):
     import tensorflow as tf
 
-    return sum(int(np.prod(shape)) for name, shape in tf.train.list_variables(
-        str(Path(saved_model_dir) / "variables" / "variables")) if name.startswith("_all_variables/"))
+    return sum(
+        int(np.prod(shape))
+        for name, shape in tf.train.list_variables(str(Path(saved_model_dir) / "variables" / "variables"))
+        if name.startswith("_all_variables/")
+    )
 
 
 def _tensor_types(path):
@@ -63,8 +68,12 @@ def test_each_quantisation_converts_and_agrees(mode, confident_export, tmp_path)
     # parameter, float16 2, int8 1 (plus a few KiB of graph and per-channel scales).
     weights = 4 * _parameters(confident_export["path"])
     size = out.stat().st_size
-    assert {"none": weights <= size < weights + 40_000, "float16": weights / 2 <= size < weights / 2 + 40_000,
-            "dynamic": size < weights / 4 + 40_000, "int8": size < weights / 4 + 40_000}[mode], (size, weights)
+    assert {
+        "none": weights <= size < weights + 40_000,
+        "float16": weights / 2 <= size < weights / 2 + 40_000,
+        "dynamic": size < weights / 4 + 40_000,
+        "int8": size < weights / 4 + 40_000,
+    }[mode], (size, weights)
     if mode == "none":
         assert "int8" not in types and "float16" not in types
     if mode == "float16":
@@ -77,8 +86,9 @@ def test_each_quantisation_converts_and_agrees(mode, confident_export, tmp_path)
 
 def test_too_high_threshold_fails_and_writes_nothing(confident_export, tmp_path):
     out = tmp_path / "strict.tflite"
-    result = CliRunner().invoke(main, ["tflite", confident_export["path"], "--out", str(out), "--quantize", "int8",
-                                       "--min-agreement", "1.0"])
+    result = CliRunner().invoke(
+        main, ["tflite", confident_export["path"], "--out", str(out), "--quantize", "int8", "--min-agreement", "1.0"]
+    )
     assert result.exit_code == 2
     parity = PARITY.search(result.stdout)
     assert parity and float(parity["agreement"]) < 1.0
@@ -96,8 +106,10 @@ def test_the_mkd_ensemble_converts_with_builtins(mkd_export, tmp_path):
 
 
 def test_missing_cache_is_one_line(confident_export, tmp_path):
-    result = CliRunner().invoke(main, ["tflite", confident_export["path"], "--out", str(tmp_path / "x.tflite"),
-                                       "--cache", str(tmp_path / "nowhere")])
+    result = CliRunner().invoke(
+        main,
+        ["tflite", confident_export["path"], "--out", str(tmp_path / "x.tflite"), "--cache", str(tmp_path / "nowhere")],
+    )
     assert result.exit_code == 2 and "slice cache for the parity check not found" in result.stderr
     not_saved_model = CliRunner().invoke(main, ["tflite", str(tmp_path), "--out", str(tmp_path / "x.tflite")])
     assert not_saved_model.exit_code == 2 and "no saved_model.pb" in not_saved_model.stderr

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from mkd_tf import losses
-from mkd_tf.models.mkd import MKDModel, MKDWeights
+from mkd_tf.models.mkd import MKDModel, MKDLossWeights
 from tests.scripts import tiny_runs
 
 SIZE, BATCH, CLASSES = 32, 2, 4
@@ -29,10 +29,9 @@ def make_batch(seed=0, labelled_target=True):
         for b in range(BATCH):  # a few rectangles of different classes
             for c in range(1, CLASSES):
                 y, x = rng.integers(0, SIZE - 10, 2)
-                labels[b, y:y + 8, x:x + 8] = c
+                labels[b, y : y + 8, x : x + 8] = c
         images = labels[..., None] * 0.7 + offset + rng.normal(0, 0.2, (BATCH, SIZE, SIZE, 1))
-        return {"image": tf.constant(images, tf.float32), "label": tf.constant(labels),
-                "has_label": tf.ones(BATCH)}
+        return {"image": tf.constant(images, tf.float32), "label": tf.constant(labels), "has_label": tf.ones(BATCH)}
 
     batch = {"assistant": stream(-1.0), "target": stream(0.5)}
     if labelled_target:
@@ -44,8 +43,15 @@ def make_model(sgd=0.0, weights=None, alignment=None, **switches):
     """A built model; SGD learning rates so that a zero rate freezes a group exactly."""
     keras.utils.set_random_seed(1)
     rates = sgd if isinstance(sgd, dict) else {k: sgd for k in ("segmentors", "generators", "discriminators")}
-    model = MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment={**ALIGNMENT, **(alignment or {})}, weights=weights,
-                     optimizers={k: keras.optimizers.SGD(v) for k, v in rates.items()}, **switches)
+    model = MKDModel(
+        CLASSES,
+        BATCH,
+        segmentor=SEGMENTOR,
+        alignment={**ALIGNMENT, **(alignment or {})},
+        loss_weights=weights,
+        optimizers={k: keras.optimizers.SGD(v) for k, v in rates.items()},
+        **switches,
+    )
     model.build_for((SIZE, SIZE, 1))
     model.build_optimizers()
     return model
@@ -53,11 +59,14 @@ def make_model(sgd=0.0, weights=None, alignment=None, **switches):
 
 def groups(model):
     iam = model.alignment
-    return {"S_syn": model.synthetic_segmentor.trainable_variables,
-            "S_real": model.real_segmentor.trainable_variables,
-            "G": iam.assistant_to_target.trainable_variables, "F": iam.target_to_assistant.trainable_variables,
-            "D_target": iam.target_discriminator.trainable_variables,
-            "D_assistant": iam.assistant_discriminator.trainable_variables}
+    return {
+        "S_syn": model.synthetic_segmentor.trainable_variables,
+        "S_real": model.real_segmentor.trainable_variables,
+        "G": iam.assistant_to_target.trainable_variables,
+        "F": iam.target_to_assistant.trainable_variables,
+        "D_target": iam.target_discriminator.trainable_variables,
+        "D_assistant": iam.assistant_discriminator.trainable_variables,
+    }
 
 
 def snapshot(model):
@@ -65,8 +74,7 @@ def snapshot(model):
 
 
 def changed(before, after):
-    return {name for name in before
-            if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+    return {name for name in before if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
 
 
 def gradient_norm(tape, tensor, variables):
@@ -84,8 +92,7 @@ def gradient_map():
     model = make_model(sgd=0.01, alignment={"residual": False})
     recorded = []
     originals = {}
-    names = ["segmentation_loss", "distillation_loss", "lsgan_generator_loss", "cycle_loss",
-             "lsgan_discriminator_loss"]
+    names = ["segmentation_loss", "distillation_loss", "lsgan_generator_loss", "cycle_loss", "lsgan_discriminator_loss"]
     for name in names:
         originals[name] = getattr(losses, name)
 
@@ -116,18 +123,21 @@ def gradient_map():
 
 # Call order inside train_step: segmentation (S_syn on aligned, S_real on target), distillation
 # (s2r, r2s), generator LSGAN (G, F), cycle (assistant, target), discriminator LSGAN (D_T, D_A).
-@pytest.mark.parametrize("term, expected", [
-    ("segmentation_loss#0", {"S_syn", "G"}),  # seg on aligned images reaches the generator G
-    ("segmentation_loss#1", {"S_real"}),
-    ("distillation_loss#0", {"S_real"}),  # kd_s2r: teacher S_syn and the aligned images are stop-gradient
-    ("distillation_loss#1", {"S_syn"}),  # kd_r2s: teacher S_real is stop-gradient
-    ("lsgan_generator_loss#0", {"G", "D_target"}),
-    ("lsgan_generator_loss#1", {"F", "D_assistant"}),
-    ("cycle_loss#0", {"G", "F"}),
-    ("cycle_loss#1", {"G", "F"}),
-    ("lsgan_discriminator_loss#0", {"D_target"}),  # never the generators: fakes are stop-gradient
-    ("lsgan_discriminator_loss#1", {"D_assistant"}),
-])
+@pytest.mark.parametrize(
+    "term, expected",
+    [
+        ("segmentation_loss#0", {"S_syn", "G"}),  # seg on aligned images reaches the generator G
+        ("segmentation_loss#1", {"S_real"}),
+        ("distillation_loss#0", {"S_real"}),  # kd_s2r: teacher S_syn and the aligned images are stop-gradient
+        ("distillation_loss#1", {"S_syn"}),  # kd_r2s: teacher S_real is stop-gradient
+        ("lsgan_generator_loss#0", {"G", "D_target"}),
+        ("lsgan_generator_loss#1", {"F", "D_assistant"}),
+        ("cycle_loss#0", {"G", "F"}),
+        ("cycle_loss#1", {"G", "F"}),
+        ("lsgan_discriminator_loss#0", {"D_target"}),  # never the generators: fakes are stop-gradient
+        ("lsgan_discriminator_loss#1", {"D_assistant"}),
+    ],
+)
 def test_each_loss_term_reaches_exactly_its_networks(gradient_map, term, expected):
     assert len(gradient_map) == 10
     assert gradient_map[term] == expected
@@ -141,8 +151,10 @@ def test_optimizers_update_only_their_groups():
     assert changed(before, snapshot(model)) == {"S_syn", "S_real", "D_target", "D_assistant"}
 
     # Only the segmentation term in G's objective: G moves (anatomy-preserving alignment), F does not.
-    model = make_model(sgd={"segmentors": 0.0, "generators": 0.1, "discriminators": 0.0},
-                       weights={"adversarial": 0.0, "cycle": 0.0, "segmentation_to_generator": 1.0})
+    model = make_model(
+        sgd={"segmentors": 0.0, "generators": 0.1, "discriminators": 0.0},
+        weights={"adversarial": 0.0, "cycle": 0.0, "segmentation_to_generator": 1.0},
+    )
     before = snapshot(model)
     model.train_step(make_batch())
     assert changed(before, snapshot(model)) == {"G"}
@@ -164,29 +176,32 @@ def test_kd_terms_alone_train_only_the_students():
 
 def independent_terms(model, batch, temperature, aligned=True):
     """Loss terms of the step computed outside it, from the same weights."""
+
     def mean(values):
         return float(tf.reduce_mean(values))
 
     assistant, target, labelled = batch["assistant"], batch["target"], batch.get("target_labelled")
-    images = (model.alignment.assistant_to_target(assistant["image"], training=True) if aligned
-              else assistant["image"])
+    images = model.alignment.assistant_to_target(assistant["image"], training=True) if aligned else assistant["image"]
     syn, real = model.synthetic_segmentor, model.real_segmentor
     terms = {
         "seg_syn": mean(losses.segmentation_loss(assistant["label"], tf.nn.softmax(syn(images, training=True)))),
-        "kd_s2r": mean(losses.distillation_loss(syn(images, training=True), real(images, training=True),
-                                                temperature)),
-        "kd_r2s": mean(losses.distillation_loss(real(target["image"], training=True),
-                                                syn(target["image"], training=True), temperature)),
+        "kd_s2r": mean(losses.distillation_loss(syn(images, training=True), real(images, training=True), temperature)),
+        "kd_r2s": mean(
+            losses.distillation_loss(
+                real(target["image"], training=True), syn(target["image"], training=True), temperature
+            )
+        ),
     }
     if labelled is not None:
-        terms["seg_real"] = mean(losses.segmentation_loss(labelled["label"],
-                                                          tf.nn.softmax(real(labelled["image"], training=True))))
+        terms["seg_real"] = mean(
+            losses.segmentation_loss(labelled["label"], tf.nn.softmax(real(labelled["image"], training=True)))
+        )
     return terms
 
 
 @pytest.mark.parametrize("use_iam", [True, False])
 def test_logged_terms_and_total_match_an_independent_computation(use_iam):
-    weights = MKDWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9)
+    weights = MKDLossWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9)
     model = make_model(sgd=0.1, weights=weights, use_iam=use_iam)
     batch = make_batch()
     expected = independent_terms(model, batch, 3.0, aligned=use_iam)
@@ -195,8 +210,9 @@ def test_logged_terms_and_total_match_an_independent_computation(use_iam):
     assert set(logs) == set(expected) | iam_terms | {"total"}
     for name, value in expected.items():
         assert logs[name] == pytest.approx(value, rel=1e-5), name
-    assert logs["total"] == pytest.approx(expected["seg_syn"] + expected["seg_real"] + 0.7 * expected["kd_s2r"]
-                                          + 1.9 * expected["kd_r2s"], rel=1e-5)
+    assert logs["total"] == pytest.approx(
+        expected["seg_syn"] + expected["seg_real"] + 0.7 * expected["kd_s2r"] + 1.9 * expected["kd_r2s"], rel=1e-5
+    )
     # Without the IAM S_syn learned from the raw assistant images: its loss differs from the aligned one.
     if not use_iam:
         assert model.alignment is None and set(model.optimizers()) == {"segmentors"}
@@ -226,11 +242,17 @@ def test_a_short_training_lowers_the_segmentation_losses(tmp_path_factory):
 def test_get_config_and_image_panels():
     model = make_model(weights={"temperature": 4.0}, kd_r2s=False)
     config = model.get_config()
-    assert config["weights"]["temperature"] == 4.0 and config["kd_r2s"] is False and config["use_iam"] is True
+    assert config["loss_weights"]["temperature"] == 4.0 and config["kd_r2s"] is False and config["use_iam"] is True
     assert config["segmentor"] == SEGMENTOR and config["num_classes"] == CLASSES
     panels = model.image_panels(make_batch())
-    assert set(panels) == {"target_image", "assistant_image", "aligned_assistant", "target_prediction_syn",
-                           "target_prediction_real", "target_ground_truth"}
+    assert set(panels) == {
+        "target_image",
+        "assistant_image",
+        "aligned_assistant",
+        "target_prediction_syn",
+        "target_prediction_real",
+        "target_ground_truth",
+    }
     for images in panels.values():
         assert images.shape == (BATCH, SIZE, SIZE, 1)
         assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
@@ -273,8 +295,63 @@ def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alo
     after = snapshot(model)
     assert changed(before, after) == {"S_syn", "S_real", "G", "F", "D_target", "D_assistant"}
     # Both segmentors learn the assistant's labels on raw assistant images (no alignment in between).
-    expected = [float(tf.reduce_mean(losses.segmentation_loss(
-        batch["assistant"]["label"], tf.nn.softmax(segmentor(batch["assistant"]["image"], training=True)))))
-        for segmentor in (make_model().synthetic_segmentor, make_model().real_segmentor)]
+    expected = [
+        float(
+            tf.reduce_mean(
+                losses.segmentation_loss(
+                    batch["assistant"]["label"], tf.nn.softmax(segmentor(batch["assistant"]["image"], training=True))
+                )
+            )
+        )
+        for segmentor in (make_model().synthetic_segmentor, make_model().real_segmentor)
+    ]
     assert [float(logs["seg_syn"]), float(logs["seg_real"])] == pytest.approx(expected, rel=1e-4)
     assert int(model.step_counter.numpy()) == 1 and model.get_config()["pretrain_steps"] == 5
+
+
+def _norm_stats(segmentor, domain):
+    return [v.numpy().copy() for v in segmentor.variables if f"_domain{domain}/moving_mean" in v.path]
+
+
+def test_domain_norm_keeps_each_domains_statistics_and_starts_the_target_from_the_warm_start():
+    """With ``domain_norm`` aligned images only move batch-norm set 0, target images only set 1; the warm
+    start trains set 0, and at its end set 1 (and its moving average) starts as a copy of it."""
+    keras.utils.set_random_seed(1)
+    ema = {k: keras.optimizers.SGD(0.1) for k in ("generators", "discriminators")}
+    ema["segmentors"] = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
+    model = MKDModel(
+        CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, domain_norm=True, optimizers=ema, pretrain_steps=1
+    )
+    model.build_for((SIZE, SIZE, 1))
+    model.build_optimizers()
+    assert model.real_segmentor.num_domains == 2 and model.real_segmentor.default_domain == 1
+    target_before = _norm_stats(model.real_segmentor, 1)
+    model.pretrain_step(make_batch(0))  # assistant images only
+    for before, after in zip(target_before, _norm_stats(model.real_segmentor, 1)):
+        np.testing.assert_array_equal(before, after)
+    assistant_after_warm_start = _norm_stats(model.real_segmentor, 0)
+    model.end_pretraining()
+    for segmentor in (model.real_segmentor, model.synthetic_segmentor):
+        for source, destination in segmentor.domain_variable_pairs(0, 1):
+            np.testing.assert_array_equal(source.numpy(), destination.numpy())
+    averages = dict(
+        zip(
+            (id(v) for v in model.optimizers()["segmentors"][1]),
+            model.segmentor_optimizer._model_variables_moving_average,
+        )
+    )
+    for source, destination in model.real_segmentor.domain_variable_pairs(0, 1):
+        if id(source) in averages:
+            np.testing.assert_array_equal(averages[id(source)].numpy(), averages[id(destination)].numpy())
+    model.train_step(make_batch(1))  # both domains now: each set moves with its own images
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(assistant_after_warm_start, _norm_stats(model.real_segmentor, 0))
+    )
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(_norm_stats(model.real_segmentor, 0), _norm_stats(model.real_segmentor, 1))
+    )
+    images = make_batch(2)["target"]["image"]
+    np.testing.assert_allclose(
+        model.predict_probabilities(images, "real"), tf.nn.softmax(model.real_segmentor(images, domain=1)), rtol=1e-6
+    )
+    assert model.get_config()["domain_norm"] is True

@@ -5,8 +5,9 @@ import tensorflow as tf
 import keras
 
 from mkd_tf import losses
-from mkd_tf.models.baselines import build
+from mkd_tf.config import load_config
 from mkd_tf.models.segmentor import Segmentor
+from mkd_tf.training import build_method
 from mkd_tf.models.ummkd import UMMKDModel
 from tests.models.test_segmentor import expected_parameters
 
@@ -25,15 +26,17 @@ def stream(seed, intensities, batch=BATCH):
         for c in (1, 2, 3):
             top, left = rng.integers(0, 20, size=2)
             height, width = rng.integers(8, 13, size=2)
-            labels[b, top:top + height, left:left + width] = c
+            labels[b, top : top + height, left : left + width] = c
     images = np.asarray(intensities, np.float32)[labels] + rng.normal(scale=0.2, size=labels.shape)
-    return {"image": images[..., None].astype(np.float32), "label": labels,
-            "has_label": np.ones(batch, np.float32)}
+    return {"image": images[..., None].astype(np.float32), "label": labels, "has_label": np.ones(batch, np.float32)}
 
 
 def make_batch(seed=0):
-    return {"assistant": stream(seed, ASSISTANT_INTENSITIES), "target": stream(seed + 1, TARGET_INTENSITIES),
-            "target_labelled": stream(seed + 2, TARGET_INTENSITIES)}
+    return {
+        "assistant": stream(seed, ASSISTANT_INTENSITIES),
+        "target": stream(seed + 1, TARGET_INTENSITIES),
+        "target_labelled": stream(seed + 2, TARGET_INTENSITIES),
+    }
 
 
 def make_model(optimizer=None, **kwargs):
@@ -112,7 +115,6 @@ def test_kernels_shared_and_batch_norm_per_modality():
     assert all(gradient is not None for path, gradient in gradients.items() if "_domain0/" in path)
 
 
-
 def test_batch_statistics_move_only_for_the_trained_domain():
     keras.utils.set_random_seed(0)
     net = make_model().network
@@ -147,21 +149,22 @@ def test_losses_match_reference_and_ignore_unlabelled_slices():
     a_labels, t_labels = batch["assistant"]["label"], target["label"][labelled]
     expected_kd = 0.5 * (
         classwise_kl_reference(assistant_logits, target_logits[labelled], a_labels, t_labels, 2.0)
-        + classwise_kl_reference(target_logits[labelled], assistant_logits, t_labels, a_labels, 2.0))
+        + classwise_kl_reference(target_logits[labelled], assistant_logits, t_labels, a_labels, 2.0)
+    )
     assert expected_kd > 1e-4
     np.testing.assert_allclose(logs["kd"], expected_kd, rtol=1e-3)
     # Counting the unlabelled slice as class 3 would give another value: the mask matters.
     unmasked = 0.5 * (
         classwise_kl_reference(assistant_logits, target_logits, a_labels, target["label"], 2.0)
-        + classwise_kl_reference(target_logits, assistant_logits, target["label"], a_labels, 2.0))
+        + classwise_kl_reference(target_logits, assistant_logits, target["label"], a_labels, 2.0)
+    )
     assert abs(unmasked - expected_kd) > 1e-3 * expected_kd
 
     per_example = losses.segmentation_loss(target["label"], tf.nn.softmax(target_logits)).numpy()
     np.testing.assert_allclose(logs["seg_target"], per_example[labelled].sum() / BATCH, rtol=1e-5)
     per_example = losses.segmentation_loss(a_labels, tf.nn.softmax(assistant_logits)).numpy()
     np.testing.assert_allclose(logs["seg_assistant"], per_example.mean(), rtol=1e-5)
-    np.testing.assert_allclose(logs["total"], logs["seg_assistant"] + logs["seg_target"] + 0.5 * logs["kd"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(logs["total"], logs["seg_assistant"] + logs["seg_target"] + 0.5 * logs["kd"], rtol=1e-6)
     assert int(model.step_counter.numpy()) == 1
 
 
@@ -190,14 +193,20 @@ def test_predict_probabilities_uses_the_target_batch_norm(trained):
     assert not np.allclose(probabilities, softmax(np.asarray(model.network(x, domain=0))), atol=1e-3)
 
 
-def test_build_from_baselines():
-    model = build("ummkd", NUM_CLASSES, 8, {**SEGMENTOR, "norm": "instance"}, keras.optimizers.Adam(1e-3),
-                  loss={"ummkd_temperature": 3.0, "ummkd_weight": 0.25})
+def test_built_from_settings_through_the_registry():
+    config = load_config(
+        overrides={
+            "method": "ummkd",
+            "data": {"batch_size": 8},
+            "segmentor": {**SEGMENTOR, "norm": "instance"},
+            "loss": {"ummkd_temperature": 3.0, "ummkd_weight": 0.25},
+        }
+    )
+    model = build_method(config, NUM_CLASSES)
     assert isinstance(model, UMMKDModel)
     assert (model.temperature, model.kd_weight, model.global_batch_size) == (3.0, 0.25, 8)
     assert model.network.norm == "batch"  # forced: modality-specific batch norm is the method
-    assert model.get_config()["segmentor"] == {**SEGMENTOR, "norm": "batch"}
-    assert build("ummkd", NUM_CLASSES, 8, SEGMENTOR, None).temperature == 2.0
+    assert model.get_config()["segmentor"] == {**config["segmentor"], "norm": "batch"}
 
 
 def test_two_domain_segmentor_config_round_trip():
@@ -221,8 +230,15 @@ def test_two_domain_segmentor_config_round_trip():
     assert isinstance(revived, Segmentor) and revived.get_config() == config
 
 
-@pytest.mark.parametrize("kwargs", [{"num_domains": 2, "norm": "instance"}, {"num_domains": 0},
-                                    {"num_domains": 2, "default_domain": 2}, {"default_domain": 1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_domains": 2, "norm": "instance"},
+        {"num_domains": 0},
+        {"num_domains": 2, "default_domain": 2},
+        {"default_domain": 1},
+    ],
+)
 def test_invalid_domain_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="domain"):
         Segmentor(NUM_CLASSES, **SEGMENTOR, **kwargs)
@@ -239,8 +255,11 @@ def test_exported_archive_serves_the_target_domain(trained, tmp_path):
     net = model.network
     archive = keras.export.ExportArchive()
     archive.track(net)
-    archive.add_endpoint("serve", lambda x: keras.ops.softmax(net(x, training=False), axis=-1),
-                         input_signature=[tf.TensorSpec((None, SIZE, SIZE, 1), tf.float32)])
+    archive.add_endpoint(
+        "serve",
+        lambda x: keras.ops.softmax(net(x, training=False), axis=-1),
+        input_signature=[tf.TensorSpec((None, SIZE, SIZE, 1), tf.float32)],
+    )
     archive.write_out(str(tmp_path / "ummkd"), verbose=False)
     reloaded = tf.saved_model.load(str(tmp_path / "ummkd"))
     x = images(seed=9)

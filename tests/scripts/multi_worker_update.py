@@ -94,7 +94,7 @@ def main(out, cache_path):
 
     def shard(context):
         i = context.replica_id_in_sync_group
-        return tf.nest.map_structure(lambda a: tf.constant(a[i * per_replica:(i + 1) * per_replica]), batch)
+        return tf.nest.map_structure(lambda a: tf.constant(a[i * per_replica : (i + 1) * per_replica]), batch)
 
     _, train_step = training.step_functions(strategy, model)
     logs = train_step(strategy.experimental_distribute_values_from_function(shard), tf.constant(1.0 if chief else 0.0))
@@ -118,8 +118,12 @@ def main(out, cache_path):
         reference.update({f"initial_{k}": v for k, v in enumerate(initial)})
         reference.update({f"trainable_{k}": np.array(v.trainable) for k, v in enumerate(state(single))})
         np.savez(out / "reference.npz", **reference)
-        report = {"replicas": strategy.num_replicas_in_sync, "variables": len(initial),
-                  "losses_single": losses_single, "losses_multi_worker": logs}
+        report = {
+            "replicas": strategy.num_replicas_in_sync,
+            "variables": len(initial),
+            "losses_single": losses_single,
+            "losses_multi_worker": logs,
+        }
         (out / "report.json").write_text(json.dumps(report, indent=1))
 
 

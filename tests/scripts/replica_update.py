@@ -104,7 +104,7 @@ def main(out):
 
     def shard(context):
         index = context.replica_id_in_sync_group
-        return tf.nest.map_structure(lambda a: tf.constant(a[index * per_replica:(index + 1) * per_replica]), batch)
+        return tf.nest.map_structure(lambda a: tf.constant(a[index * per_replica : (index + 1) * per_replica]), batch)
 
     distributed = strategy.experimental_distribute_values_from_function(shard)
 
@@ -129,8 +129,10 @@ def main(out):
         "max_diff_mirrored": difference([v.numpy() for v in mirrored_state], after_single),
         "max_diff_wrong": difference([v.numpy() for v in state(wrong)], [v.numpy() for v in mirrored_state]),
         # Over the model's trainable weights only (the optimizers' iteration counters move by exactly 1).
-        "max_change": difference([v.numpy() for v in state(single) if v.trainable],
-                                 [value for v, value in zip(state(single), initial) if v.trainable]),
+        "max_change": difference(
+            [v.numpy() for v in state(single) if v.trainable],
+            [value for v, value in zip(state(single), initial) if v.trainable],
+        ),
         "replicas_in_sync": in_sync,
         "losses_single": losses_single,
         "losses_mirrored": losses_mirrored,

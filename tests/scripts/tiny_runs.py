@@ -70,8 +70,12 @@ def tiny_cache(tmp_path_factory):
 
         root = _root(tmp_path_factory)
         phantom = Path(write_phantom(root / "phantom", **PHANTOM))
-        cache = prepare_cache(phantom / "ct_train", phantom / "mr_train", root / "cache",
-                              PrepareOptions(preprocess=PreprocessConfig(spacing=SPACING, size=SIZE)))
+        cache = prepare_cache(
+            phantom / "ct_train",
+            phantom / "mr_train",
+            root / "cache",
+            PrepareOptions(preprocess=PreprocessConfig(spacing=SPACING, size=SIZE)),
+        )
         _SESSION["cache"] = (phantom, Path(cache))
     return _SESSION["cache"]
 
@@ -142,8 +146,11 @@ def trained_run(tmp_path_factory, name, overrides=None, cli_args=None, graph=Fal
             from mkd_cli.main import main
 
             config = write_yaml(_root(tmp_path_factory) / f"{name}.yaml", tiny_overrides(**(overrides or {})))
-            outcome = CliRunner().invoke(main, ["train", str(cache), "--out", str(path), "--config", str(config),
-                                                "--quiet", *cli_args], catch_exceptions=False)
+            outcome = CliRunner().invoke(
+                main,
+                ["train", str(cache), "--out", str(path), "--config", str(config), "--quiet", *cli_args],
+                catch_exceptions=False,
+            )
             assert outcome.exit_code == 0, outcome.output
             result = outcome.output
     run = Run(path, built[-1], result)

@@ -28,10 +28,11 @@ come from ``labels`` (``{name: {label: version}}``). Like TF Serving, loading a 
 predict request is recorded in :attr:`ServingDouble.requests` (protocol, model, version, signature, and
 for REST the response's size in bytes).
 
-Example:
-    >>> with ServingDouble({"heart": "saved_models/heart"}) as server:
-    ...     server.rest_url("heart")   # 'http://127.0.0.1:PORT/v1/models/heart'
-    ...     server.grpc_target         # '127.0.0.1:PORT'
+Usage (tests/export/test_client.py)::
+
+    with ServingDouble({"heart": "saved_models/heart"}) as server:
+        server.rest_url("heart")   # 'http://127.0.0.1:PORT/v1/models/heart'
+        server.grpc_target         # '127.0.0.1:PORT'
 """
 
 import json
@@ -43,8 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                   r"(?P<rest>/metadata|:predict)?$")
+_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<rest>/metadata|:predict)?$"
+)
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 
 
@@ -164,8 +167,10 @@ class ServingDouble:
         if set(inputs) != set(specs):
             raise ServingError("invalid", f"Expected inputs {sorted(specs)}, got {sorted(inputs)}")
         try:
-            tensors = {key: tf.constant(np.asarray(value, dtype=specs[key].dtype.as_numpy_dtype))
-                       for key, value in inputs.items()}
+            tensors = {
+                key: tf.constant(np.asarray(value, dtype=specs[key].dtype.as_numpy_dtype))
+                for key, value in inputs.items()
+            }
             outputs = function(**tensors)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
             raise ServingError("invalid", str(exc).splitlines()[0])
@@ -191,8 +196,10 @@ class ServingDouble:
         self.rest_port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, name="serving-double-rest", daemon=True).start()
         # TF Serving lifts gRPC's 4 MB message limit (16 slices of 256 x 256 float32 are 4 MB already).
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
-            ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+        )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_servicer(self), self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:0")
         self._grpc.start()
@@ -251,8 +258,18 @@ def _handler(server):
                     self._reply(200, _metadata_json(server, name, version, label))
                 elif rest is None:
                     found, _, _ = server.lookup(name, version, label)
-                    self._reply(200, {"model_version_status": [
-                        {"version": str(found), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+                    self._reply(
+                        200,
+                        {
+                            "model_version_status": [
+                                {
+                                    "version": str(found),
+                                    "state": "AVAILABLE",
+                                    "status": {"error_code": "OK", "error_message": ""},
+                                }
+                            ]
+                        },
+                    )
                 else:
                     raise ServingError("not_found", f"Malformed request: GET {self.path}")
             except ServingError as exc:
@@ -269,9 +286,17 @@ def _handler(server):
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise ServingError("invalid", f"JSON Parse error: {exc}")
                 found, reply = _predict_json(server, name, version, body, label)
-                self._reply(200, reply, lambda size: server.record(
-                    protocol="rest", model=name, version=found, response_bytes=size,
-                    signature=body.get("signature_name", "serving_default")))
+                self._reply(
+                    200,
+                    reply,
+                    lambda size: server.record(
+                        protocol="rest",
+                        model=name,
+                        version=found,
+                        response_bytes=size,
+                        signature=body.get("signature_name", "serving_default"),
+                    ),
+                )
             except ServingError as exc:
                 self._reply(404 if exc.kind == "not_found" else 400, {"error": str(exc)})
 
@@ -284,8 +309,11 @@ def _metadata_json(server, name, version, label=None):
     found, signature_map = server.metadata_proto(name, version, label)
     return {
         "model_spec": {"name": name, "signature_name": "", "version": str(found)},
-        "metadata": {"signature_def": json_format.MessageToDict(
-            signature_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)},
+        "metadata": {
+            "signature_def": json_format.MessageToDict(
+                signature_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+        },
     }
 
 
@@ -324,8 +352,10 @@ def _predict_json(server, name, version, body, label=None):
 def _version_choice(spec):
     """`(version or None, label or None)` of a gRPC ModelSpec (its ``version_choice`` oneof)."""
     choice = spec.WhichOneof("version_choice")
-    return (spec.version.value if choice == "version" else None,
-            spec.version_label if choice == "version_label" else None)
+    return (
+        spec.version.value if choice == "version" else None,
+        spec.version_label if choice == "version_label" else None,
+    )
 
 
 def _servicer(server):
@@ -340,8 +370,9 @@ def _servicer(server):
             version, label = _version_choice(request.model_spec)
             try:
                 inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
-                found, outputs = server.run(request.model_spec.name, version, request.model_spec.signature_name, inputs,
-                                            label)
+                found, outputs = server.run(
+                    request.model_spec.name, version, request.model_spec.signature_name, inputs, label
+                )
                 unknown = [key for key in request.output_filter if key not in outputs]
                 if unknown:
                     raise ServingError("invalid", f"output tensor alias not found in signature: {unknown[0]}")
@@ -354,16 +385,22 @@ def _servicer(server):
             for key, value in outputs.items():
                 if not request.output_filter or key in request.output_filter:
                     response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
-            server.record(protocol="grpc", model=request.model_spec.name, version=found,
-                          signature=response.model_spec.signature_name, response_bytes=response.ByteSize())
+            server.record(
+                protocol="grpc",
+                model=request.model_spec.name,
+                version=found,
+                signature=response.model_spec.signature_name,
+                response_bytes=response.ByteSize(),
+            )
             return response
 
         def GetModelMetadata(self, request, context):
             version, label = _version_choice(request.model_spec)
             try:
                 if list(request.metadata_field) != ["signature_def"]:
-                    raise ServingError("invalid", f"Metadata field(s) {list(request.metadata_field)} not supported; "
-                                                  "only signature_def")
+                    raise ServingError(
+                        "invalid", f"Metadata field(s) {list(request.metadata_field)} not supported; only signature_def"
+                    )
                 found, signature_map = server.metadata_proto(request.model_spec.name, version, label)
             except ServingError as exc:
                 context.abort(codes[exc.kind], str(exc))

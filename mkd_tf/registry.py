@@ -1,0 +1,241 @@
+"""The registries: every training method, every named variant of one, every segmentor architecture.
+
+Each is registered once, here, and everything that lists or builds them reads this module: the
+``method`` and ``segmentor.kind`` settings (:mod:`mkd_tf.config`), building a method's model and
+knowing whether it needs labelled target volumes (:mod:`mkd_tf.training`), the variants of
+``mkd compare`` (:mod:`mkd_tf.compare`), and the CLI's choices and ``--help``.
+
+A registration names its class as ``"module:Class"``, imported only when a model is built: this module
+(and so the config checks and ``mkd --help``) imports no TensorFlow. That keeps ``mkd --help`` at
+about 0.1 s instead of the 3-4 s a TensorFlow import takes (README, "Architecture").
+
+To add
+    a method: a module in ``mkd_tf/models/`` with a
+        :class:`~mkd_tf.models.cross_modality.CrossModalityModel` subclass whose classmethod
+        ``from_settings(config, num_classes, optimizer)`` builds it, plus one :func:`register_method`;
+    a variant of a method (other settings, e.g. an ablation): one :func:`register_variant`;
+    a segmentor architecture: a module with a Keras model class taking ``(num_classes, *, norm,
+        num_domains, default_domain, name, **its settings)``, creating every weight in ``build`` and
+        returning logits from ``call(images, training, domain)`` (see
+        :class:`~mkd_tf.models.segmentor.Segmentor`), plus one :func:`register_segmentor`.
+
+Example:
+    >>> method_of("mkd-no-iam").name, variant_overrides("mkd-no-iam")
+    ('mkd', {'ablation': {'iam': False}})
+    >>> METHODS["finetune"].needs_labelled_target
+    True
+"""
+
+import importlib
+from dataclasses import dataclass
+
+from mkd_tf.rules import fraction, integer
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method.
+
+    Args:
+        name: its name in configs, ``--method`` and ``mkd compare --methods``.
+        model: ``"module:Class"`` of its model; built by ``Class.from_settings(config, num_classes,
+            optimizer)``.
+        predictors: names of its predictors on target slices, the reported (main) one last.
+        needs_labelled_target: it cannot train without labelled target training volumes.
+        domain_norm: ``None`` if its segmentors ignore the ``segmentor.domain_norm`` setting (one batch-norm
+            set per modality), else the method's default for it (the setting left at null).
+        summary: one line for ``--help`` and the README.
+    """
+
+    name: str
+    model: str
+    predictors: tuple
+    needs_labelled_target: bool
+    domain_norm: bool | None
+    summary: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered method trained with other settings (an ablation, a switch turned on or off).
+
+    Args:
+        name: its name in ``mkd compare --methods``.
+        method: the registered method it changes.
+        overrides: nested dict of settings merged over the shared config.
+        summary: one line for ``--help``.
+    """
+
+    name: str
+    method: str
+    overrides: dict
+    summary: str
+
+
+@dataclass(frozen=True)
+class SegmentorKind:
+    """A segmentor architecture (``segmentor.kind``).
+
+    Args:
+        name: the value of ``segmentor.kind``.
+        model: ``"module:Class"`` of its Keras model.
+        defaults: its own settings and their defaults (the shared ``kind``, ``norm`` and
+            ``domain_norm`` are not among them).
+        rules: a :class:`mkd_tf.rules.Rule` for each of its settings.
+        summary: one line for the README.
+    """
+
+    name: str
+    model: str
+    defaults: dict
+    rules: dict
+    summary: str = ""
+
+
+METHODS = {}
+VARIANTS = {}
+SEGMENTORS = {}
+
+
+def register_method(name, model, predictors, needs_labelled_target, summary, domain_norm=None):
+    """Register a method (see :class:`Method`); returns it."""
+    if name in METHODS or name in VARIANTS:
+        raise ValueError(f"method {name!r} is already registered")
+    METHODS[name] = Method(name, model, tuple(predictors), bool(needs_labelled_target), domain_norm, summary)
+    return METHODS[name]
+
+
+def register_variant(name, method, overrides, summary):
+    """Register a variant of a registered method (see :class:`Variant`); returns it."""
+    if name in METHODS or name in VARIANTS:
+        raise ValueError(f"method {name!r} is already registered")
+    if method not in METHODS:
+        raise ValueError(f"variant {name!r} changes unknown method {method!r}")
+    VARIANTS[name] = Variant(name, method, overrides, summary)
+    return VARIANTS[name]
+
+
+def register_segmentor(name, model, defaults, rules, summary=""):
+    """Register a segmentor architecture (see :class:`SegmentorKind`); returns it."""
+    if name in SEGMENTORS:
+        raise ValueError(f"segmentor kind {name!r} is already registered")
+    if set(defaults) != set(rules):
+        raise ValueError(f"segmentor kind {name!r}: defaults and rules must name the same settings")
+    SEGMENTORS[name] = SegmentorKind(name, model, dict(defaults), dict(rules), summary)
+    return SEGMENTORS[name]
+
+
+def method_of(name):
+    """The :class:`Method` of a method or variant ``name``; ``KeyError`` if neither is registered."""
+    if name in VARIANTS:
+        return METHODS[VARIANTS[name].method]
+    return METHODS[name]
+
+
+def variant_overrides(name):
+    """The settings a variant changes (``{}`` for a plain method)."""
+    return VARIANTS[name].overrides if name in VARIANTS else {}
+
+
+def names():
+    """Every registered method, then every variant."""
+    return list(METHODS) + list(VARIANTS)
+
+
+def load(reference):
+    """Import ``"module:attribute"`` and return the attribute."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+# --- methods --------------------------------------------------------------------------------------
+register_method(
+    "mkd",
+    "mkd_tf.models.mkd:MKDModel",
+    ("syn", "real", "ensemble"),
+    False,
+    domain_norm=True,
+    summary="online mutual knowledge distillation with image alignment (the paper)",
+)
+register_method(
+    "target-only",
+    "mkd_tf.models.baselines:TargetOnlyModel",
+    ("real",),
+    True,
+    summary="one segmentor on labelled target slices",
+)
+register_method(
+    "assistant-only",
+    "mkd_tf.models.baselines:AssistantOnlyModel",
+    ("syn",),
+    False,
+    summary="one segmentor on raw assistant slices, applied to the target",
+)
+register_method(
+    "joint",
+    "mkd_tf.models.baselines:JointModel",
+    ("joint",),
+    True,
+    domain_norm=False,
+    summary="one segmentor on both modalities' labelled slices at once",
+)
+register_method(
+    "finetune",
+    "mkd_tf.models.baselines:FinetuneModel",
+    ("finetune",),
+    True,
+    domain_norm=False,
+    summary="one segmentor on the assistant first, then on the target",
+)
+register_method(
+    "ummkd",
+    "mkd_tf.models.ummkd:UMMKDModel",
+    ("ummkd",),
+    True,
+    summary="shared kernels, modality-specific batch norm, class-wise KD (Dou et al. 2020)",
+)
+
+# --- variants: ablations of MKD's parts and switches, and the baselines' counterparts --------------
+register_variant("mkd-no-iam", "mkd", {"ablation": {"iam": False}}, "MKD without image alignment")
+register_variant("mkd-no-kd-s2r", "mkd", {"ablation": {"kd_s2r": False}}, "MKD without S_syn -> S_real distillation")
+register_variant("mkd-no-kd-r2s", "mkd", {"ablation": {"kd_r2s": False}}, "MKD without S_real -> S_syn distillation")
+register_variant("mkd-no-pretrain", "mkd", {"schedule": {"mkd_pretrain": 0.0}}, "MKD without the warm start")
+register_variant(
+    "mkd-plain-iam",
+    "mkd",
+    {"alignment": {"residual": False}},
+    "MKD with the plain (not identity-initialised) generators",
+)
+register_variant("mkd-no-ema", "mkd", {"optimizer": {"ema": False}}, "MKD with raw instead of averaged weights")
+register_variant(
+    "mkd-no-domain-norm",
+    "mkd",
+    {"segmentor": {"domain_norm": False}},
+    "MKD with one batch-norm set shared by both domains in each segmentor",
+)
+register_variant(
+    "mkd-real-on-aligned",
+    "mkd",
+    {"loss": {"real_on_aligned": 1.0}},
+    "MKD with S_real also supervised on aligned assistant images",
+)
+register_variant(
+    "finetune-domain-norm",
+    "finetune",
+    {"segmentor": {"domain_norm": True}},
+    "finetune with one batch-norm set per modality",
+)
+register_variant(
+    "joint-domain-norm", "joint", {"segmentor": {"domain_norm": True}}, "joint with one batch-norm set per modality"
+)
+register_variant("finetune-no-ema", "finetune", {"optimizer": {"ema": False}}, "finetune with raw weights")
+register_variant("target-only-no-ema", "target-only", {"optimizer": {"ema": False}}, "target-only with raw weights")
+
+# --- segmentor architectures ----------------------------------------------------------------------
+register_segmentor(
+    "unet",
+    "mkd_tf.models.segmentor:Segmentor",
+    defaults={"base_filters": 32, "depth": 4, "dropout": 0.0},
+    rules={"base_filters": integer(1), "depth": integer(1, 8), "dropout": fraction(high_open=True)},
+    summary="2-D U-Net (Ronneberger et al. 2015): base_filters * 2**level channels, depth downsamplings",
+)
