@@ -57,7 +57,7 @@ DEFAULTS = {
     },
     # kind: a registered architecture (its own settings follow, with its defaults); domain_norm (mkd, joint,
     # finetune): one batch-norm set per modality, shared convolutions (needs norm: batch)
-    # domain_norm null: the method's registered default (mkd: true; joint, finetune: false; others ignore it)
+    # domain_norm null: the method's registered default (mkd, joint: true; finetune: false; others ignore it)
     "segmentor": {"kind": "unet", **registry.SEGMENTORS["unet"].defaults, "norm": "batch", "domain_norm": None},
     "alignment": {
         "base_filters": 32,

@@ -176,7 +176,7 @@ register_method(
     "mkd_tf.models.baselines:JointModel",
     ("joint",),
     True,
-    domain_norm=False,
+    domain_norm=True,
     summary="one segmentor on both modalities' labelled slices at once",
 )
 register_method(
@@ -226,7 +226,10 @@ register_variant(
     "finetune with one batch-norm set per modality",
 )
 register_variant(
-    "joint-domain-norm", "joint", {"segmentor": {"domain_norm": True}}, "joint with one batch-norm set per modality"
+    "joint-no-domain-norm",
+    "joint",
+    {"segmentor": {"domain_norm": False}},
+    "joint with one batch-norm set shared by both modalities",
 )
 register_variant("finetune-no-ema", "finetune", {"optimizer": {"ema": False}}, "finetune with raw weights")
 register_variant("target-only-no-ema", "target-only", {"optimizer": {"ema": False}}, "target-only with raw weights")

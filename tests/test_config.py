@@ -22,7 +22,7 @@ def resolved(method="mkd"):
     """DEFAULTS as load_config returns them for ``method``: domain_norm (null) becomes the method's default."""
     config = copy.deepcopy(DEFAULTS)
     config["method"] = method
-    config["segmentor"]["domain_norm"] = method == "mkd"
+    config["segmentor"]["domain_norm"] = method in ("mkd", "joint")
     return config
 
 

@@ -10,8 +10,9 @@ Each is registered in :mod:`mkd_tf.registry` and built by its ``from_settings``.
 
 With ``domain_norm=True`` the methods that see both modalities (`joint`, `finetune`) keep one
 batch-norm set per modality with shared convolutions (domain 0: assistant, 1: target; inference on
-the target uses 1), as MKD's segmentors can; `target-only` and `assistant-only` see one modality and
-ignore it; `ummkd` always has it.
+the target uses 1), as MKD's segmentors do; `target-only` and `assistant-only` see one modality and
+ignore it; `ummkd` always has it. Registered defaults, by measurement on the phantom (README, "Method
+comparison"): on for `joint` (44.9 -> about 77 mean Dice), off for `finetune` (72.6 vs 72.7).
 """
 
 import keras
