@@ -257,6 +257,7 @@ def test_a_bad_tf_config_is_one_line_and_writes_nothing(tmp_path, cache_path, mo
     assert not run.exists()
 
 
+@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 10-minute budget; run with -m benchmark
 def test_a_chief_that_cannot_be_reached_is_one_line_within_the_timeout(tmp_path, cache_path):
     ports = free_ports(2)  # nothing listens on the chief's port
     run = tmp_path / "run"
