@@ -92,9 +92,9 @@ def class_overlaps(predicted, reference, num_classes):
     Returns:
         float64 array `(3, K)`: |A_c and B_c|, |A_c|, |B_c| for every class c.
     """
-    predicted = np.asarray(predicted).astype(np.int64).ravel()
-    reference = np.asarray(reference).astype(np.int64).ravel()
+    predicted, reference = np.asarray(predicted), np.asarray(reference)
     _check_shapes(predicted, reference)
+    predicted, reference = predicted.astype(np.int64).ravel(), reference.astype(np.int64).ravel()
     both = np.bincount(reference[predicted == reference], minlength=num_classes)[:num_classes]
     return np.stack(
         [

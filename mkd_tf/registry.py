@@ -7,7 +7,7 @@ knowing whether it needs labelled target volumes (:mod:`mkd_tf.training`), the v
 
 A registration names its class as ``"module:Class"``, imported only when a model is built: this module
 (and so the config checks and ``mkd --help``) imports no TensorFlow. That keeps ``mkd --help`` at
-about 0.1 s instead of the 3-4 s a TensorFlow import takes (README, "Architecture").
+about 0.2 s instead of the 3-13 s a TensorFlow import takes here (README, "Architecture").
 
 To add
     a method: a module in ``mkd_tf/models/`` with a

@@ -122,14 +122,24 @@ class CrossModalityModel(keras.Model):
     def end_pretraining(self):
         """Called once by the training loop before the first :meth:`train_step` after the warm start."""
 
+    def moving_averages(self, started_only=False):
+        """``[(variable, its moving average)]`` of every optimizer that keeps one (Keras ``use_ema=True``);
+        ``started_only``: skip optimizers that have not stepped yet (their average is not one yet)."""
+        pairs = []
+        for optimizer, variables in self.optimizers().values():
+            optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's averages
+            if not (optimizer.use_ema and optimizer.built):
+                continue
+            if started_only and int(optimizer.iterations.numpy()) == 0:
+                continue  # the average starts at the first step's weights
+            # Keras keeps the averages in this list, aligned with the variables given to build().
+            pairs += list(zip(variables, optimizer._model_variables_moving_average))
+        return pairs
+
     def copy_variables(self, pairs):
         """Assign each ``(source, destination)`` variable pair, and the optimizer's moving average of
         ``destination`` (``use_ema``) from that of ``source``, so the averaged weights follow too."""
-        averages = {}
-        for optimizer, variables in self.optimizers().values():
-            optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-            if optimizer.use_ema and optimizer.built:
-                averages.update({id(v): a for v, a in zip(variables, optimizer._model_variables_moving_average)})
+        averages = {id(variable): average for variable, average in self.moving_averages()}
         for source, destination in pairs:
             destination.assign(source)
             if id(source) in averages and id(destination) in averages:
@@ -143,14 +153,9 @@ class CrossModalityModel(keras.Model):
         checkpoints keep the raw ones (the averages are optimizer variables, checkpointed with it).
         """
         swapped = []
-        for optimizer, variables in self.optimizers().values():
-            optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's averages
-            if not (optimizer.use_ema and optimizer.built) or int(optimizer.iterations.numpy()) == 0:
-                continue  # no average yet (it starts at the first step's weights)
-            # Keras keeps the averages in this list, aligned with the variables given to build().
-            for variable, average in zip(variables, optimizer._model_variables_moving_average):
-                swapped.append((variable, tf.identity(variable.value)))
-                variable.assign(average)
+        for variable, average in self.moving_averages(started_only=True):
+            swapped.append((variable, tf.identity(variable.value)))
+            variable.assign(average)
         return swapped
 
     @contextlib.contextmanager
