@@ -69,9 +69,32 @@ class MkdGroup(click.Group):
                 click.echo(f"error: {exc.filename or 'disk'}: no space left on device", err=True)
                 sys.exit(2)
             raise
+        except MemoryError as exc:  # numpy's "Unable to allocate 3.6 TiB for an array ..." is one
+            click.echo(f"error: out of memory: {_first_line(exc)}; {OUT_OF_MEMORY_HINT}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:
+            # TensorFlow's OOM (a huge --size/--batch-size) is ResourceExhaustedError; matched by name so
+            # this module does not import TensorFlow.
+            if type(exc).__name__ != "ResourceExhaustedError":
+                raise
+            click.echo(f"error: out of memory: {_first_line(exc)}; {OUT_OF_MEMORY_HINT}", err=True)
+            sys.exit(2)
+
+
+OUT_OF_MEMORY_HINT = "use a smaller --size, --batch-size or network (segmentor/alignment base_filters)"
+
+
+def _first_line(exc):
+    """The message's first line without TensorFlow's `{{function_node ...}}` / `[Op:...] name:` wrapping."""
+    import re
+
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    line = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", line)
 
 
 @click.group(cls=MkdGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

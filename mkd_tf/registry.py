@@ -199,6 +199,12 @@ register_method(
 register_variant("mkd-no-iam", "mkd", {"ablation": {"iam": False}}, "MKD without image alignment")
 register_variant("mkd-no-kd-s2r", "mkd", {"ablation": {"kd_s2r": False}}, "MKD without S_syn -> S_real distillation")
 register_variant("mkd-no-kd-r2s", "mkd", {"ablation": {"kd_r2s": False}}, "MKD without S_real -> S_syn distillation")
+register_variant(
+    "mkd-no-kd",
+    "mkd",
+    {"ablation": {"kd_s2r": False, "kd_r2s": False}},
+    "MKD without either distillation (with no labelled target, its [syn] row is the IAM-only pipeline)",
+)
 register_variant("mkd-no-pretrain", "mkd", {"schedule": {"mkd_pretrain": 0.0}}, "MKD without the warm start")
 register_variant(
     "mkd-plain-iam",

@@ -423,6 +423,15 @@ def test_bad_option_values_are_usage_errors(phantom_root, tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "p").exists()
 
 
+def test_a_size_too_large_for_memory_is_one_line_and_writes_nothing(phantom_root, tmp_path):
+    """25 slices of 200000² float32 (3.6 TiB): numpy's MemoryError becomes one line, not a traceback."""
+    args = _prepare_args(phantom_root / "ct_train", phantom_root / "mr_train", tmp_path / "cache")
+    args[args.index("--size") + 1] = "200000"
+    message = _one_line_error(_run(*args))
+    assert message.startswith("out of memory: Unable to allocate ") and "use a smaller --size" in message
+    assert not (tmp_path / "cache").exists() and leftovers(tmp_path / "cache") == []
+
+
 def test_phantom_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("mine")

@@ -93,6 +93,20 @@ def test_a_bad_cache_path_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_network_too_large_for_memory_is_one_line_and_writes_no_run(tmp_path_factory, tmp_path):
+    """TensorFlow's OOM (3x3x200000x200000 kernels, 1.4 TiB) becomes one line and exit 2, no run folder."""
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    config = tiny_runs.write_yaml(tmp_path / "huge.yaml", {"segmentor": {"base_filters": 200000, "depth": 2}})
+    result = CliRunner().invoke(
+        cli, ["train", str(cache), "--out", str(tmp_path / "run"), "--config", str(config), "--method", "target-only"]
+    )
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: out of memory: OOM when allocating tensor with shape[3,3,200000,200000]")
+    assert "function_node" not in result.stderr and "use a smaller --size" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
     _, cache = tiny_runs.tiny_cache(tmp_path_factory)
     config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
