@@ -101,7 +101,7 @@ def phantom(out, n_ct, n_mr, shape, seed):
     from mkd_tf.data.cache import check_parent_folders
     from mkd_tf.data.phantom import write_phantom
 
-    check_parent_folders(out)
+    check_parent_folders(out, "the phantom")
     path = write_phantom(out, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed)
     click.echo(f"phantom: {n_ct} CT + {n_mr} MRI cases in {path} (ct_train/, mr_train/)")
 

@@ -7,6 +7,59 @@ from mkd_tf import registry
 from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 
 
+def shared_training_options(command):
+    """The options `train` and `compare` share: one name, help text and default for each.
+
+    They reach the command as keyword arguments; :func:`shared_overrides` turns them into config overrides.
+    """
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(),
+            default=None,
+            help="YAML with any hyper-parameter (see mkd_tf/config.py).",
+        ),
+        click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs [config default: 20]."),
+        click.option(
+            "--steps-per-epoch", type=click.IntRange(1), default=None, help="Steps per epoch [config default: 100]."
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(1),
+            default=None,
+            help="Slices per stream per step, all replicas [config default: 8].",
+        ),
+        click.option(
+            "--target-labelled",
+            "--target-labeled",
+            "target_labelled",
+            type=click.IntRange(0),
+            default=None,
+            help="Use labels of only N of the cache's labelled target training volumes [default: all].",
+        ),
+        click.option(
+            "--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32]."
+        ),
+        click.option(
+            "--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4]."
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def shared_overrides(epochs, steps_per_epoch, batch_size, target_labelled, base_filters, depth):
+    """Config overrides from :func:`shared_training_options` (None = keep the config's value)."""
+    return {
+        "data": {"batch_size": batch_size, "target_labelled": target_labelled},
+        "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
+        "segmentor": {"base_filters": base_filters, "depth": depth},
+    }
+
+
 @main.command()
 @click.argument("cache", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Run folder (created; the same command resumes it).")
@@ -17,29 +70,6 @@ from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
     help="Method to train [config default: mkd]: "
     + "; ".join(f"{m.name} = {m.summary}" for m in registry.METHODS.values())
     + ".",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(),
-    default=None,
-    help="YAML with any hyper-parameter (see mkd_tf/config.py).",
-)
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs [config default: 20].")
-@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Steps per epoch [config default: 100].")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=None,
-    help="Slices per stream per step, all replicas [config default: 8].",
-)
-@click.option(
-    "--target-labelled",
-    "--target-labeled",
-    "target_labelled",
-    type=click.IntRange(0),
-    default=None,
-    help="Use labels of only N of the cache's labelled target training volumes [default: all].",
 )
 @click.option(
     "--strategy",
@@ -75,39 +105,30 @@ from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 @click.option(
     "--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0]."
 )
-@click.option(
-    "--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters [config default: 32]."
-)
-@click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4].")
 @click.option("--no-augment", is_flag=True, default=None, help="Turn augmentation off.")
 @click.option(
     "--no-iam", is_flag=True, default=None, help="Ablation: no image alignment (S_syn sees raw assistant images)."
 )
 @click.option("--no-kd-s2r", is_flag=True, default=None, help="Ablation: no S_syn -> S_real distillation.")
 @click.option("--no-kd-r2s", is_flag=True, default=None, help="Ablation: no S_real -> S_syn distillation.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@shared_training_options
 def train(
     cache,
     out,
     method,
-    config_path,
-    epochs,
-    steps_per_epoch,
-    batch_size,
-    target_labelled,
     strategy,
     precision,
     jit_compile,
     checkpoint_every,
     worker_timeout,
     seed,
-    base_filters,
-    depth,
     no_augment,
     no_iam,
     no_kd_s2r,
     no_kd_r2s,
+    config_path,
     quiet,
+    **shared,
 ):
     """Train a method on a slice CACHE into --out (flags override --config, which overrides defaults).
 
@@ -115,7 +136,9 @@ def train(
     """
     from mkd_tf.training import train as run_training
 
-    overrides = {
+    overrides = shared_overrides(**shared)
+    overrides["data"]["augment"] = False if no_augment else None
+    overrides |= {
         "method": method,
         "seed": seed,
         "strategy": strategy,
@@ -123,13 +146,6 @@ def train(
         "jit_compile": jit_compile,
         "checkpoint_every": checkpoint_every,
         "worker_timeout": worker_timeout,
-        "data": {
-            "batch_size": batch_size,
-            "target_labelled": target_labelled,
-            "augment": False if no_augment else None,
-        },
-        "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
-        "segmentor": {"base_filters": base_filters, "depth": depth},
         "ablation": {
             "iam": False if no_iam else None,
             "kd_s2r": False if no_kd_s2r else None,
@@ -277,45 +293,14 @@ def predict(
     default="target-only,joint,finetune,ummkd,mkd",
     help="Comma-separated methods and registered variants: " + ", ".join(registry.names()) + ".",
 )
-@click.option(
-    "--target-labelled",
-    "--target-labeled",
-    "target_labelled",
-    type=click.IntRange(0),
-    default=None,
-    help="Labelled target training volumes for every method.",
-)
 @click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the runs, the table and the box plot.")
-@click.option("--config", "config_path", type=click.Path(), default=None, help="YAML shared by every method.")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs per run.")
-@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Steps per epoch.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per stream per step.")
-@click.option("--base-filters", type=click.IntRange(1), default=None, help="Segmentor base filters.")
-@click.option("--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def compare(
-    cache,
-    methods,
-    target_labelled,
-    seeds,
-    out,
-    config_path,
-    epochs,
-    steps_per_epoch,
-    batch_size,
-    base_filters,
-    depth,
-    quiet,
-):
+@shared_training_options
+def compare(cache, methods, seeds, out, config_path, quiet, **shared):
     """Train and evaluate several methods on the same split and budget; one table + a box plot."""
     from mkd_tf.compare import compare_methods
 
-    overrides = {
-        "data": {"batch_size": batch_size, "target_labelled": target_labelled},
-        "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
-        "segmentor": {"base_filters": base_filters, "depth": depth},
-    }
+    overrides = shared_overrides(**shared)
     result = compare_methods(
         cache,
         [m.strip() for m in methods.split(",") if m.strip()],

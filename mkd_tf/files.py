@@ -93,6 +93,30 @@ def write_files_atomic(files):
                     pass
 
 
+def nearest_existing(path):
+    """``path`` or its nearest ancestor that exists (a dangling symlink counts: it blocks creation too)."""
+    path = Path(path)
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_parent_is_folder(path, action):
+    """Refuse, before anything is written, a ``path`` that cannot be created because its nearest existing
+    ancestor is not a folder: ``PATH: cannot ACTION: ANCESTOR is a file, not a folder``.
+
+    Example:
+        >>> _ = Path("notes.txt").write_text("mine")
+        >>> check_parent_is_folder("notes.txt/run", "create the run folder")
+        Traceback (most recent call last):
+        mkd_tf.errors.MkdError: notes.txt/run: cannot create the run folder: notes.txt is a file, not a folder
+    """
+    existing = nearest_existing(Path(path).parent)
+    if not existing.is_dir():
+        kind = "a broken link" if existing.is_symlink() and not existing.exists() else "a file"
+        fail(path, f"cannot {action}: {existing} is {kind}, not a folder")
+
+
 def read_json(path, missing="file not found"):
     """Parse a JSON file; a missing, unreadable or invalid file is an :class:`MkdError` naming it."""
     path = Path(path)

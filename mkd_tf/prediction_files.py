@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from mkd_tf.errors import fail
+from mkd_tf.files import check_parent_is_folder, nearest_existing
 from mkd_tf.overlay import render_overlay
 
 #: CT check: at least this fraction of voxels must be at or below AIR_HU (air, lung, or the scanner's
@@ -44,23 +45,14 @@ def label_dtype(values):
     return np.uint8 if max(values) < 256 else np.uint16
 
 
-def _first_existing(path):
-    """``path`` or its nearest ancestor that exists (``Path.exists`` is False below a regular file)."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _check_writable(path, option):
     path = Path(path)
     if path.is_dir():
         fail(path, f"{option} is a folder; give a file name")
     if path.exists() and not path.is_file():
         fail(path, f"{option} exists and is not a regular file")
-    folder = _first_existing(path.parent)
-    if not folder.is_dir():
-        fail(path, f"cannot write {option}: {folder} is a file, not a folder")
+    check_parent_is_folder(path, f"write {option}")
+    folder = nearest_existing(path.parent)
     if not os.access(folder, os.W_OK | os.X_OK):
         fail(path, f"cannot write {option}: no permission to write in {folder}")
 

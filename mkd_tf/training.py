@@ -29,7 +29,7 @@ from mkd_tf.config import STRATEGIES, learning_settings, load_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import read_json
+from mkd_tf.files import check_parent_is_folder, read_json
 from mkd_tf.run_folder import RunFolder
 
 
@@ -323,9 +323,9 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     multi_worker = config["strategy"] == "multi-worker" or cluster.worker_count(tf_config) > 1
     chief = not multi_worker or tf_config is None or cluster.is_chief_task(tf_config)
     if chief:
-        existing = next(p for p in [run, *run.parents] if p.exists())
-        if not existing.is_dir():
-            fail(run, "exists and is not a folder" if existing == run else f"cannot be created: {existing} is a file")
+        if run.exists() and not run.is_dir():
+            fail(run, "exists and is not a folder")
+        check_parent_is_folder(run, "create the run folder")
         if (run / "config.yaml").exists():
             previous = learning_settings(load_config(run / "config.yaml", recorded=True))
             if previous != learning_settings(config):

@@ -63,8 +63,8 @@ def test_out_below_a_regular_file_is_one_line(tmp_path, cache_path):
     (tmp_path / "notes.txt").write_text("mine")
     outcome = CliRunner().invoke(cli, ["train", str(cache_path), "--out", str(tmp_path / "notes.txt" / "run")])
     assert (
-        one_line_error(outcome) == f"error: {tmp_path / 'notes.txt' / 'run'}: cannot be created: "
-        f"{tmp_path / 'notes.txt'} is a file"
+        one_line_error(outcome) == f"error: {tmp_path / 'notes.txt' / 'run'}: cannot create the run folder: "
+        f"{tmp_path / 'notes.txt'} is a file, not a folder"
     )
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

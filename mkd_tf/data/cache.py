@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import fail
-from mkd_tf.files import temporary_sibling
+from mkd_tf.files import check_parent_is_folder, temporary_sibling
 
 try:
     import fcntl
@@ -121,18 +121,14 @@ def _refuse_existing(out, overwrite, when=""):
         fail(out, f"--overwrite replaces only a slice cache, and this is not one ({problem}); nothing was changed")
 
 
-def check_parent_folders(out):
+def check_parent_folders(out, what="the slice cache"):
     """Refuse an output path whose nearest existing parent is not a folder (e.g. a regular file).
 
     Returns:
         The output folder's path (see :func:`_output_folder`).
     """
     folder = _output_folder(out)
-    for parent in folder.parents:
-        if parent.exists() or parent.is_symlink():
-            if not parent.is_dir():
-                fail(parent, f"is not a folder, so {out} cannot be created in it")
-            break
+    check_parent_is_folder(folder, f"create {what}")
     return folder
 
 

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import read_json, temporary_sibling, write_text_atomic
+from mkd_tf.files import check_parent_is_folder, read_json, temporary_sibling, write_text_atomic
 from mkd_tf.prediction_files import class_values
 from mkd_tf import __version__
 
@@ -361,14 +361,6 @@ def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_lab
     return path
 
 
-def _first_existing(path):
-    """``path`` or its nearest ancestor that exists (``Path.exists`` is False below a regular file)."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def export_run(
     run_dir, out, version=None, which="ensemble", checkpoint="best", serving_root=DEFAULT_SERVING_ROOT, labels=()
 ):
@@ -408,11 +400,9 @@ def export_run(
     if version is not None and int(version) < 1:
         fail(out, f"--version must be >= 1, got {version}")
     labels = [check_label(label) for label in labels]
-    existing = _first_existing(out)
-    if existing == out and not out.is_dir():
+    if out.exists() and not out.is_dir():
         fail(out, "exists and is not a folder")
-    if existing != out and not existing.is_dir():
-        fail(out, f"cannot create the model folder: {existing} is a file, not a folder")
+    check_parent_is_folder(out, "create the model folder")
     if (out.parent / MODELS_CONFIG).is_dir():
         fail(out.parent / MODELS_CONFIG, "is a folder; mkd export writes the TF Serving model config there")
     if version is not None and (out / str(int(version))).exists():  # fail before the slow part

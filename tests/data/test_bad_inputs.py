@@ -199,9 +199,9 @@ def test_out_below_a_regular_file(phantom_root, tmp_path, below):
     file.write_text("mine")
     out = file / below
     message = _one_line_error(_run(*_args(phantom_root, out)))
-    assert message == f"{file}: is not a folder, so {out} cannot be created in it"
+    assert message == f"{out}: cannot create the slice cache: {file} is a file, not a folder"
     message = _one_line_error(_run("phantom", out, "--ct", 1, "--mr", 1, "--shape", "8,8,8"))
-    assert message == f"{file}: is not a folder, so {out} cannot be created in it"
+    assert message == f"{out}: cannot create the phantom: {file} is a file, not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and file.read_text() == "mine"
 
 
