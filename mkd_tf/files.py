@@ -16,8 +16,15 @@ Example:
 import contextlib
 import json
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a running writer's staging folder is then not protected
+    fcntl = None
 
 from mkd_tf.errors import fail
 
@@ -91,6 +98,61 @@ def write_files_atomic(files):
                     folder.rmdir()
                 except OSError:
                     pass
+
+
+def lock_folder(folder):
+    """An open descriptor holding an exclusive ``flock`` on ``folder``; `None` if another process holds one.
+
+    A writer holds it on its staging folder while it writes, so :func:`remove_stale_staging` of a
+    concurrent command never deletes a folder that is still being written. Close the descriptor to release.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    if fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            return None
+    return descriptor
+
+
+def remove_stale_staging(folder, holds_only_ours, kinds=("tmp",)):
+    """Delete the ``.NAME.tmp-<8 hex>`` folders (and ``.NAME.old-*`` with ``kinds=("tmp", "old")``) that a
+    killed write of ``folder`` left next to it.
+
+    Only folders matching exactly that pattern for ``folder``'s own name, for which
+    ``holds_only_ours(candidate)`` is true (what the writer itself would have put there) and that no running
+    writer has locked (:func:`lock_folder`) are removed, so nothing the project did not create is touched.
+    Returns the removed paths.
+    """
+    folder = Path(folder)
+    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.({'|'.join(kinds)})-[0-9a-f]{{8}}$")
+    removed = []
+    try:
+        candidates = sorted(p for p in folder.parent.iterdir() if pattern.match(p.name))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        if candidate.is_symlink() or not candidate.is_dir():
+            continue
+        try:
+            if not holds_only_ours(candidate):
+                continue
+        except OSError:
+            continue
+        descriptor = lock_folder(candidate)
+        if descriptor is None:  # a running writer's staging folder
+            continue
+        try:
+            shutil.rmtree(candidate, ignore_errors=True)
+        finally:
+            os.close(descriptor)
+        if not candidate.exists():
+            removed.append(candidate)
+    return removed
 
 
 def nearest_existing(path):

@@ -24,7 +24,6 @@ killed run (never one that another running ``prepare`` still holds, never one ho
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,12 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import fail
-from mkd_tf.files import check_parent_is_folder, temporary_sibling
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
+from mkd_tf.files import check_parent_is_folder, lock_folder, remove_stale_staging, temporary_sibling
 
 FORMAT = "mkd-slice-cache"
 VERSION = 1
@@ -145,56 +139,16 @@ def check_output(out, overwrite=False):
     return folder
 
 
-def _stale_pattern(name):
-    return re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-[0-9a-f]{{8}}$")
-
-
-def _try_lock(folder):
-    """An open descriptor holding an exclusive `flock` on ``folder``; `None` if another process holds one."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return None
-    if fcntl is not None:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(descriptor)
-            return None
-    return descriptor
-
-
 def remove_stale_siblings(out):
     """Delete the `.NAME.tmp-*` / `.NAME.old-*` folders a killed write of ``out`` left next to it.
 
     Only folders matching exactly that pattern for ``out``'s own name, holding nothing but slice cache
-    files, and not locked by a running writer are removed. Returns the removed paths.
+    files, and not locked by a running writer are removed (:func:`mkd_tf.files.remove_stale_staging`).
+    Returns the removed paths.
     """
-    folder = _output_folder(out)
-    pattern = _stale_pattern(folder.name)
-    removed = []
-    try:
-        candidates = sorted(p for p in folder.parent.iterdir() if pattern.match(p.name))
-    except OSError:
-        return removed
-    for candidate in candidates:
-        if candidate.is_symlink() or not candidate.is_dir():
-            continue
-        try:
-            if _foreign_entries(candidate):
-                continue
-        except OSError:
-            continue
-        descriptor = _try_lock(candidate)
-        if descriptor is None:  # a running writer's staging folder
-            continue
-        try:
-            shutil.rmtree(candidate, ignore_errors=True)
-        finally:
-            os.close(descriptor)
-        if not candidate.exists():
-            removed.append(candidate)
-    return removed
+    return remove_stale_staging(
+        _output_folder(out), lambda candidate: not _foreign_entries(candidate), kinds=("tmp", "old")
+    )
 
 
 class CacheWriter:
@@ -220,7 +174,7 @@ class CacheWriter:
         try:
             self._make_parents()
             self.staging.mkdir()
-            self._lock = _try_lock(self.staging)  # tells remove_stale_siblings that this one is in use
+            self._lock = lock_folder(self.staging)  # tells remove_stale_siblings that this one is in use
             for role in ROLES:
                 (self.staging / role).mkdir()
                 self._counts[role] = 0

@@ -21,6 +21,7 @@ the same data, and each (modality, case id) gets its own random stream.
 """
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from scipy import ndimage
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import save_volume
 from mkd_tf.errors import fail
-from mkd_tf.files import temporary_sibling
+from mkd_tf.files import lock_folder, remove_stale_staging, temporary_sibling
 
 DEFAULT_SHAPE = (96, 96, 48)
 # World field of view (x, y, z) in mm; `shape` only decides how finely CT samples it.
@@ -493,7 +494,10 @@ def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
             fail(out_dir, "exists and is not empty; choose a new folder for the phantom")
     target = out_dir.resolve()  # `.` has no name to put a sibling next to
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target, _holds_only_phantom_files)  # what a killed `mkd phantom` left behind
     staging = temporary_sibling(target, folder=True)
+    staging.mkdir()
+    lock = lock_folder(staging)  # a concurrent `mkd phantom` into the same folder must not remove it
     try:
         for modality, count in (("ct", n_ct), ("mr", n_mr)):
             folder = staging / f"{modality}_train"
@@ -507,6 +511,23 @@ def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
         except OSError as exc:
             fail(out_dir, f"cannot move the finished phantom into place ({exc.strerror or exc})")
     finally:
+        if lock is not None:
+            os.close(lock)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+_PHANTOM_FILE = re.compile(r"(?:\.)?[a-z]+_train_\d+_(?:image|label)(?:\.tmp-[0-9a-f]{8})?\.nii\.gz")
+
+
+def _holds_only_phantom_files(folder):
+    """Whether ``folder`` holds nothing but what :func:`write_phantom` writes: ``ct_train/`` and
+    ``mr_train/`` with ``*_image.nii.gz`` / ``*_label.nii.gz`` files (or their hidden temporaries)."""
+    for entry in Path(folder).iterdir():
+        if entry.name not in ("ct_train", "mr_train") or entry.is_symlink() or not entry.is_dir():
+            return False
+        for item in entry.iterdir():
+            if item.is_symlink() or not item.is_file() or not _PHANTOM_FILE.fullmatch(item.name):
+                return False
+    return True

@@ -1,5 +1,7 @@
 """The synthetic MM-WHS phantom: layout, labels, grids, determinism, appearance gap, atomic writing."""
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from mkd_tf.data.layouts import MMWHS_LABELS, discover
 from mkd_tf.data.nifti import load_image, load_label
 from mkd_tf.data.phantom import TISSUES, make_anatomy, modality_grid, phantom_case, tissue_labels, write_phantom
 from mkd_tf.errors import MkdError
+from mkd_tf.files import lock_folder
 
 SHAPE = (48, 48, 24)
 IDS = ("1001", "1002")
@@ -226,3 +229,25 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_phantom(tmp_path / "data", n_ct=2, n_mr=1, shape=SHAPE)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_write_is_cleaned_up_by_the_next_one_and_nothing_else_is(tmp_path):
+    """SIGKILL leaves the hidden staging folder; the next `write_phantom` of that folder removes it, but
+    not a look-alike holding other files, nor the staging folder a running writer holds locked."""
+    killed = tmp_path / ".data.tmp-0123abcd"
+    (killed / "ct_train").mkdir(parents=True)
+    (killed / "ct_train" / "ct_train_1001_image.nii.gz").write_bytes(b"\x1f\x8b")
+    (killed / "ct_train" / ".ct_train_1002_label.tmp-89abcdef.nii.gz").write_bytes(b"\x1f")  # mid-write
+    foreign = tmp_path / ".data.tmp-456789ab"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    running = tmp_path / ".data.tmp-cdef0123"
+    (running / "mr_train").mkdir(parents=True)
+    held = lock_folder(running)
+    try:
+        write_phantom(tmp_path / "data", n_ct=1, n_mr=1, shape=SHAPE)
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.tmp-456789ab", ".data.tmp-cdef0123", "data"]
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert len(list((tmp_path / "data").rglob("*.nii.gz"))) == 4
