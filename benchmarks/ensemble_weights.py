@@ -1,0 +1,106 @@
+"""Would a weighted ensemble lift MKD above S_real? (run by hand on finished MKD runs; not a test).
+
+    .venv/bin/python benchmarks/ensemble_weights.py RUN [RUN ...] [--out benchmarks/results/ensemble_weights]
+
+MKD's ensemble is the mean of S_syn's and S_real's softmax (the paper's). For each run (its best
+checkpoint) this scores ``w * p_real + (1 - w) * p_syn`` for several ``w`` on the validation and the test
+volumes, with the same mean Dice as ``mkd evaluate`` (original grid, mean over structures, then over
+volumes; ``w = 0.5`` reproduces the ``mkd`` row of ``mkd compare`` and ``w = 1`` its ``[real]`` row).
+It also scores the honest way to choose ``w``: the one with the best validation Dice, applied to the
+test volumes. Writes OUT.json and OUT.md (the table, also printed).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WEIGHTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # weight of S_real
+
+
+def weighted_dice(run, weights=WEIGHTS):
+    """`{split: {w: mean Dice}}` of the run's best checkpoint on its cache's labelled target volumes."""
+    import tensorflow as tf
+
+    from mkd_tf import metrics
+    from mkd_tf.data.cache import SliceCache
+    from mkd_tf.data.nifti import load_label
+    from mkd_tf.data.preprocess import labels_to_original, map_label_values
+    from mkd_tf.evaluation import _all_label_values
+    from mkd_tf.inference import load_trained
+
+    model, _, record = load_trained(run, "best")
+    cache = SliceCache(record["path"])
+    structures = {name: index for index, name in enumerate(cache.classes) if index > 0}
+    value_to_class = {
+        int(value): cache.classes.index(name) if name in cache.classes else 0
+        for name, value in _all_label_values(cache).items()
+    }
+    images = cache.images("target")
+    result = {}
+    for split in ("val", "test"):
+        per_weight = {w: [] for w in weights}
+        for volume in [v for v in cache.volumes("target", split) if v["label"]]:
+            reference_file = load_label(volume["label"])
+            reference = map_label_values(reference_file.data, value_to_class, volume["label"])
+            slices = np.asarray(images[slice(*volume["slices"])], np.float32)[..., None]
+            probabilities = {
+                which: np.concatenate(
+                    [
+                        np.asarray(model.predict_probabilities(tf.constant(slices[i : i + 16]), which))
+                        for i in range(0, len(slices), 16)
+                    ]
+                )
+                for which in ("syn", "real")
+            }
+            for w in weights:
+                mixed = w * probabilities["real"] + (1 - w) * probabilities["syn"]
+                labels = labels_to_original(np.argmax(mixed, -1).astype(np.uint8), volume["inverse"])
+                scores = metrics.evaluate_volume(labels, reference, reference_file.spacing, structures)
+                per_weight[w].append(float(np.mean([s["dice"] for s in scores.values()])))
+        result[split] = {w: float(np.mean(values)) for w, values in per_weight.items()}
+    return result
+
+
+def table(results, weights=WEIGHTS):
+    lines = [
+        "| run | split | " + " | ".join(f"w={w}" for w in weights) + " | w by val → test |",
+        "| --- | --- | " + " | ".join("---:" for _ in weights) + " | ---: |",
+    ]
+    for run, result in results.items():
+        chosen = max(weights, key=lambda w: result["val"][w])
+        for split in ("val", "test"):
+            cells = " | ".join(f"{100 * result[split][w]:.1f}" for w in weights)
+            last = f"{100 * result['test'][chosen]:.1f} (w={chosen})" if split == "test" else ""
+            lines.append(f"| {run} | {split} | {cells} | {last} |")
+    for split in ("val", "test"):
+        means = " | ".join(f"{100 * np.mean([r[split][w] for r in results.values()]):.1f}" for w in weights)
+        chosen = np.mean([r["test"][max(weights, key=lambda w: r["val"][w])] for r in results.values()])
+        lines.append(
+            f"| mean | {split} | {means} | {100 * chosen:.1f} |"
+            if split == "test"
+            else f"| mean | {split} | {means} | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="finished MKD run folders")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ensemble_weights"))
+    args = parser.parse_args()
+    results = {run: weighted_dice(run) for run in args.runs}
+    text = table(results)
+    print(text)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+    out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
