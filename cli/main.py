@@ -5,6 +5,7 @@ TensorFlow is imported lazily inside commands so `mkd --help` stays instant.
 """
 
 import os
+import re
 import sys
 
 import click
@@ -89,8 +90,6 @@ OUT_OF_MEMORY_HINT = "use a smaller --size, --batch-size or network (segmentor/a
 
 def _first_line(exc):
     """The message's first line without TensorFlow's `{{function_node ...}}` / `[Op:...] name:` wrapping."""
-    import re
-
     lines = str(exc).strip().splitlines()
     line = lines[0] if lines else type(exc).__name__
     line = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line)

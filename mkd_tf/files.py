@@ -165,7 +165,8 @@ def nearest_existing(path):
 
 def check_parent_is_folder(path, action):
     """Refuse, before anything is written, a ``path`` that cannot be created because its nearest existing
-    ancestor is not a folder: ``PATH: cannot ACTION: ANCESTOR is a file, not a folder``.
+    ancestor is not a folder: ``PATH: cannot ACTION: ANCESTOR is a file, not a folder``. Returns that
+    ancestor (the folder ``path`` would be created in, or its nearest existing parent).
 
     Example:
         >>> _ = Path("notes.txt").write_text("mine")
@@ -177,6 +178,7 @@ def check_parent_is_folder(path, action):
     if not existing.is_dir():
         kind = "a broken link" if existing.is_symlink() and not existing.exists() else "a file"
         fail(path, f"cannot {action}: {existing} is {kind}, not a folder")
+    return existing
 
 
 def read_json(path, missing="file not found"):

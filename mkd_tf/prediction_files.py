@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from mkd_tf.errors import fail
-from mkd_tf.files import check_parent_is_folder, nearest_existing
+from mkd_tf.files import check_parent_is_folder
 from mkd_tf.overlay import render_overlay
 
 #: CT check: at least this fraction of voxels must be at or below AIR_HU (air, lung, or the scanner's
@@ -51,8 +51,7 @@ def _check_writable(path, option):
         fail(path, f"{option} is a folder; give a file name")
     if path.exists() and not path.is_file():
         fail(path, f"{option} exists and is not a regular file")
-    check_parent_is_folder(path, f"write {option}")
-    folder = nearest_existing(path.parent)
+    folder = check_parent_is_folder(path, f"write {option}")
     if not os.access(folder, os.W_OK | os.X_OK):
         fail(path, f"cannot write {option}: no permission to write in {folder}")
 
