@@ -29,26 +29,18 @@ def weighted_dice(run, weights=WEIGHTS):
 
     from mkd_tf import metrics
     from mkd_tf.data.cache import SliceCache
-    from mkd_tf.data.nifti import load_label
-    from mkd_tf.data.preprocess import labels_to_original, map_label_values
-    from mkd_tf.evaluation import _all_label_values
+    from mkd_tf.data.preprocess import labels_to_original
+    from mkd_tf.evaluation import labelled_volumes, structure_indices
     from mkd_tf.inference import load_trained
 
     model, _, record = load_trained(run, "best")
     cache = SliceCache(record["path"])
-    structures = {name: index for index, name in enumerate(cache.classes) if index > 0}
-    value_to_class = {
-        int(value): cache.classes.index(name) if name in cache.classes else 0
-        for name, value in _all_label_values(cache).items()
-    }
-    images = cache.images("target")
+    structures = structure_indices(cache)
     result = {}
     for split in ("val", "test"):
         per_weight = {w: [] for w in weights}
-        for volume in [v for v in cache.volumes("target", split) if v["label"]]:
-            reference_file = load_label(volume["label"])
-            reference = map_label_values(reference_file.data, value_to_class, volume["label"])
-            slices = np.asarray(images[slice(*volume["slices"])], np.float32)[..., None]
+        for volume, slices, reference, spacing in labelled_volumes(cache, split):
+            slices = np.asarray(slices, np.float32)[..., None]
             probabilities = {
                 which: np.concatenate(
                     [
@@ -61,7 +53,7 @@ def weighted_dice(run, weights=WEIGHTS):
             for w in weights:
                 mixed = w * probabilities["real"] + (1 - w) * probabilities["syn"]
                 labels = labels_to_original(np.argmax(mixed, -1).astype(np.uint8), volume["inverse"])
-                scores = metrics.evaluate_volume(labels, reference, reference_file.spacing, structures)
+                scores = metrics.evaluate_volume(labels, reference, spacing, structures)
                 per_weight[w].append(float(np.mean([s["dice"] for s in scores.values()])))
         result[split] = {w: float(np.mean(values)) for w, values in per_weight.items()}
     return result

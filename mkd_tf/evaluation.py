@@ -45,31 +45,20 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     cache = SliceCache(cache_path or record["path"])
     if cache.classes != record["classes"]:
         fail(cache.path, f"classes {cache.classes} differ from the run's {record['classes']}")
-    volumes = [v for v in cache.volumes("target", split) if v["label"]]
-    if not volumes:
+    if not any(v["label"] for v in cache.volumes("target", split)):
         fail(cache.path, f"no labelled target volumes in split '{split}'")
-    structures = {name: index for index, name in enumerate(cache.classes) if index > 0}
-    value_to_class = {
-        int(value): cache.classes.index(name) if name in cache.classes else 0
-        for name, value in _all_label_values(cache).items()
-    }
-    images = cache.images("target")
+    structures = structure_indices(cache)
     predictors = model.predictor_names()
     cases = {name: {} for name in predictors}
-    for volume in volumes:
-        reference_file = load_label(volume["label"])
-        reference = map_label_values(reference_file.data, value_to_class, volume["label"])
-        start, stop = volume["slices"]
-        slices = np.asarray(images[start:stop])
+    for volume, slices, reference, spacing in labelled_volumes(cache, split):
         for name in predictors:
             predicted = predict_slices(lambda batch: model.predict_probabilities(batch, name), slices)
             on_grid = labels_to_original(predicted, volume["inverse"])
-            cases[name][volume["case_id"]] = metrics.evaluate_volume(
-                on_grid, reference, reference_file.spacing, structures
-            )
+            cases[name][volume["case_id"]] = metrics.evaluate_volume(on_grid, reference, spacing, structures)
     summary = {name: metrics.summarize(list(cases[name].values())) for name in predictors}
     table = "\n".join(
-        f"### {config['method']} — {name} ({split}, {len(volumes)} volumes)\n\n" + metrics.markdown_table(summary[name])
+        f"### {config['method']} — {name} ({split}, {len(cases[name])} volumes)\n\n"
+        + metrics.markdown_table(summary[name])
         for name in predictors
     )
     out = Path(out_dir or run_dir)
@@ -80,6 +69,30 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     write_text_atomic(out / "metrics.md", table)
     result["table"] = table
     return result
+
+
+def structure_indices(cache):
+    """`{structure name: class index}` of the cache's classes, background excluded."""
+    return {name: index for index, name in enumerate(cache.classes) if index > 0}
+
+
+def labelled_volumes(cache, split):
+    """Each labelled target volume of ``split`` as ``(volume, slices, reference, spacing)``: its cache
+    record, its cached slices `(slices, height, width)`, its label file read again from disk with the
+    values mapped to the cache's class indices (structures the cache does not keep -> background) on the
+    file's own grid, and that grid's voxel spacing in mm."""
+    value_to_class = {
+        int(value): cache.classes.index(name) if name in cache.classes else 0
+        for name, value in _all_label_values(cache).items()
+    }
+    images = cache.images("target")
+    for volume in cache.volumes("target", split):
+        if not volume["label"]:
+            continue
+        reference_file = load_label(volume["label"])
+        reference = map_label_values(reference_file.data, value_to_class, volume["label"])
+        start, stop = volume["slices"]
+        yield volume, np.asarray(images[start:stop]), reference, reference_file.spacing
 
 
 def _all_label_values(cache):

@@ -29,7 +29,8 @@ batch-norm set their moving statistics, used at inference on the target, would b
 two domains' statistics. Inference uses domain 1.
 
 Ablations: ``use_iam=False`` feeds raw assistant images to S_syn (no alignment); ``kd_s2r=False`` /
-``kd_r2s=False`` drop one direction of distillation.
+``kd_r2s=False`` drop one direction of distillation (without r2s, S_syn never sees a target image, so
+with domain normalisation it predicts target images with its assistant-domain set, domain 0).
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -128,7 +129,13 @@ class MKDModel(CrossModalityModel):
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
         self.domain_norm = bool(domain_norm)
         domains = {"num_domains": 2, "default_domain": TARGET_DOMAIN} if self.domain_norm else {}
-        self.synthetic_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_syn", **domains)
+        # Without S_real -> S_syn distillation S_syn never sees a target image in training: its target
+        # batch-norm set would keep the statistics copied at the end of the warm start, so on target
+        # images it uses the set it trains on aligned images with (G makes those look like the target).
+        syn_domains = (
+            dict(domains, default_domain=ASSISTANT_DOMAIN) if self.domain_norm and not self.kd_r2s else domains
+        )
+        self.synthetic_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_syn", **syn_domains)
         self.real_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_real", **domains)
         self.alignment = ImageAlignmentModule(name="iam", **self.alignment_args) if self.use_iam else None
         optimizers = optimizers or {}

@@ -355,3 +355,23 @@ def test_domain_norm_keeps_each_domains_statistics_and_starts_the_target_from_th
         model.predict_probabilities(images, "real"), tf.nn.softmax(model.real_segmentor(images, domain=1)), rtol=1e-6
     )
     assert model.get_config()["domain_norm"] is True
+
+
+def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trains():
+    """Without S_real -> S_syn distillation S_syn never sees a target image, so its target batch-norm set
+    never trains after the warm start; with ``domain_norm`` it then predicts target images with its
+    assistant-domain set (the one trained on aligned images), and S_real with its target set."""
+    model = make_model(sgd=0.1, domain_norm=True, kd_r2s=False)
+    assert (model.synthetic_segmentor.default_domain, model.real_segmentor.default_domain) == (0, 1)
+    syn_target_before = _norm_stats(model.synthetic_segmentor, 1)
+    model.train_step(make_batch(0))
+    for before, after in zip(syn_target_before, _norm_stats(model.synthetic_segmentor, 1)):
+        np.testing.assert_array_equal(before, after)  # never trained: the reason for the choice
+    images = make_batch(2)["target"]["image"]
+    np.testing.assert_allclose(
+        model.predict_probabilities(images, "syn"),
+        tf.nn.softmax(model.synthetic_segmentor(images, domain=0)),
+        rtol=1e-6,
+    )
+    full = make_model(sgd=0.1, domain_norm=True)
+    assert (full.synthetic_segmentor.default_domain, full.real_segmentor.default_domain) == (1, 1)
