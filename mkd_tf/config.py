@@ -75,6 +75,7 @@ DEFAULTS = {
         "cycle": 10.0,
         "segmentation_to_generator": 1.0,
         "real_on_aligned": 0.0,  # mkd: S_real also supervised on aligned assistant images
+        "syn_on_target": 0.0,  # mkd: S_syn also supervised on the labelled target images
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },
@@ -130,6 +131,7 @@ RULES = {
         "cycle": NON_NEGATIVE,
         "segmentation_to_generator": NON_NEGATIVE,
         "real_on_aligned": NON_NEGATIVE,
+        "syn_on_target": NON_NEGATIVE,
         "ummkd_temperature": POSITIVE,
         "ummkd_weight": NON_NEGATIVE,
     },

@@ -228,6 +228,12 @@ register_variant(
     "MKD with S_real also supervised on aligned assistant images",
 )
 register_variant(
+    "mkd-syn-on-target",
+    "mkd",
+    {"loss": {"syn_on_target": 1.0}},
+    "MKD with S_syn also supervised on the labelled target images",
+)
+register_variant(
     "finetune-domain-norm",
     "finetune",
     {"segmentor": {"domain_norm": True}},

@@ -60,6 +60,8 @@ class MKDLossWeights:
         segmentation_to_generator: weight of S_syn's segmentation loss in G's objective.
         real_on_aligned: weight of a supervised loss of S_real on aligned assistant images with the
             assistant's labels (0: S_real learns the assistant only through S_syn's distillation).
+        syn_on_target: weight of a supervised loss of S_syn on the labelled target images (0: S_syn
+            learns the target only through S_real's distillation).
     """
 
     temperature: float = 2.0
@@ -69,6 +71,7 @@ class MKDLossWeights:
     cycle: float = 10.0
     segmentation_to_generator: float = 1.0
     real_on_aligned: float = 0.0
+    syn_on_target: float = 0.0
 
 
 def _to_unit(images):
@@ -212,6 +215,13 @@ class MKDModel(CrossModalityModel):
                     * labelled_target["has_label"]
                 )
                 segmentation += logs["seg_real"]
+            if labelled_target is not None and w.syn_on_target:
+                syn_on_labelled = self.on_target(self.synthetic_segmentor, labelled_target["image"])
+                logs["seg_syn_target"] = self.average(
+                    losses.segmentation_loss(labelled_target["label"], tf.nn.softmax(syn_on_labelled))
+                    * labelled_target["has_label"]
+                )
+                segmentation += w.syn_on_target * logs["seg_syn_target"]
 
             if self.kd_s2r or w.real_on_aligned:
                 real_on_aligned = self.on_assistant(self.real_segmentor, tf.stop_gradient(aligned))

@@ -286,6 +286,34 @@ def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
     assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
 
 
+def test_s_syn_supervised_on_labelled_target_images_reaches_only_s_syn():
+    model = make_model(sgd=0.01, weights={"syn_on_target": 1.0}, domain_norm=True)
+    recorded = []
+    original = losses.segmentation_loss
+
+    def recorder(*args, **kwargs):
+        recorded.append(original(*args, **kwargs))
+        return recorded[-1]
+
+    reached = {}
+    original_step = model.step
+
+    def inspecting_step(tape, loss, group):
+        if not reached:  # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
+            reached.update({g: gradient_norm(tape, recorded[2], v) for g, v in groups(model).items()})
+        return original_step(tape, loss, group)
+
+    model.step = inspecting_step
+    losses.segmentation_loss = recorder
+    try:
+        logs = model.train_step(make_batch())
+    finally:
+        losses.segmentation_loss = original
+    assert {g for g, norm in reached.items() if norm > 0} == {"S_syn"}
+    assert float(logs["seg_syn_target"]) == pytest.approx(float(tf.reduce_mean(recorded[2])), rel=1e-5)
+    assert "seg_syn_target" not in make_model(sgd=0.01).train_step(make_batch())
+
+
 def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alone():
     model = make_model(sgd=0.05, pretrain_steps=5)
     batch = make_batch(labelled_target=False)  # the warm start never reads labelled target slices
