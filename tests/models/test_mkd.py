@@ -258,21 +258,19 @@ def test_get_config_and_image_panels():
         assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
 
 
-def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
-    model = make_model(sgd=0.01, weights={"real_on_aligned": 1.0})
-    recorded = []
-    original = losses.segmentation_loss
+def segmentation_term_reach(model, call):
+    """Run one ``train_step``; return its logs, the per-example loss of its ``call``-th segmentation loss
+    call and the groups whose parameters that loss has a nonzero gradient for."""
+    recorded, reached = [], {}
+    original, original_step = losses.segmentation_loss, model.step
 
     def recorder(*args, **kwargs):
         recorded.append(original(*args, **kwargs))
         return recorded[-1]
 
-    reached = {}
-    original_step = model.step
-
     def inspecting_step(tape, loss, group):
-        if not reached:  # segmentation calls: S_syn on aligned, S_real on labelled CT, S_real on aligned
-            reached.update({g: gradient_norm(tape, recorded[2], v) for g, v in groups(model).items()})
+        if not reached:
+            reached.update({g: gradient_norm(tape, recorded[call], v) for g, v in groups(model).items()})
         return original_step(tape, loss, group)
 
     model.step = inspecting_step
@@ -281,36 +279,23 @@ def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
         logs = model.train_step(make_batch())
     finally:
         losses.segmentation_loss = original
-    assert {g for g, norm in reached.items() if norm > 0} == {"S_real"}  # aligned images are stop-gradient
-    assert float(logs["seg_real_aligned"]) == pytest.approx(float(tf.reduce_mean(recorded[2])), rel=1e-5)
+    return logs, recorded[call], {g for g, norm in reached.items() if norm > 0}
+
+
+def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
+    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_real on aligned
+    logs, loss, reached = segmentation_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 2)
+    assert reached == {"S_real"}  # aligned images are stop-gradient
+    assert float(logs["seg_real_aligned"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
     assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
 
 
 def test_s_syn_supervised_on_labelled_target_images_reaches_only_s_syn():
+    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
     model = make_model(sgd=0.01, weights={"syn_on_target": 1.0}, domain_norm=True)
-    recorded = []
-    original = losses.segmentation_loss
-
-    def recorder(*args, **kwargs):
-        recorded.append(original(*args, **kwargs))
-        return recorded[-1]
-
-    reached = {}
-    original_step = model.step
-
-    def inspecting_step(tape, loss, group):
-        if not reached:  # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
-            reached.update({g: gradient_norm(tape, recorded[2], v) for g, v in groups(model).items()})
-        return original_step(tape, loss, group)
-
-    model.step = inspecting_step
-    losses.segmentation_loss = recorder
-    try:
-        logs = model.train_step(make_batch())
-    finally:
-        losses.segmentation_loss = original
-    assert {g for g, norm in reached.items() if norm > 0} == {"S_syn"}
-    assert float(logs["seg_syn_target"]) == pytest.approx(float(tf.reduce_mean(recorded[2])), rel=1e-5)
+    logs, loss, reached = segmentation_term_reach(model, 2)
+    assert reached == {"S_syn"}
+    assert float(logs["seg_syn_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
     assert "seg_syn_target" not in make_model(sgd=0.01).train_step(make_batch())
 
 
