@@ -75,7 +75,7 @@ DEFAULTS = {
         "cycle": 10.0,
         "segmentation_to_generator": 1.0,
         "real_on_aligned": 0.0,  # mkd: S_real also supervised on aligned assistant images
-        "syn_on_target": 0.0,  # mkd: S_syn also supervised on the labelled target images
+        "syn_on_target": 1.0,  # mkd: S_syn also supervised on the labelled target images (0: the paper)
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },

@@ -228,10 +228,10 @@ register_variant(
     "MKD with S_real also supervised on aligned assistant images",
 )
 register_variant(
-    "mkd-syn-on-target",
+    "mkd-no-syn-on-target",
     "mkd",
-    {"loss": {"syn_on_target": 1.0}},
-    "MKD with S_syn also supervised on the labelled target images",
+    {"loss": {"syn_on_target": 0.0}},
+    "MKD without S_syn's supervision on the labelled target images (the paper's S_syn)",
 )
 register_variant(
     "finetune-domain-norm",

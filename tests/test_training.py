@@ -33,7 +33,8 @@ from tests.scripts import tiny_runs
 
 SCRIPTS = Path(__file__).parent / "scripts"
 MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
-ALL_MKD_TERMS = {"seg_syn", "seg_real", "kd_s2r", "kd_r2s", "adversarial", "cycle", "discriminator"}
+ALL_MKD_TERMS = {"seg_syn", "seg_real", "seg_syn_target", "kd_s2r", "kd_r2s", "adversarial", "cycle", "discriminator"}
+MKD_SEGMENTATION = {"seg_syn", "seg_real", "seg_syn_target"}  # each with weight 1 in "total"
 MKD_PREDICTORS = ["syn", "real", "ensemble"]
 
 
@@ -246,11 +247,11 @@ METHODS = {
     "mkd-no-iam": (
         ALL_MKD_TERMS - {"adversarial", "cycle", "discriminator"},
         MKD_PREDICTORS,
-        {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"},
+        MKD_SEGMENTATION | {"kd_s2r", "kd_r2s"},
     ),
-    "mkd-no-kd-s2r": (ALL_MKD_TERMS - {"kd_s2r"}, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_r2s"}),
-    "mkd-no-kd-r2s": (ALL_MKD_TERMS - {"kd_r2s"}, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_s2r"}),
-    "mkd": (ALL_MKD_TERMS, MKD_PREDICTORS, {"seg_syn", "seg_real", "kd_s2r", "kd_r2s"}),
+    "mkd-no-kd-s2r": (ALL_MKD_TERMS - {"kd_s2r"}, MKD_PREDICTORS, MKD_SEGMENTATION | {"kd_r2s"}),
+    "mkd-no-kd-r2s": (ALL_MKD_TERMS - {"kd_r2s"}, MKD_PREDICTORS, MKD_SEGMENTATION | {"kd_s2r"}),
+    "mkd": (ALL_MKD_TERMS, MKD_PREDICTORS, MKD_SEGMENTATION | {"kd_s2r", "kd_r2s"}),
 }
 
 

@@ -121,13 +121,14 @@ def gradient_map():
     return {key: {g for g, norm in norms.items() if norm > 0} for key, norms in reached.items()}
 
 
-# Call order inside train_step: segmentation (S_syn on aligned, S_real on target), distillation
+# Call order inside train_step: segmentation (S_syn on aligned, S_real and S_syn on labelled target), distillation
 # (s2r, r2s), generator LSGAN (G, F), cycle (assistant, target), discriminator LSGAN (D_T, D_A).
 @pytest.mark.parametrize(
     "term, expected",
     [
         ("segmentation_loss#0", {"S_syn", "G"}),  # seg on aligned images reaches the generator G
         ("segmentation_loss#1", {"S_real"}),
+        ("segmentation_loss#2", {"S_syn"}),  # syn_on_target (default 1): S_syn on labelled target images
         ("distillation_loss#0", {"S_real"}),  # kd_s2r: teacher S_syn and the aligned images are stop-gradient
         ("distillation_loss#1", {"S_syn"}),  # kd_r2s: teacher S_real is stop-gradient
         ("lsgan_generator_loss#0", {"G", "D_target"}),
@@ -139,7 +140,7 @@ def gradient_map():
     ],
 )
 def test_each_loss_term_reaches_exactly_its_networks(gradient_map, term, expected):
-    assert len(gradient_map) == 10
+    assert len(gradient_map) == 11
     assert gradient_map[term] == expected
 
 
@@ -193,15 +194,16 @@ def independent_terms(model, batch, temperature, aligned=True):
         ),
     }
     if labelled is not None:
-        terms["seg_real"] = mean(
-            losses.segmentation_loss(labelled["label"], tf.nn.softmax(real(labelled["image"], training=True)))
-        )
+        for name, segmentor in (("seg_real", real), ("seg_syn_target", syn)):
+            terms[name] = mean(
+                losses.segmentation_loss(labelled["label"], tf.nn.softmax(segmentor(labelled["image"], training=True)))
+            )
     return terms
 
 
 @pytest.mark.parametrize("use_iam", [True, False])
 def test_logged_terms_and_total_match_an_independent_computation(use_iam):
-    weights = MKDLossWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9)
+    weights = MKDLossWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9, syn_on_target=0.6)
     model = make_model(sgd=0.1, weights=weights, use_iam=use_iam)
     batch = make_batch()
     expected = independent_terms(model, batch, 3.0, aligned=use_iam)
@@ -211,7 +213,12 @@ def test_logged_terms_and_total_match_an_independent_computation(use_iam):
     for name, value in expected.items():
         assert logs[name] == pytest.approx(value, rel=1e-5), name
     assert logs["total"] == pytest.approx(
-        expected["seg_syn"] + expected["seg_real"] + 0.7 * expected["kd_s2r"] + 1.9 * expected["kd_r2s"], rel=1e-5
+        expected["seg_syn"]
+        + expected["seg_real"]
+        + 0.6 * expected["seg_syn_target"]
+        + 0.7 * expected["kd_s2r"]
+        + 1.9 * expected["kd_r2s"],
+        rel=1e-5,
     )
     # Without the IAM S_syn learned from the raw assistant images: its loss differs from the aligned one.
     if not use_iam:
@@ -225,7 +232,7 @@ def test_without_target_labels_s_real_learns_from_distillation_only():
     expected = independent_terms(model, batch, 2.0)
     before = snapshot(model)
     logs = {name: float(value) for name, value in model.train_step(batch).items()}
-    assert "seg_real" not in logs and "seg_real" not in expected
+    assert not {"seg_real", "seg_syn_target"} & (set(logs) | set(expected))
     assert logs["total"] == pytest.approx(expected["seg_syn"] + expected["kd_s2r"] + expected["kd_r2s"], rel=1e-5)
     assert {"S_syn", "S_real"} <= changed(before, snapshot(model))
 
@@ -283,8 +290,8 @@ def segmentation_term_reach(model, call):
 
 
 def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
-    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_real on aligned
-    logs, loss, reached = segmentation_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 2)
+    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT, S_real on aligned
+    logs, loss, reached = segmentation_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 3)
     assert reached == {"S_real"}  # aligned images are stop-gradient
     assert float(logs["seg_real_aligned"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
     assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
@@ -292,11 +299,12 @@ def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
 
 def test_s_syn_supervised_on_labelled_target_images_reaches_only_s_syn():
     # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
-    model = make_model(sgd=0.01, weights={"syn_on_target": 1.0}, domain_norm=True)
+    model = make_model(sgd=0.01, domain_norm=True)  # syn_on_target is on by default
     logs, loss, reached = segmentation_term_reach(model, 2)
     assert reached == {"S_syn"}
     assert float(logs["seg_syn_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
-    assert "seg_syn_target" not in make_model(sgd=0.01).train_step(make_batch())
+    paper = make_model(sgd=0.01, weights={"syn_on_target": 0.0})
+    assert "seg_syn_target" not in paper.train_step(make_batch())
 
 
 def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alone():
@@ -371,10 +379,11 @@ def test_domain_norm_keeps_each_domains_statistics_and_starts_the_target_from_th
 
 
 def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trains():
-    """Without S_real -> S_syn distillation S_syn never sees a target image, so its target batch-norm set
-    never trains after the warm start; with ``domain_norm`` it then predicts target images with its
-    assistant-domain set (the one trained on aligned images), and S_real with its target set."""
-    model = make_model(sgd=0.1, domain_norm=True, kd_r2s=False)
+    """Without S_real -> S_syn distillation and without its own target supervision S_syn never sees a
+    target image, so its target batch-norm set never trains after the warm start; with ``domain_norm`` it
+    then predicts target images with its assistant-domain set (the one trained on aligned images), and
+    S_real with its target set. With target supervision (the default) S_syn keeps the target set."""
+    model = make_model(sgd=0.1, domain_norm=True, kd_r2s=False, weights={"syn_on_target": 0.0})
     assert (model.synthetic_segmentor.default_domain, model.real_segmentor.default_domain) == (0, 1)
     syn_target_before = _norm_stats(model.synthetic_segmentor, 1)
     model.train_step(make_batch(0))
@@ -388,3 +397,11 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
     )
     full = make_model(sgd=0.1, domain_norm=True)
     assert (full.synthetic_segmentor.default_domain, full.real_segmentor.default_domain) == (1, 1)
+    supervised = make_model(sgd=0.1, domain_norm=True, kd_r2s=False)
+    assert supervised.synthetic_segmentor.default_domain == 1
+    syn_target_before = _norm_stats(supervised.synthetic_segmentor, 1)
+    supervised.train_step(make_batch(0))
+    moved = [
+        not np.array_equal(b, a) for b, a in zip(syn_target_before, _norm_stats(supervised.synthetic_segmentor, 1))
+    ]
+    assert all(moved)  # the labelled target slices train it
