@@ -294,9 +294,16 @@ def predict(
     help="Comma-separated methods and registered variants: " + ", ".join(registry.names()) + ".",
 )
 @click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1).")
+@click.option(
+    "--first-seed",
+    type=click.IntRange(0),
+    default=0,
+    help="Use seeds FIRST..FIRST+N-1 (processes with different ranges can train in parallel; a last "
+    "run over all seeds only evaluates).",
+)
 @click.option("--out", required=True, type=click.Path(), help="Folder for the runs, the table and the box plot.")
 @shared_training_options
-def compare(cache, methods, seeds, out, config_path, quiet, **shared):
+def compare(cache, methods, seeds, first_seed, out, config_path, quiet, **shared):
     """Train and evaluate several methods on the same split and budget; one table + a box plot."""
     from mkd_tf.compare import compare_methods
 
@@ -310,6 +317,7 @@ def compare(cache, methods, seeds, out, config_path, quiet, **shared):
         overrides,
         verbose=0 if quiet else 1,
         progress=click.echo,
+        first_seed=first_seed,
     )
     click.echo(result["table"])
     click.echo(f"wrote {result['table_path']} and {result['plot_path']}")

@@ -46,15 +46,22 @@ def run_overrides(name, seed, overrides):
     return merged
 
 
-def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None, verbose=0, progress=None):
-    """Train and evaluate each method for seeds 0..seeds-1; write comparison.{md,json,png} into `out`."""
+def compare_methods(
+    cache, methods, seeds, out, config_path=None, overrides=None, verbose=0, progress=None, first_seed=0
+):
+    """Train and evaluate each method for seeds ``first_seed .. first_seed + seeds - 1`` (run folders
+    ``out/METHOD/seedN``; a finished run is only evaluated); write comparison.{md,json,png} into `out`.
+
+    Several processes with different ``first_seed`` can train one method's seeds in parallel; a last
+    call over all the seeds then only evaluates and writes the table."""
+    seed_numbers = range(first_seed, first_seed + seeds)
     progress = progress or (lambda line: None)
     for name in methods:  # an unknown name fails now, not after the methods before it have trained
         run_overrides(name, 0, overrides)
     out = Path(out)
     rows = {}  # row name -> list over seeds of (summary, per-case overall dice list)
     for name in methods:
-        for seed in range(seeds):
+        for seed in seed_numbers:
             run = out / name / f"seed{seed}"
             progress(f"== {name} seed {seed}: {run}")
             train(cache, run, config_path, run_overrides(name, seed, overrides), verbose=verbose)
@@ -77,7 +84,7 @@ def compare_methods(cache, methods, seeds, out, config_path=None, overrides=None
     write_text_atomic(table_path, table)
     write_text_atomic(out / "comparison.json", json.dumps(data, indent=1))
     _box_plot(rows, plot_path)
-    _learning_curves({name: [out / name / f"seed{seed}" for seed in range(seeds)] for name in methods}, curves_path)
+    _learning_curves({name: [out / name / f"seed{seed}" for seed in seed_numbers] for name in methods}, curves_path)
     return {
         "table": table,
         "table_path": str(table_path),

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mkd_cli.main import main as cli
 from mkd_tf import compare
-from mkd_tf.config import DEFAULTS
+from mkd_tf.config import DEFAULTS, load_config
 from tests.scripts import tiny_runs
 
 MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
@@ -107,7 +107,7 @@ def test_a_network_too_large_for_memory_is_one_line_and_writes_no_run(tmp_path_f
     assert not (tmp_path / "run").exists()
 
 
-def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
+def test_compare_two_methods_one_seed_from_a_chosen_first_seed(tmp_path_factory, tmp_path):
     _, cache = tiny_runs.tiny_cache(tmp_path_factory)
     config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
     out = tmp_path / "comparison"
@@ -120,6 +120,8 @@ def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
                 "--methods",
                 "target-only,assistant-only",
                 "--seeds",
+                "1",
+                "--first-seed",
                 "1",
                 "--out",
                 str(out),
@@ -142,7 +144,9 @@ def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
     data = json.loads((out / "comparison.json").read_text())
     assert list(data) == ["target-only", "assistant-only"]
     for method in data:
-        metrics = json.loads((out / method / "seed0" / "metrics.json").read_text())
+        assert sorted(p.name for p in (out / method).iterdir()) == ["seed1"]  # seed 1 only
+        assert load_config(out / method / "seed1" / "config.yaml")["seed"] == 1
+        metrics = json.loads((out / method / "seed1" / "metrics.json").read_text())
         summary = metrics["summary"][list(metrics["summary"])[-1]]
         for key, entry in data[method].items():
             structure, metric = key.split("/")
@@ -152,7 +156,7 @@ def test_compare_two_methods_one_seed(tmp_path_factory, tmp_path):
         assert f"| {method} |" in table and f"{100 * dice:.1f} ± 0.0" in table
     assert (out / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
     assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
-    steps, validation, test = compare.learning_curve(out / "target-only" / "seed0")
+    steps, validation, test = compare.learning_curve(out / "target-only" / "seed1")
     assert steps.tolist() == [2] and 0.0 <= validation[0] <= 1.0 and 0.0 <= test[0] <= 1.0
     assert "paired differences" not in table  # no MKD entry to compare against
 
