@@ -159,12 +159,15 @@ class MKDModel(CrossModalityModel):
     def from_settings(cls, config, num_classes, optimizer):
         schedule = config["schedule"]
         steps = schedule["epochs"] * schedule["steps_per_epoch"]
+        loss_weights = {field.name: config["loss"][field.name] for field in fields(MKDLossWeights)}
+        if config["data"]["target_labelled"] == 0:
+            loss_weights["syn_on_target"] = 0.0  # no labelled target slices: S_syn cannot learn from them
         return cls(
             num_classes,
             config["data"]["batch_size"],
             segmentor=config["segmentor"],
             alignment=config["alignment"],
-            loss_weights={field.name: config["loss"][field.name] for field in fields(MKDLossWeights)},
+            loss_weights=loss_weights,
             use_iam=config["ablation"]["iam"],
             kd_s2r=config["ablation"]["kd_s2r"],
             kd_r2s=config["ablation"]["kd_r2s"],

@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 
 from mkd_tf import losses
-from mkd_tf.models.mkd import MKDModel, MKDLossWeights
+from mkd_tf.config import load_config
+from mkd_tf.models.mkd import MKDLossWeights, MKDModel
+from mkd_tf.training import build_method
 from tests.scripts import tiny_runs
 
 SIZE, BATCH, CLASSES = 32, 2, 4
@@ -397,6 +399,11 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
     )
     full = make_model(sgd=0.1, domain_norm=True)
     assert (full.synthetic_segmentor.default_domain, full.real_segmentor.default_domain) == (1, 1)
+    # --target-labelled 0: no labelled target slices, so the default syn_on_target cannot train the set
+    settings = {"method": "mkd", "ablation": {"kd_r2s": False}, "segmentor": {"domain_norm": True}}
+    for labelled, domain in ((0, 0), (1, 1)):
+        config = load_config(overrides={**settings, "data": {"target_labelled": labelled}})
+        assert build_method(config, CLASSES).synthetic_segmentor.default_domain == domain
     supervised = make_model(sgd=0.1, domain_norm=True, kd_r2s=False)
     assert supervised.synthetic_segmentor.default_domain == 1
     syn_target_before = _norm_stats(supervised.synthetic_segmentor, 1)
