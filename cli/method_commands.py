@@ -293,7 +293,7 @@ def predict(
     default="target-only,joint,finetune,ummkd,mkd",
     help="Comma-separated methods and registered variants: " + ", ".join(registry.names()) + ".",
 )
-@click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1).")
+@click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1, or see --first-seed).")
 @click.option(
     "--first-seed",
     type=click.IntRange(0),
