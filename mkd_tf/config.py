@@ -24,7 +24,11 @@ NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config d
 #: settings renamed since runs were first written: an old config file or run folder still loads
 RENAMED = {("data", "target_labeled"): "target_labelled"}
 #: settings added since runs were first written, with the value every run written before had
-ADDED_SINCE = {("segmentor", "kind"): "unet", ("segmentor", "domain_norm"): False}
+ADDED_SINCE = {
+    ("segmentor", "kind"): "unet",
+    ("segmentor", "domain_norm"): False,
+    ("loss", "syn_on_target"): 0.0,  # before it existed S_syn learnt the target only by distillation
+}
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
 #: the checkpoints, so a run resumes only in the precision it started with.

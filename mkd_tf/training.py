@@ -60,6 +60,20 @@ def make_strategy(name, worker_timeout=600.0):
     return tf.distribute.MirroredStrategy(devices), None
 
 
+def resume_settings(config):
+    """The settings a run folder's training must share with a command that resumes it, flattened to
+    ``section.key``: :func:`~mkd_tf.config.learning_settings` without the ``loss`` settings the method
+    does not read (a default changed for MKD does not make a finished baseline run "different")."""
+    used = registry.load(registry.METHODS[config["method"]].model).loss_settings
+    flat = {}
+    for key, value in learning_settings(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{name}": v for name, v in value.items() if key != "loss" or name in used})
+        else:
+            flat[key] = value
+    return flat
+
+
 def labelled_target_volumes(cache, count, seed):
     """Indices of the target training volumes whose labels training may use (`count=None`: all)."""
     volumes = [i for i, v in enumerate(cache.volumes("target")) if v["split"] == "train" and v["labelled"]]
@@ -327,9 +341,12 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             fail(run, "exists and is not a folder")
         check_parent_is_folder(run, "create the run folder")
         if (run / "config.yaml").exists():
-            previous = learning_settings(load_config(run / "config.yaml", recorded=True))
-            if previous != learning_settings(config):
-                changed = sorted(k for k in previous if learning_settings(config)[k] != previous.get(k))
+            previous, requested = (
+                resume_settings(load_config(run / "config.yaml", recorded=True)),
+                resume_settings(config),
+            )
+            if previous != requested:
+                changed = sorted(k for k in requested if requested[k] != previous.get(k))
                 fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
     usable_target_volumes(cache, config)
     strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))

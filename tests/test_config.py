@@ -171,6 +171,10 @@ def test_old_spellings_and_settings_added_since_load(tmp_path):
     assert config["segmentor"]["domain_norm"] is True and config["segmentor"]["kind"] == "unet"
     # a run written before domain_norm existed trained without it
     assert load_config(old, recorded=True)["segmentor"]["domain_norm"] is False
+    # ... and one written before loss.syn_on_target existed without S_syn's target supervision
+    old.write_text("method: mkd\nloss: {temperature: 2.0}\n")
+    assert load_config(old, recorded=True)["loss"]["syn_on_target"] == 0.0
+    assert load_config(old)["loss"]["syn_on_target"] == 1.0
     # methods that ignore the setting record false; a baseline's default is off
     assert load_config(overrides={"method": "ummkd"})["segmentor"]["domain_norm"] is False
     assert load_config(overrides={"method": "finetune"})["segmentor"]["domain_norm"] is False

@@ -28,7 +28,7 @@ from mkd_tf.errors import MkdError
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.metrics import volume_diagonal
 from mkd_tf.models.baselines import FinetuneModel
-from mkd_tf.training import build_method, load_run, train
+from mkd_tf.training import build_method, load_run, resume_settings, train
 from tests.scripts import tiny_runs
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -181,6 +181,17 @@ def test_a_different_config_in_the_same_run_fails_in_one_line(resumed_run):
     assert len(lines) == 1, outcome.stderr
     assert lines[0].startswith(f"error: {resumed_run['run']}: holds a run with a different config")
     assert "differs in: seed" in lines[0]
+
+
+def test_resuming_compares_only_the_loss_settings_the_method_reads():
+    """A changed MKD loss default must not make a finished baseline run 'different' (and fail
+    `mkd compare` over old runs), while for MKD it does, named by its dotted key."""
+    paper = {"loss": {"syn_on_target": 0.0}, "seed": 3}
+    for method, differs in (("target-only", []), ("ummkd", []), ("mkd", ["loss.syn_on_target"])):
+        before, now = (resume_settings(load_config(overrides={"method": method, **o})) for o in (paper, {"seed": 3}))
+        assert sorted(k for k in now if now[k] != before[k]) == differs, method
+    ummkd = resume_settings(load_config(overrides={"method": "ummkd", "loss": {"ummkd_weight": 2.0}}))
+    assert ummkd["loss.ummkd_weight"] == 2.0 and "loss.temperature" not in ummkd and ummkd["segmentor.depth"] == 4
 
 
 def test_kill_right_after_a_checkpoint_keeps_that_epoch_in_the_history(tmp_path, cache_path, monkeypatch):

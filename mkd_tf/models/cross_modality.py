@@ -32,6 +32,8 @@ class CrossModalityModel(keras.Model):
 
     #: names of the batch streams the method reads
     streams = ("assistant", "target", "target_labelled")
+    #: the ``loss`` settings :meth:`from_settings` reads (the others cannot change what it learns)
+    loss_settings = ()
 
     def __init__(self, num_classes, global_batch_size, **kwargs):
         super().__init__(**kwargs)

@@ -113,6 +113,8 @@ class MKDModel(CrossModalityModel):
         >>> model.build_for((32, 32, 1))
     """
 
+    loss_settings = tuple(field.name for field in fields(MKDLossWeights))
+
     def __init__(
         self,
         num_classes,

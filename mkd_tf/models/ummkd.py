@@ -78,6 +78,8 @@ class UMMKDModel(CrossModalityModel):
         TensorShape([2, 32, 32, 5])
     """
 
+    loss_settings = ("ummkd_temperature", "ummkd_weight")
+
     def __init__(
         self, num_classes, global_batch_size, segmentor=None, optimizer=None, temperature=2.0, kd_weight=1.0, **kwargs
     ):
