@@ -140,7 +140,9 @@ def _learning_curves(runs, path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for name, folders in runs.items():
+    # the colour cycle has 10 colours: methods after the tenth get a dashed (then dotted ...) line
+    styles = ("-", "--", ":", "-.")
+    for number, (name, folders) in enumerate(runs.items()):
         curves = [learning_curve(folder) for folder in folders if (Path(folder) / "history.json").exists()]
         if not curves:
             continue
@@ -148,7 +150,8 @@ def _learning_curves(runs, path):
         steps = curves[0][0][:length]
         for axis, index in zip(axes, (1, 2)):
             values = 100 * np.array([curve[index][:length] for curve in curves])
-            (line,) = axis.plot(steps, values.mean(axis=0), label=f"{name} ({len(curves)} seeds)")
+            style = styles[number // 10 % len(styles)]
+            (line,) = axis.plot(steps, values.mean(axis=0), style, label=f"{name} ({len(curves)} seeds)")
             axis.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
     for axis, title in zip(axes, ("validation", "test (not used for selection)")):
         axis.set_title(f"target {title}: mean Dice, averaged weights")

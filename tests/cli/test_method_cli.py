@@ -173,6 +173,26 @@ def test_paired_differences_are_per_seed_and_signed():
     assert "| mkd [syn] | +35.0, +19.0 | +27.0 ± 8.0 |" in text
 
 
+def test_learning_curves_of_more_than_ten_methods_stay_distinguishable(tmp_path, monkeypatch):
+    runs = {}
+    for number in range(12):
+        run = tmp_path / f"method{number}" / "seed0"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("schedule: {steps_per_epoch: 5}\n")
+        epochs = [{"epoch": e, "val_dice": {"ensemble": [0.1 * e]}, "test_dice": {"ensemble": [0.1]}} for e in (1, 2)]
+        (run / "history.json").write_text(json.dumps({"epochs": epochs}))
+        runs[f"method{number}"] = [run]
+    drawn = {}
+
+    def keep_lines(figure, path):
+        drawn.update({line.get_label(): (line.get_color(), line.get_linestyle()) for line in figure.axes[0].lines})
+
+    monkeypatch.setattr(compare, "_save_figure", keep_lines)
+    compare._learning_curves(runs, tmp_path / "curves.png")
+    assert len(drawn) == 12 and len(set(drawn.values())) == 12  # the colour cycle has only 10 colours
+    assert drawn["method10 (1 seeds)"][1] == "--"
+
+
 def test_compare_rejects_an_unknown_method_before_training_anything(tmp_path_factory, tmp_path):
     _, cache = tiny_runs.tiny_cache(tmp_path_factory)
     config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)  # bounds the cost if it did train
