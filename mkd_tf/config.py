@@ -80,6 +80,7 @@ DEFAULTS = {
         "segmentation_to_generator": 1.0,
         "real_on_aligned": 0.0,  # mkd: S_real also supervised on aligned assistant images
         "syn_on_target": 1.0,  # mkd: S_syn also supervised on the labelled target images (0: the paper)
+        "lambda_s2r_target": 0.0,  # mkd: S_syn -> S_real distillation also on target images (0: the paper)
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },
@@ -136,6 +137,7 @@ RULES = {
         "segmentation_to_generator": NON_NEGATIVE,
         "real_on_aligned": NON_NEGATIVE,
         "syn_on_target": NON_NEGATIVE,
+        "lambda_s2r_target": NON_NEGATIVE,
         "ummkd_temperature": POSITIVE,
         "ummkd_weight": NON_NEGATIVE,
     },

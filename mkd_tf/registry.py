@@ -234,6 +234,12 @@ register_variant(
     "MKD without S_syn's supervision on the labelled target images (the paper's S_syn)",
 )
 register_variant(
+    "mkd-s2r-on-target",
+    "mkd",
+    {"loss": {"lambda_s2r_target": 1.0}},
+    "MKD with S_syn -> S_real distillation also on target images (both directions on the target)",
+)
+register_variant(
     "finetune-domain-norm",
     "finetune",
     {"segmentor": {"domain_norm": True}},

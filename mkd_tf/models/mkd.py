@@ -68,6 +68,9 @@ class MKDLossWeights:
             learns the target only through S_real's distillation, as in the paper; 1, the default, was
             measured better on the phantom: both segmentors learn the target's labels and the ensemble
             beats each of them).
+        lambda_s2r_target: weight of S_syn -> S_real distillation on target images as well (0: S_syn
+            teaches S_real only on aligned assistant images, as in the paper; with it the two segmentors
+            distil each other in both directions on the target, as in deep mutual learning).
     """
 
     temperature: float = 2.0
@@ -78,6 +81,7 @@ class MKDLossWeights:
     segmentation_to_generator: float = 1.0
     real_on_aligned: float = 0.0
     syn_on_target: float = 1.0
+    lambda_s2r_target: float = 0.0
 
 
 def _to_unit(images):
@@ -251,13 +255,19 @@ class MKDModel(CrossModalityModel):
                     losses.distillation_loss(tf.stop_gradient(syn_on_aligned), real_on_aligned, w.temperature)
                 )
                 distillation += w.lambda_s2r * logs["kd_s2r"]
-            if self.kd_r2s:
+            if self.kd_r2s or w.lambda_s2r_target:
                 real_on_target = self.on_target(self.real_segmentor, target["image"])
                 syn_on_target = self.on_target(self.synthetic_segmentor, target["image"])
+            if self.kd_r2s:
                 logs["kd_r2s"] = self.average(
                     losses.distillation_loss(tf.stop_gradient(real_on_target), syn_on_target, w.temperature)
                 )
                 distillation += w.lambda_r2s * logs["kd_r2s"]
+            if w.lambda_s2r_target:  # the same two forward passes, the other direction
+                logs["kd_s2r_target"] = self.average(
+                    losses.distillation_loss(tf.stop_gradient(syn_on_target), real_on_target, w.temperature)
+                )
+                distillation += w.lambda_s2r_target * logs["kd_s2r_target"]
             segmentor_loss = segmentation + distillation
 
             # 4. Image alignment: adversarial + cycle (+ segmentation keeps anatomy).

@@ -177,7 +177,7 @@ def test_kd_terms_alone_train_only_the_students():
         losses.segmentation_loss = original
 
 
-def independent_terms(model, batch, temperature, aligned=True):
+def independent_terms(model, batch, temperature, aligned=True, s2r_on_target=False):
     """Loss terms of the step computed outside it, from the same weights."""
 
     def mean(values):
@@ -195,6 +195,12 @@ def independent_terms(model, batch, temperature, aligned=True):
             )
         ),
     }
+    if s2r_on_target:
+        terms["kd_s2r_target"] = mean(
+            losses.distillation_loss(
+                syn(target["image"], training=True), real(target["image"], training=True), temperature
+            )
+        )
     if labelled is not None:
         for name, segmentor in (("seg_real", real), ("seg_syn_target", syn)):
             terms[name] = mean(
@@ -205,10 +211,10 @@ def independent_terms(model, batch, temperature, aligned=True):
 
 @pytest.mark.parametrize("use_iam", [True, False])
 def test_logged_terms_and_total_match_an_independent_computation(use_iam):
-    weights = MKDLossWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9, syn_on_target=0.6)
+    weights = MKDLossWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9, syn_on_target=0.6, lambda_s2r_target=0.4)
     model = make_model(sgd=0.1, weights=weights, use_iam=use_iam)
     batch = make_batch()
-    expected = independent_terms(model, batch, 3.0, aligned=use_iam)
+    expected = independent_terms(model, batch, 3.0, aligned=use_iam, s2r_on_target=True)
     logs = {name: float(value) for name, value in model.train_step(batch).items()}
     iam_terms = {"adversarial", "cycle", "discriminator"} if use_iam else set()
     assert set(logs) == set(expected) | iam_terms | {"total"}
@@ -219,7 +225,8 @@ def test_logged_terms_and_total_match_an_independent_computation(use_iam):
         + expected["seg_real"]
         + 0.6 * expected["seg_syn_target"]
         + 0.7 * expected["kd_s2r"]
-        + 1.9 * expected["kd_r2s"],
+        + 1.9 * expected["kd_r2s"]
+        + 0.4 * expected["kd_s2r_target"],
         rel=1e-5,
     )
     # Without the IAM S_syn learned from the raw assistant images: its loss differs from the aligned one.
@@ -267,11 +274,11 @@ def test_get_config_and_image_panels():
         assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
 
 
-def segmentation_term_reach(model, call):
-    """Run one ``train_step``; return its logs, the per-example loss of its ``call``-th segmentation loss
-    call and the groups whose parameters that loss has a nonzero gradient for."""
+def loss_term_reach(model, call, name="segmentation_loss"):
+    """Run one ``train_step``; return its logs, the per-example loss of its ``call``-th call of
+    ``losses.<name>`` and the groups whose parameters that loss has a nonzero gradient for."""
     recorded, reached = [], {}
-    original, original_step = losses.segmentation_loss, model.step
+    original, original_step = getattr(losses, name), model.step
 
     def recorder(*args, **kwargs):
         recorded.append(original(*args, **kwargs))
@@ -283,17 +290,17 @@ def segmentation_term_reach(model, call):
         return original_step(tape, loss, group)
 
     model.step = inspecting_step
-    losses.segmentation_loss = recorder
+    setattr(losses, name, recorder)
     try:
         logs = model.train_step(make_batch())
     finally:
-        losses.segmentation_loss = original
+        setattr(losses, name, original)
     return logs, recorded[call], {g for g, norm in reached.items() if norm > 0}
 
 
 def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
     # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT, S_real on aligned
-    logs, loss, reached = segmentation_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 3)
+    logs, loss, reached = loss_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 3)
     assert reached == {"S_real"}  # aligned images are stop-gradient
     assert float(logs["seg_real_aligned"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
     assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
@@ -302,11 +309,20 @@ def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
 def test_s_syn_supervised_on_labelled_target_images_reaches_only_s_syn():
     # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
     model = make_model(sgd=0.01, domain_norm=True)  # syn_on_target is on by default
-    logs, loss, reached = segmentation_term_reach(model, 2)
+    logs, loss, reached = loss_term_reach(model, 2)
     assert reached == {"S_syn"}
     assert float(logs["seg_syn_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
     paper = make_model(sgd=0.01, weights={"syn_on_target": 0.0})
     assert "seg_syn_target" not in paper.train_step(make_batch())
+
+
+def test_s_syn_to_s_real_distillation_on_target_images_reaches_only_s_real():
+    # distillation calls: s2r on aligned images, r2s on target images, s2r on target images
+    model = make_model(sgd=0.01, domain_norm=True, weights={"lambda_s2r_target": 1.0})
+    logs, loss, reached = loss_term_reach(model, 2, name="distillation_loss")
+    assert reached == {"S_real"}  # the teacher S_syn is stop-gradient
+    assert float(logs["kd_s2r_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
+    assert "kd_s2r_target" not in make_model(sgd=0.01).train_step(make_batch())  # off by default (the paper)
 
 
 def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alone():
