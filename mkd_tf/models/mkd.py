@@ -29,9 +29,9 @@ batch-norm set their moving statistics, used at inference on the target, would b
 two domains' statistics. Inference uses domain 1.
 
 Ablations: ``use_iam=False`` feeds raw assistant images to S_syn (no alignment); ``kd_s2r=False`` /
-``kd_r2s=False`` drop one direction of distillation (without r2s and with ``syn_on_target=0``, S_syn
-never sees a target image, so with domain normalisation it predicts target images with its
-assistant-domain set, domain 0).
+``kd_r2s=False`` drop one direction of distillation (without r2s, with ``syn_on_target=0`` and
+``lambda_s2r_target=0``, S_syn never sees a target image, so with domain normalisation it predicts
+target images with its assistant-domain set, domain 0).
 
 Beyond the paper (measured, see the README's method comparison): by default S_syn is also supervised on
 the labelled target slices (``loss_weights.syn_on_target=1``), as S_real is; ``0`` is the paper's S_syn.
@@ -144,11 +144,12 @@ class MKDModel(CrossModalityModel):
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
         self.domain_norm = bool(domain_norm)
         domains = {"num_domains": 2, "default_domain": TARGET_DOMAIN} if self.domain_norm else {}
-        # Without S_real -> S_syn distillation and without its own target supervision S_syn never sees a
-        # target image in training: its target batch-norm set would keep the statistics copied at the end
-        # of the warm start, so on target images it uses the set it trains on aligned images with (G makes
-        # those look like the target).
-        syn_sees_target = self.kd_r2s or self.loss_weights.syn_on_target > 0
+        # Without S_real -> S_syn distillation, its own target supervision and S_syn -> S_real distillation
+        # on target images, S_syn never sees a target image in training: its target batch-norm set would
+        # keep the statistics copied at the end of the warm start, so on target images it uses the set it
+        # trains on aligned images with (G makes those look like the target).
+        weights = self.loss_weights
+        syn_sees_target = self.kd_r2s or weights.syn_on_target > 0 or weights.lambda_s2r_target > 0
         syn_domains = (
             dict(domains, default_domain=ASSISTANT_DOMAIN) if self.domain_norm and not syn_sees_target else domains
         )

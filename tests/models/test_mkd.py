@@ -422,6 +422,8 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
         assert build_method(config, CLASSES).synthetic_segmentor.default_domain == domain
     supervised = make_model(sgd=0.1, domain_norm=True, kd_r2s=False)
     assert supervised.synthetic_segmentor.default_domain == 1
+    teaching = make_model(domain_norm=True, kd_r2s=False, weights={"syn_on_target": 0.0, "lambda_s2r_target": 1.0})
+    assert teaching.synthetic_segmentor.default_domain == 1  # it runs on target images to teach S_real there
     syn_target_before = _norm_stats(supervised.synthetic_segmentor, 1)
     supervised.train_step(make_batch(0))
     moved = [
