@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not benchmark" --durations=12 --doctest-modules mkd_tf tests
+	$(PY) -m pytest -q -m "not benchmark" -n 2 --dist loadfile --durations=12 --doctest-modules mkd_tf tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format mkd_tf cli tests benchmarks conftest.py

@@ -1,0 +1,72 @@
+"""How far a trained IAM moves the assistant's appearance towards the target's (run by hand; not a test).
+
+    .venv/bin/python benchmarks/alignment_gap.py CACHE RUN [RUN ...]
+
+For every structure (the cache's classes, background included) prints the mean intensity, and the
+standard deviation within the structure (noise, bias field), of the network inputs: the assistant's
+slices (MRI), the same slices through the run's generator G (aligned) and the target's slices (CT),
+all from the cache, and how much of the assistant-target gap G closes on each structure's mean,
+``1 - |aligned - target| / |assistant - target|`` (1: aligned looks like CT on average; 0: G changed
+nothing; negative: further away), then that fraction averaged over the foreground structures (the
+background is most of the pixels and the easiest to align). A run without an IAM is refused.
+"""
+
+import argparse
+
+import numpy as np
+
+from mkd_tf.data.cache import SliceCache
+from mkd_tf.training import load_run
+
+
+def structure_statistics(images, labels, num_classes):
+    """Per class: (mean, std within the class) of ``images`` over ``labels == class``."""
+    stats = []
+    for value in range(num_classes):
+        pixels = images[labels == value]
+        stats.append((float(pixels.mean()), float(pixels.std())) if pixels.size else None)
+    return stats
+
+
+def aligned_images(model, images, batch=64):
+    """The assistant's slices through G, in batches: ``(slices, height, width)``."""
+    out = [
+        model.alignment.assistant_to_target(images[start : start + batch, ..., None], training=False).numpy()[..., 0]
+        for start in range(0, len(images), batch)
+    ]
+    return np.concatenate(out)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache")
+    parser.add_argument("runs", nargs="+")
+    args = parser.parse_args()
+    cache = SliceCache(args.cache)
+    classes = cache.classes
+    assistant = cache.images("assistant").astype(np.float32)
+    assistant_labels = cache.labels("assistant")
+    target = structure_statistics(cache.images("target"), cache.labels("target"), len(classes))
+    raw = structure_statistics(assistant, assistant_labels, len(classes))
+    for run in args.runs:
+        model, _, _ = load_run(run)
+        if getattr(model, "alignment", None) is None or not getattr(model, "use_iam", False):
+            raise SystemExit(f"error: {run}: this run has no image alignment module")
+        aligned = structure_statistics(aligned_images(model, assistant), assistant_labels, len(classes))
+        print(f"\n{run}\n")
+        print("| structure | MRI mean | aligned mean | CT mean | gap closed | MRI std | aligned std | CT std |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        closed = []
+        for index, (name, a, g, t) in enumerate(zip(classes, raw, aligned, target)):
+            if a is None or t is None:
+                continue
+            fraction = 1 - abs(g[0] - t[0]) / max(abs(a[0] - t[0]), 1e-6)
+            if index > 0:
+                closed.append(fraction)
+            cells = f"{a[0]:.2f} | {g[0]:.2f} | {t[0]:.2f} | {fraction:.2f} | {a[1]:.2f} | {g[1]:.2f} | {t[1]:.2f}"
+            print(f"| {name} | {cells} |")
+        print(f"\ngap closed, mean over the foreground structures: {np.mean(closed):.2f}")
+
+
+if __name__ == "__main__":
+    main()
