@@ -103,10 +103,12 @@ def test_header_cut_short_is_refused(tmp_path):
     "name, content",
     [
         ("notes.nii.gz", b"patient notes, not an image\n" * 20),  # not gzip at all
-        ("zipped.nii.gz", gzip.compress(b"patient notes, not an image\n" * 20)),  # gzip, but not NIfTI inside
+        ("zipped.nii.gz", gzip.compress(b"patient notes, not an image\n" * 20, mtime=0)),  # gzip, not NIfTI inside
         ("plain.nii", b"patient notes, not an image\n" * 20),
         ("empty.nii.gz", b""),
     ],
+    # ids from the names: the test ids must be the same in every pytest-xdist worker
+    ids=["notes", "zipped", "plain", "empty"],
 )
 def test_non_nifti_file_with_nifti_name_is_refused(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
