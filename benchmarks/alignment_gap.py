@@ -1,6 +1,6 @@
 """How far a trained IAM moves the assistant's appearance towards the target's (run by hand; not a test).
 
-    .venv/bin/python benchmarks/alignment_gap.py CACHE RUN [RUN ...]
+    .venv/bin/python benchmarks/alignment_gap.py CACHE RUN [RUN ...] [--judge CT_RUN]
 
 For every structure (the cache's classes, background included) prints the mean intensity, and the
 standard deviation within the structure (noise, bias field), of the network inputs: the assistant's
@@ -9,6 +9,12 @@ all from the cache, and how much of the assistant-target gap G closes on each st
 ``1 - |aligned - target| / |assistant - target|`` (1: aligned looks like CT on average; 0: G changed
 nothing; negative: further away), then that fraction averaged over the foreground structures (the
 background is most of the pixels and the easiest to align). A run without an IAM is refused.
+
+``--judge CT_RUN``: a run trained on the target (CT) only, e.g. ``target-only`` on a cache with every CT
+training volume labelled. Its main predictor segments the assistant's slices, raw and through G, and its
+mean foreground Dice against the assistant's labels is printed: how CT-like G's images are *to a CT
+segmentor* -- anatomy kept and appearance converted together, which per-structure means cannot show
+(a G that moves a boundary or keeps MRI's texture scores low here).
 """
 
 import argparse
@@ -37,11 +43,33 @@ def aligned_images(model, images, batch=64):
     return np.concatenate(out)
 
 
+def judge_dice(judge, images, labels, num_classes, batch=64):
+    """Mean foreground Dice (%) of ``judge``'s main predictor on ``images`` against ``labels`` (all slices
+    pooled per structure)."""
+    which = judge.predictor_names()[-1]
+    predicted = np.concatenate(
+        [
+            np.argmax(judge.predict_probabilities(images[start : start + batch, ..., None], which).numpy(), -1)
+            for start in range(0, len(images), batch)
+        ]
+    )
+    dice = []
+    for value in range(1, num_classes):
+        both = ((predicted == value) & (labels == value)).sum()
+        total = (predicted == value).sum() + (labels == value).sum()
+        dice.append(2.0 * both / total if total else 1.0)
+    return 100.0 * float(np.mean(dice))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("cache")
     parser.add_argument("runs", nargs="+")
+    parser.add_argument("--judge", help="a run trained on the target only (see the module docstring)")
     args = parser.parse_args()
+    judge = None
+    if args.judge:
+        judge, _, _ = load_run(args.judge)
     cache = SliceCache(args.cache)
     classes = cache.classes
     assistant = cache.images("assistant").astype(np.float32)
@@ -52,7 +80,8 @@ def main():
         model, _, _ = load_run(run)
         if getattr(model, "alignment", None) is None or not getattr(model, "use_iam", False):
             raise SystemExit(f"error: {run}: this run has no image alignment module")
-        aligned = structure_statistics(aligned_images(model, assistant), assistant_labels, len(classes))
+        aligned_slices = aligned_images(model, assistant)
+        aligned = structure_statistics(aligned_slices, assistant_labels, len(classes))
         print(f"\n{run}\n")
         print("| structure | MRI mean | aligned mean | CT mean | gap closed | MRI std | aligned std | CT std |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -66,6 +95,10 @@ def main():
             cells = f"{a[0]:.2f} | {g[0]:.2f} | {t[0]:.2f} | {fraction:.2f} | {a[1]:.2f} | {g[1]:.2f} | {t[1]:.2f}"
             print(f"| {name} | {cells} |")
         print(f"\ngap closed, mean over the foreground structures: {np.mean(closed):.2f}")
+        if judge is not None:
+            raw_dice = judge_dice(judge, assistant, assistant_labels, len(classes))
+            aligned_dice = judge_dice(judge, aligned_slices, assistant_labels, len(classes))
+            print(f"CT segmentor ({args.judge}) mean Dice on MRI {raw_dice:.1f}, on G(MRI) {aligned_dice:.1f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from mkd_tf.rules import BOOL, NON_NEGATIVE, POSITIVE, Rule, fraction, integer
 
 #: the registered methods (:mod:`mkd_tf.registry`)
 METHODS = tuple(registry.METHODS)
+#: every registered method's predictor names (``schedule.select_by`` must be one of the chosen method's)
+PREDICTORS = tuple(dict.fromkeys(name for method in registry.METHODS.values() for name in method.predictors))
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config does not import models)
@@ -28,6 +30,7 @@ ADDED_SINCE = {
     ("segmentor", "kind"): "unet",
     ("segmentor", "domain_norm"): False,
     ("loss", "syn_on_target"): 0.0,  # before it existed S_syn learnt the target only by distillation
+    ("alignment", "skip_kernel"): 1,
 }
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
@@ -58,6 +61,9 @@ DEFAULTS = {
         # first phase; the IAM trains alone) before mutual distillation; 0 = none
         "mkd_pretrain": 0.5,
         "validation_batch": 32,
+        # the predictor whose validation Dice selects the best checkpoint (null: the method's reported one,
+        # e.g. mkd's ensemble); the IAM-only pipeline selects by "syn", as its S_real may learn nothing
+        "select_by": None,
     },
     # kind: a registered architecture (its own settings follow, with its defaults); domain_norm (mkd, joint,
     # finetune): one batch-norm set per modality, shared convolutions (needs norm: batch)
@@ -69,8 +75,9 @@ DEFAULTS = {
         "disc_filters": 64,
         "disc_layers": 3,
         "norm": "instance",
-        "residual": True,
-    },  # G(x) = x + r(x), starts as the identity
+        "residual": True,  # G(x) = x + r(x), starts as the identity
+        "skip_kernel": 1,  # odd; > 1: G(x) = s(x) + r(x), s a learnable identity-initialised k x k convolution
+    },
     "loss": {
         "temperature": 2.0,
         "lambda_s2r": 1.0,
@@ -113,6 +120,7 @@ RULES = {
         "finetune_switch": fraction(),
         "mkd_pretrain": fraction(high_open=True),
         "validation_batch": integer(1),
+        "select_by": Rule("choice", choices=PREDICTORS, optional=True),
     },
     # plus the rules of the chosen kind's own settings (registry.SEGMENTORS[kind].rules)
     "segmentor": {
@@ -127,6 +135,7 @@ RULES = {
         "disc_layers": integer(1, 8),
         "norm": Rule("choice", choices=NORMS),
         "residual": BOOL,
+        "skip_kernel": integer(1, 15),
     },
     "loss": {
         "temperature": POSITIVE,
@@ -233,6 +242,18 @@ def load_config(path=None, overrides=None, recorded=False):
     segmentor, method = config["segmentor"], registry.METHODS[config["method"]]
     if segmentor["domain_norm"] is None or method.domain_norm is None:  # recorded as what the run does
         segmentor["domain_norm"] = bool(method.domain_norm)
+    if config["alignment"]["skip_kernel"] % 2 == 0:
+        fail(
+            path if path is not None else "config",
+            f"setting 'alignment.skip_kernel' must be odd, got {config['alignment']['skip_kernel']}",
+        )
+    select_by = config["schedule"]["select_by"]
+    if select_by is not None and select_by not in method.predictors:
+        fail(
+            path if path is not None else "config",
+            f"setting 'schedule.select_by' must be one of {', '.join(method.predictors)} for method "
+            f"{config['method']}, got {select_by!r}",
+        )
     if segmentor["domain_norm"] and segmentor["norm"] != "batch":
         fail(
             path if path is not None else "config",

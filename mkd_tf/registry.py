@@ -204,7 +204,13 @@ register_variant(
     "mkd",
     # One batch-norm set: S_syn is applied to CT with the statistics of the aligned MRI it was trained on
     # (with one set per domain and no distillation its CT set would never see a CT image).
-    {"ablation": {"kd_s2r": False, "kd_r2s": False}, "segmentor": {"domain_norm": False}},
+    # Its checkpoint is selected by S_syn: with no labelled target S_real learns nothing, and the ensemble
+    # would average S_syn with an untrained segmentor.
+    {
+        "ablation": {"kd_s2r": False, "kd_r2s": False},
+        "segmentor": {"domain_norm": False},
+        "schedule": {"select_by": "syn"},
+    },
     "the IAM-only pipeline: its [syn] row is a segmentor trained on aligned assistant images (no distillation)",
 )
 register_variant("mkd-no-pretrain", "mkd", {"schedule": {"mkd_pretrain": 0.0}}, "MKD without the warm start")

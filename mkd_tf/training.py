@@ -516,7 +516,7 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
         tf.summary.scalar("steps_per_second", steps / seconds, step=global_step)
         for name, images in model.image_panels(panel_batch).items():
             tf.summary.image(f"panels/{name}", images, step=global_step, max_outputs=4)
-    main = model.predictor_names()[-1]
+    main = schedule.get("select_by") or model.predictor_names()[-1]
     if dice is not None:
         record["val_dice_mean"] = float(np.mean(dice[main]))
         with folder.summary_writer("validation").as_default():

@@ -105,7 +105,7 @@ def test_train_command_flags_reach_the_config_over_the_yaml(tmp_path, monkeypatc
     [
         (
             "schedule:\n  epoch: 3\n",
-            "unknown setting 'epoch' (known: epochs, finetune_switch, mkd_pretrain, steps_per_epoch, validation_batch)",
+            "unknown setting 'epoch' (known: epochs, finetune_switch, mkd_pretrain, select_by, steps_per_epoch, validation_batch)",
         ),
         (
             "learning_rate: 0.1\n",
@@ -178,3 +178,9 @@ def test_old_spellings_and_settings_added_since_load(tmp_path):
     # methods that ignore the setting record false; a baseline's default is off
     assert load_config(overrides={"method": "ummkd"})["segmentor"]["domain_norm"] is False
     assert load_config(overrides={"method": "finetune"})["segmentor"]["domain_norm"] is False
+
+
+def test_an_even_skip_kernel_fails_in_one_line():
+    with pytest.raises(MkdError) as raised:
+        load_config(overrides={"alignment": {"skip_kernel": 4}})
+    assert str(raised.value) == "config: setting 'alignment.skip_kernel' must be odd, got 4"

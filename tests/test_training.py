@@ -430,6 +430,32 @@ def test_main_run_validation_dice_best_epoch_and_tensorboard(tmp_path_factory, c
     assert validation and validation[0].stat().st_size > 0
 
 
+def test_select_by_ranks_epochs_by_that_predictor(tmp_path, cache_path):
+    """The IAM-only variant selects its checkpoint by S_syn's validation Dice, not by the ensemble."""
+    from mkd_tf.registry import variant_overrides
+
+    overrides = tiny_runs.deep_update(
+        variant_overrides("iam-only"),
+        tiny_runs.tiny_overrides(method="mkd", schedule={"epochs": 3, "steps_per_epoch": 2}),
+    )
+    assert overrides["schedule"]["select_by"] == "syn" and overrides["method"] == "mkd"
+    with tiny_runs.eager():
+        train(cache_path, tmp_path / "run", overrides=overrides, verbose=0)
+    history = history_of(tmp_path / "run")
+    scores = [float(np.mean(e["val_dice"]["syn"])) for e in history["epochs"]]
+    assert [e["val_dice_mean"] for e in history["epochs"]] == pytest.approx(scores, abs=1e-12)
+    assert history["best"] == {"epoch": int(np.argmax(scores)) + 1, "score": max(scores), "predictor": "syn"}
+
+
+def test_select_by_must_be_a_predictor_of_the_method(tmp_path):
+    path = tiny_runs.write_yaml(tmp_path / "cfg.yaml", {"method": "finetune", "schedule": {"select_by": "syn"}})
+    with pytest.raises(MkdError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}: setting 'schedule.select_by' must be one of finetune for method finetune, got 'syn'"
+    )
+
+
 def test_without_validation_data_the_last_epoch_is_best(tmp_path, tmp_path_factory):
     """A cache with no target val split: no Dice to rank by, so best/ follows the latest epoch."""
     from mkd_tf.data.prepare import PrepareOptions, prepare_cache

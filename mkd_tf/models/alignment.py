@@ -17,6 +17,7 @@ References:
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from mkd_tf.models.segmentor import normalization
@@ -157,6 +158,11 @@ class ResnetGenerator(keras.Model):
         norm: "instance" (``GroupNormalization(groups=-1)``), "batch" or "none".
         residual: bool, ``G(x) = x + r(x)`` with ``r``'s last convolution zero-initialised
             (starts as the identity); false: the plain CycleGAN generator.
+        skip_kernel: odd int >= 1, with ``residual``: the identity path becomes a learnable
+            ``skip_kernel x skip_kernel`` convolution (reflection padding, with bias) initialised to the
+            identity (a centred delta kernel), ``G(x) = s(x) + r(x)``. ``r`` sees the image only at
+            quarter resolution, so it cannot cancel pixel-level noise that the identity path passes on; a
+            learnable skip can low-pass and re-scale the input at full resolution. 1: the plain identity.
 
     Call arguments:
         images: float32 tensor `(batch, height, width, 1)`, height and width divisible by 4 and >= 8.
@@ -174,12 +180,15 @@ class ResnetGenerator(keras.Model):
     #: the last layer, kept in float32 under a mixed-precision policy (training.float32_outputs)
     output_layer_name = "head"
 
-    def __init__(self, base_filters=32, num_blocks=6, norm="instance", residual=True, **kwargs):
+    def __init__(self, base_filters=32, num_blocks=6, norm="instance", residual=True, skip_kernel=1, **kwargs):
         super().__init__(**kwargs)
         if base_filters < 1:
             raise ValueError(f"base_filters must be >= 1, got {base_filters}")
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        if skip_kernel < 1 or skip_kernel % 2 == 0:
+            raise ValueError(f"skip_kernel must be an odd number >= 1, got {skip_kernel}")
+        self.skip_kernel = int(skip_kernel)
         self.base_filters = base_filters
         self.num_blocks = num_blocks
         self.norm = norm
@@ -213,6 +222,18 @@ class ResnetGenerator(keras.Model):
         # Residual: a zero last layer makes r(x) = 0, so G starts as the identity.
         head_init = "zeros" if self.residual else "glorot_uniform"
         self.head = keras.layers.Conv2D(1, 7, padding="valid", kernel_initializer=head_init, name="head_conv")
+        self.skip = None
+        if self.residual and self.skip_kernel > 1:
+            identity = np.zeros((self.skip_kernel, self.skip_kernel, 1, 1), np.float32)
+            identity[self.skip_kernel // 2, self.skip_kernel // 2] = 1.0
+            self.skip_pad = ReflectionPadding2D(self.skip_kernel // 2, name="skip_pad")
+            self.skip = keras.layers.Conv2D(
+                1,
+                self.skip_kernel,
+                padding="valid",
+                kernel_initializer=keras.initializers.Constant(identity),
+                name="skip_conv",
+            )
 
     def check_input_shape(self, shape):
         """Raise ``ValueError`` unless ``shape`` is `(batch, height, width, 1)` with height and width
@@ -245,7 +266,9 @@ class ResnetGenerator(keras.Model):
         for layers in self.upsamplers:
             x = _conv_norm_relu(layers, x, training)
         correction = self.head(self.head_pad(x))
-        return images + correction if self.residual else correction
+        if not self.residual:
+            return correction
+        return (images if self.skip is None else self.skip(self.skip_pad(images))) + correction
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -258,6 +281,7 @@ class ResnetGenerator(keras.Model):
                 "num_blocks": self.num_blocks,
                 "norm": self.norm,
                 "residual": self.residual,
+                "skip_kernel": self.skip_kernel,
             }
         )
         return config
@@ -412,6 +436,7 @@ class ImageAlignmentModule(keras.Model):
         disc_layers: int, stride-2 layers of both discriminators (3 = 70x70 PatchGAN).
         norm: "instance", "batch" or "none", for all four networks.
         residual: bool, identity-initialised residual generators (see :class:`ResnetGenerator`).
+        skip_kernel: odd int, the generators' learnable identity-initialised skip (1: plain identity).
 
     Call arguments:
         assistant_images: float32 tensor `(batch, height, width, 1)`.
@@ -437,17 +462,23 @@ class ImageAlignmentModule(keras.Model):
         disc_layers=3,
         norm="instance",
         residual=True,
+        skip_kernel=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.residual = bool(residual)
+        self.skip_kernel = int(skip_kernel)
         self.base_filters = base_filters
         self.num_blocks = num_blocks
         self.disc_filters = disc_filters
         self.disc_layers = disc_layers
         self.norm = norm
-        self.assistant_to_target = ResnetGenerator(base_filters, num_blocks, norm, residual, name="assistant_to_target")
-        self.target_to_assistant = ResnetGenerator(base_filters, num_blocks, norm, residual, name="target_to_assistant")
+        self.assistant_to_target = ResnetGenerator(
+            base_filters, num_blocks, norm, residual, skip_kernel, name="assistant_to_target"
+        )
+        self.target_to_assistant = ResnetGenerator(
+            base_filters, num_blocks, norm, residual, skip_kernel, name="target_to_assistant"
+        )
         self.target_discriminator = PatchDiscriminator(disc_filters, disc_layers, norm, name="target_discriminator")
         self.assistant_discriminator = PatchDiscriminator(
             disc_filters, disc_layers, norm, name="assistant_discriminator"
@@ -496,6 +527,7 @@ class ImageAlignmentModule(keras.Model):
                 "disc_layers": self.disc_layers,
                 "norm": self.norm,
                 "residual": self.residual,
+                "skip_kernel": self.skip_kernel,
             }
         )
         return config

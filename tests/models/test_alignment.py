@@ -56,6 +56,33 @@ def test_untrained_residual_generator_returns_its_input_exactly():
     assert np.abs(np.asarray(plain(x)) - x).mean() > 0.1
 
 
+def test_skip_convolution_starts_as_the_identity_and_learns_to_smooth():
+    x = tf.constant(images(seed=5) * 3.0)
+    generator = ResnetGenerator(base_filters=4, num_blocks=1, skip_kernel=5)
+    generator.build(SHAPE)
+    assert generator.count_params() == 8025 + 5 * 5 + 1  # the skip's kernel and bias
+    np.testing.assert_allclose(np.asarray(generator(x, training=True)), np.asarray(x), rtol=0, atol=1e-6)
+    # A 3x3 box blur of x is reachable through the skip alone (r stays near zero): training moves towards it.
+    blurred = tf.nn.avg_pool2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "REFLECT"), 3, 1, "VALID")
+    optimizer = keras.optimizers.Adam(1e-2)
+
+    def loss():
+        return tf.reduce_mean(tf.abs(generator(x, training=True) - blurred))
+
+    first = float(loss())
+    for _ in range(20):
+        with tf.GradientTape() as tape:
+            value = loss()
+        optimizer.apply_gradients(
+            zip(tape.gradient(value, generator.trainable_variables), generator.trainable_variables)
+        )
+    assert float(loss()) < 0.5 * first
+    kernel = generator.skip.get_weights()[0][..., 0, 0]
+    assert kernel[2, 2] < 0.9 and kernel[1:4, 1:4].sum() > 0.8  # mass moved from the centre to its neighbours
+    with pytest.raises(ValueError, match="odd"):
+        ResnetGenerator(skip_kernel=4)
+
+
 def test_residual_generator_learns_a_change_of_appearance():
     # r's zero last layer still gets gradients, so one step moves G away from the identity.
     generator = ResnetGenerator(base_filters=4, num_blocks=1)
