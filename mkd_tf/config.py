@@ -31,6 +31,7 @@ ADDED_SINCE = {
     ("segmentor", "domain_norm"): False,
     ("loss", "syn_on_target"): 0.0,  # before it existed S_syn learnt the target only by distillation
     ("alignment", "skip_kernel"): 1,
+    ("loss", "structure"): 0.0,
 }
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
@@ -88,6 +89,7 @@ DEFAULTS = {
         "real_on_aligned": 0.0,  # mkd: S_real also supervised on aligned assistant images
         "syn_on_target": 1.0,  # mkd: S_syn also supervised on the labelled target images (0: the paper)
         "lambda_s2r_target": 0.0,  # mkd: S_syn -> S_real distillation also on target images (0: the paper)
+        "structure": 0.0,  # mkd: contrast-free structure loss between each image and its translation (0: the paper)
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },
@@ -147,6 +149,7 @@ RULES = {
         "real_on_aligned": NON_NEGATIVE,
         "syn_on_target": NON_NEGATIVE,
         "lambda_s2r_target": NON_NEGATIVE,
+        "structure": NON_NEGATIVE,
         "ummkd_temperature": POSITIVE,
         "ummkd_weight": NON_NEGATIVE,
     },

@@ -184,6 +184,41 @@ def cycle_loss(images, reconstructed):
     return _mean_per_example(tf.abs(images - reconstructed))
 
 
+def structure_loss(images, translated, window=7, epsilon=1e-4):
+    """Contrast-free structure loss between an image and its translation, per example.
+
+    L_s = mean_p ( 1 - NCC_p(x, G(x))^2 ),  NCC_p = cov_p / sqrt(var_p(x) var_p(G(x)) + epsilon)
+
+    with local means, variances and covariance over ``window x window`` neighbourhoods ``p``. It is zero
+    for any translation that is locally an affine intensity map (contrast compressed, expanded or
+    inverted, level shifted), so it lets G change appearance freely while edges must stay where they
+    are: anatomy is kept without the L1 cycle loss's pull towards the source's contrast.
+
+    Args:
+        images: float tensor `(batch, height, width, 1)`.
+        translated: float tensor of the same shape.
+        window: odd int, side of the neighbourhood.
+        epsilon: float, keeps flat neighbourhoods finite.
+
+    Returns:
+        float tensor `(batch,)`.
+    """
+    images = tf.convert_to_tensor(images)
+    translated = tf.cast(translated, images.dtype)
+    pad = window // 2
+
+    def local_mean(values):
+        padded = tf.pad(values, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        return tf.nn.avg_pool2d(padded, window, 1, "VALID")
+
+    mean_x, mean_y = local_mean(images), local_mean(translated)
+    var_x = tf.nn.relu(local_mean(images * images) - mean_x * mean_x)
+    var_y = tf.nn.relu(local_mean(translated * translated) - mean_y * mean_y)
+    cov = local_mean(images * translated) - mean_x * mean_y
+    squared_ncc = tf.square(cov) / (var_x * var_y + epsilon)
+    return _mean_per_example(1.0 - squared_ncc)
+
+
 def classwise_kl_loss(teacher_logits, student_logits, labels, num_classes, temperature=2.0, student_labels=None):
     """Class-wise averaged KL distillation of UMMKD (Dou et al., IEEE TMI 2020), a scalar.
 

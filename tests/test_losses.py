@@ -142,6 +142,30 @@ def test_cycle_loss_by_hand():
     np.testing.assert_allclose(result, [(0.1 + 0.2 + 0.3) / 3, 0.0], rtol=1e-5)
 
 
+def test_structure_loss_ignores_local_contrast_changes_and_sees_moved_edges():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 24, 24, 1)).astype(np.float32)
+    # Any affine intensity map (compressed, inverted, shifted) keeps the structure: loss ~0.
+    for translated in (0.2 * images - 3.0, -4.0 * images + 1.0):
+        np.testing.assert_allclose(losses.structure_loss(images, translated).numpy(), 0.0, atol=0.02)
+    # An unrelated image, or the same image moved by two pixels, loses it.
+    assert (losses.structure_loss(images, rng.normal(size=images.shape).astype(np.float32)).numpy() > 0.9).all()
+    assert (losses.structure_loss(images, np.roll(images, 2, axis=2)).numpy() > 0.8).all()
+    # By hand: every pixel's 3x3 window of the mirrored image, NCC^2 from its moments.
+    x = rng.normal(size=(1, 6, 6, 1))
+    y = np.tanh(x) + 0.3 * rng.normal(size=x.shape)
+    padded_x, padded_y = (np.pad(v[0, ..., 0], 1, mode="reflect") for v in (x, y))
+    terms = []
+    for row in range(6):
+        for col in range(6):
+            a, b = padded_x[row : row + 3, col : col + 3], padded_y[row : row + 3, col : col + 3]
+            cov = (a * b).mean() - a.mean() * b.mean()
+            terms.append(1.0 - cov**2 / (a.var() * b.var() + 1e-4))
+    result = losses.structure_loss(x.astype(np.float32), y.astype(np.float32), window=3).numpy()
+    assert result.shape == (1,)
+    np.testing.assert_allclose(result, [np.mean(terms)], rtol=1e-4)
+
+
 def test_classwise_kl_loss_by_hand():
     temperature = 2.0
     # Class-wise mean logits over the pixels labelled 0 (1 pixel), 1 (2 pixels), 2 (1 pixel).

@@ -71,6 +71,8 @@ class MKDLossWeights:
         lambda_s2r_target: weight of S_syn -> S_real distillation on target images as well (0: S_syn
             teaches S_real only on aligned assistant images, as in the paper; with it the two segmentors
             distil each other in both directions on the target, as in deep mutual learning).
+        structure: weight of the contrast-free structure loss (:func:`~mkd_tf.losses.structure_loss`)
+            between each image and its translation, for G and F (0: none, the paper).
     """
 
     temperature: float = 2.0
@@ -82,6 +84,7 @@ class MKDLossWeights:
     real_on_aligned: float = 0.0
     syn_on_target: float = 1.0
     lambda_s2r_target: float = 0.0
+    structure: float = 0.0
 
 
 def _to_unit(images):
@@ -332,7 +335,14 @@ class MKDModel(CrossModalityModel):
                 iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True),
             )
         )
-        return w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
+        generator_loss = w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
+        if w.structure:
+            logs["structure"] = self.average(
+                losses.structure_loss(assistant_images, aligned)
+                + losses.structure_loss(target_images, target_as_assistant)
+            )
+            generator_loss += w.structure * logs["structure"]
+        return generator_loss
 
     def finish_step(self, tape, segmentor_loss, generator_loss, logs):
         """Apply the segmentor, generator and discriminator updates recorded on ``tape``."""

@@ -298,6 +298,17 @@ def loss_term_reach(model, call, name="segmentation_loss"):
     return logs, recorded[call], {g for g, norm in reached.items() if norm > 0}
 
 
+def test_structure_loss_reaches_only_the_generators():
+    # structure calls: G(assistant) against the assistant, F(target) against the target
+    model = make_model(sgd=0.01, weights={"structure": 1.0})
+    logs, first, reached = loss_term_reach(model, 0, name="structure_loss")
+    assert reached == {"G"}
+    _, second, reached = loss_term_reach(make_model(sgd=0.01, weights={"structure": 1.0}), 1, name="structure_loss")
+    assert reached == {"F"}
+    assert float(logs["structure"]) == pytest.approx(float(tf.reduce_mean(first + second)), rel=1e-4)
+    assert "structure" not in make_model(sgd=0.01).train_step(make_batch())  # off by default (the paper)
+
+
 def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
     # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT, S_real on aligned
     logs, loss, reached = loss_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 3)
