@@ -16,9 +16,10 @@ segmentor S_real that learns on target images. :meth:`MKDModel.train_step` reads
    segmentor is only taught, never pulled towards its student, which keeps the two from collapsing
    onto each other's mistakes; the aligned images are stop-gradient in the KD terms too, so the
    generator learns from adversarial, cycle and segmentation losses only;
-4. IAM: least-squares adversarial + L1 cycle losses for G and F, and S_syn's segmentation loss on
-   aligned images also flows into G so that alignment keeps anatomy; the discriminators learn to
-   tell real from aligned images;
+4. IAM: least-squares adversarial + L1 cycle losses for G and F (optionally a contrast-free structure
+   loss between each image and its translation, ``loss_weights.structure``), and S_syn's segmentation
+   loss on aligned images also flows into G so that alignment keeps anatomy; the discriminators learn
+   to tell real from aligned images;
 5. three optimizers (segmentors, generators, discriminators), built inside the strategy scope.
 
 Domain normalisation (``domain_norm=True``): each segmentor keeps **one batch-norm set per input
@@ -313,7 +314,8 @@ class MKDModel(CrossModalityModel):
 
     def alignment_losses(self, assistant_images, target_images, aligned, logs):
         """CycleGAN losses of the IAM (call inside the tape): returns the generators' adversarial +
-        cycle loss and records ``adversarial``, ``cycle`` and ``discriminator`` in ``logs``."""
+        cycle (+ ``structure``, when its weight is set) loss and records ``adversarial``, ``cycle``,
+        ``discriminator`` (and ``structure``) in ``logs``."""
         w, iam = self.loss_weights, self.alignment
         target_as_assistant = iam.target_to_assistant(target_images, training=True)
         assistant_cycle = iam.target_to_assistant(aligned, training=True)
