@@ -21,6 +21,7 @@ import argparse
 
 import numpy as np
 
+from mkd_tf import metrics
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.training import load_run
 
@@ -43,22 +44,25 @@ def aligned_images(model, images, batch=64):
     return np.concatenate(out)
 
 
+def gap_closed(raw, aligned, target):
+    """Per structure, ``1 - |aligned - target| / |raw - target|`` of the means (``None`` where a structure
+    is absent from the assistant or the target)."""
+    return [
+        None if a is None or t is None else 1 - abs(g[0] - t[0]) / max(abs(a[0] - t[0]), 1e-6)
+        for a, g, t in zip(raw, aligned, target)
+    ]
+
+
 def judge_dice(judge, images, labels, num_classes, batch=64):
-    """Mean foreground Dice (%) of ``judge``'s main predictor on ``images`` against ``labels`` (all slices
-    pooled per structure)."""
+    """Mean foreground Dice (%) of ``judge``'s main predictor on ``images`` against ``labels`` (overlaps
+    pooled over all slices, as validation Dice is)."""
     which = judge.predictor_names()[-1]
-    predicted = np.concatenate(
-        [
-            np.argmax(judge.predict_probabilities(images[start : start + batch, ..., None], which).numpy(), -1)
-            for start in range(0, len(images), batch)
-        ]
-    )
-    dice = []
-    for value in range(1, num_classes):
-        both = ((predicted == value) & (labels == value)).sum()
-        total = (predicted == value).sum() + (labels == value).sum()
-        dice.append(2.0 * both / total if total else 1.0)
-    return 100.0 * float(np.mean(dice))
+    overlaps = 0.0
+    for start in range(0, len(images), batch):
+        probabilities = judge.predict_probabilities(images[start : start + batch, ..., None], which)
+        predicted = np.argmax(probabilities.numpy(), axis=-1)
+        overlaps = overlaps + metrics.class_overlaps(predicted, labels[start : start + batch], num_classes)
+    return 100.0 * float(np.mean(metrics.dice_of_overlaps(overlaps)[1:]))
 
 
 def main():
@@ -85,16 +89,14 @@ def main():
         print(f"\n{run}\n")
         print("| structure | MRI mean | aligned mean | CT mean | gap closed | MRI std | aligned std | CT std |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        closed = []
-        for index, (name, a, g, t) in enumerate(zip(classes, raw, aligned, target)):
-            if a is None or t is None:
+        fractions = gap_closed(raw, aligned, target)
+        for name, a, g, t, fraction in zip(classes, raw, aligned, target, fractions):
+            if fraction is None:
                 continue
-            fraction = 1 - abs(g[0] - t[0]) / max(abs(a[0] - t[0]), 1e-6)
-            if index > 0:
-                closed.append(fraction)
             cells = f"{a[0]:.2f} | {g[0]:.2f} | {t[0]:.2f} | {fraction:.2f} | {a[1]:.2f} | {g[1]:.2f} | {t[1]:.2f}"
             print(f"| {name} | {cells} |")
-        print(f"\ngap closed, mean over the foreground structures: {np.mean(closed):.2f}")
+        closed = np.mean([fraction for fraction in fractions[1:] if fraction is not None])
+        print(f"\ngap closed, mean over the foreground structures: {closed:.2f}")
         if judge is not None:
             raw_dice = judge_dice(judge, assistant, assistant_labels, len(classes))
             aligned_dice = judge_dice(judge, aligned_slices, assistant_labels, len(classes))

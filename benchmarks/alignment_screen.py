@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 import yaml
-from alignment_gap import aligned_images, structure_statistics
+from alignment_gap import aligned_images, gap_closed, structure_statistics
 
 from mkd_tf.config import load_config
 from mkd_tf.data.cache import SliceCache
@@ -40,13 +40,11 @@ def parse_overrides(pairs):
     return overrides
 
 
-def gap_closed(model, assistant, assistant_labels, raw, target, num_classes):
+def alignment_summary(model, assistant, assistant_labels, raw, target, num_classes):
     """(mean gap closed over the foreground, mean within-structure std of G's output)."""
     aligned = structure_statistics(aligned_images(model, assistant), assistant_labels, num_classes)
-    closed = [
-        1 - abs(aligned[c][0] - target[c][0]) / max(abs(raw[c][0] - target[c][0]), 1e-6) for c in range(1, num_classes)
-    ]
-    return float(np.mean(closed)), float(np.mean([aligned[c][1] for c in range(1, num_classes)]))
+    closed = [fraction for fraction in gap_closed(raw, aligned, target)[1:] if fraction is not None]
+    return float(np.mean(closed)), float(np.mean([stats[1] for stats in aligned[1:] if stats is not None]))
 
 
 def main():
@@ -93,7 +91,7 @@ def main():
     for step in range(1, args.steps + 1):
         logs = alignment_step(next(batches))
         if step % args.every == 0:
-            closed, std = gap_closed(model, assistant, assistant_labels, raw, target, classes)
+            closed, std = alignment_summary(model, assistant, assistant_labels, raw, target, classes)
             losses = " | ".join(f"{float(logs[key]):.3f}" for key in ("adversarial", "cycle", "discriminator"))
             print(f"| {step} | {closed:.2f} | {std:.2f} | {losses} | {time.time() - start:.0f} |", flush=True)
 

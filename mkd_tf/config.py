@@ -241,27 +241,22 @@ def load_config(path=None, overrides=None, recorded=False):
         _merge(config, _kind_first(_drop_none(overrides)), "command line")
     if config["method"] not in METHODS:
         fail("config", f"unknown method '{config['method']}' (choose from {', '.join(METHODS)})")
-    check_config(config, path if path is not None else "config")
+    where = path if path is not None else "config"
+    check_config(config, where)
     segmentor, method = config["segmentor"], registry.METHODS[config["method"]]
     if segmentor["domain_norm"] is None or method.domain_norm is None:  # recorded as what the run does
         segmentor["domain_norm"] = bool(method.domain_norm)
-    if config["alignment"]["skip_kernel"] % 2 == 0:
-        fail(
-            path if path is not None else "config",
-            f"setting 'alignment.skip_kernel' must be odd, got {config['alignment']['skip_kernel']}",
-        )
-    select_by = config["schedule"]["select_by"]
+    skip_kernel, select_by = config["alignment"]["skip_kernel"], config["schedule"]["select_by"]
+    if skip_kernel % 2 == 0:
+        fail(where, f"setting 'alignment.skip_kernel' must be odd, got {skip_kernel}")
     if select_by is not None and select_by not in method.predictors:
         fail(
-            path if path is not None else "config",
+            where,
             f"setting 'schedule.select_by' must be one of {', '.join(method.predictors)} for method "
             f"{config['method']}, got {select_by!r}",
         )
     if segmentor["domain_norm"] and segmentor["norm"] != "batch":
-        fail(
-            path if path is not None else "config",
-            f"setting 'segmentor.domain_norm' needs segmentor.norm: batch, got {segmentor['norm']!r}",
-        )
+        fail(where, f"setting 'segmentor.domain_norm' needs segmentor.norm: batch, got {segmentor['norm']!r}")
     return config
 
 

@@ -184,3 +184,12 @@ def test_an_even_skip_kernel_fails_in_one_line():
     with pytest.raises(MkdError) as raised:
         load_config(overrides={"alignment": {"skip_kernel": 4}})
     assert str(raised.value) == "config: setting 'alignment.skip_kernel' must be odd, got 4"
+
+
+def test_select_by_must_be_a_predictor_of_the_method(tmp_path):
+    path = write(tmp_path / "cfg.yaml", "method: finetune\nschedule: {select_by: syn}\n")
+    with pytest.raises(MkdError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}: setting 'schedule.select_by' must be one of finetune for method finetune, got 'syn'"
+    )

@@ -447,15 +447,6 @@ def test_select_by_ranks_epochs_by_that_predictor(tmp_path, cache_path):
     assert history["best"] == {"epoch": int(np.argmax(scores)) + 1, "score": max(scores), "predictor": "syn"}
 
 
-def test_select_by_must_be_a_predictor_of_the_method(tmp_path):
-    path = tiny_runs.write_yaml(tmp_path / "cfg.yaml", {"method": "finetune", "schedule": {"select_by": "syn"}})
-    with pytest.raises(MkdError) as raised:
-        load_config(path)
-    assert str(raised.value) == (
-        f"{path}: setting 'schedule.select_by' must be one of finetune for method finetune, got 'syn'"
-    )
-
-
 def test_without_validation_data_the_last_epoch_is_best(tmp_path, tmp_path_factory):
     """A cache with no target val split: no Dice to rank by, so best/ follows the latest epoch."""
     from mkd_tf.data.prepare import PrepareOptions, prepare_cache
