@@ -23,8 +23,9 @@ What is measured, per slice size and method (built by ``mkd_tf.training.build_me
 - The step is ``mkd_tf.training.step_functions(strategy, model)``'s ``tf.function`` (the one ``mkd
   train`` calls), traced with fixed shapes. For ``mkd`` the row ``mkd`` is the mutual-distillation
   step (``train_step``); ``mkd (warm start)`` is its ``pretrain_step``, run for the first
-  ``schedule.mkd_pretrain`` (50 %) of the steps. ``finetune`` has a ``tf.cond`` over its two phases
-  (same cost each); the timed steps run the assistant phase.
+  ``schedule.mkd_pretrain`` of the steps (70 % by default; 50 % when the README's cost tables were
+  measured). ``finetune`` has a ``tf.cond`` over its two phases (same cost each); the timed steps run
+  the assistant phase.
 
 Columns of the FLOP table:
 

@@ -215,6 +215,12 @@ register_variant(
 )
 register_variant("mkd-no-pretrain", "mkd", {"schedule": {"mkd_pretrain": 0.0}}, "MKD without the warm start")
 register_variant(
+    "mkd-warm-start-0.5",
+    "mkd",
+    {"schedule": {"mkd_pretrain": 0.5}},
+    "MKD with the warm start over half the steps (the default before 2026-11-29, 0.7 since)",
+)
+register_variant(
     "mkd-plain-iam",
     "mkd",
     {"alignment": {"residual": False}},
@@ -258,6 +264,12 @@ register_variant(
     "joint with one batch-norm set shared by both modalities",
 )
 register_variant("finetune-no-ema", "finetune", {"optimizer": {"ema": False}}, "finetune with raw weights")
+register_variant(
+    "finetune-switch-0.7",
+    "finetune",
+    {"schedule": {"finetune_switch": 0.7}},
+    "finetune with 70 % of the steps on the assistant (MKD's warm-start share)",
+)
 register_variant("target-only-no-ema", "target-only", {"optimizer": {"ema": False}}, "target-only with raw weights")
 
 # --- segmentor architectures ----------------------------------------------------------------------

@@ -30,6 +30,7 @@ from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder, read_json
+from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS
 from mkd_tf.run_folder import RunFolder
 
 
@@ -63,12 +64,21 @@ def make_strategy(name, worker_timeout=600.0):
 def resume_settings(config):
     """The settings a run folder's training must share with a command that resumes it, flattened to
     ``section.key``: :func:`~mkd_tf.config.learning_settings` without the ``loss`` settings the method
-    does not read (a default changed for MKD does not make a finished baseline run "different")."""
-    used = registry.load(registry.METHODS[config["method"]].model).loss_settings
+    does not read, nor another method's ``schedule`` settings (a default changed for MKD does not make a
+    finished baseline run "different")."""
+    model = registry.load(registry.METHODS[config["method"]].model)
+
+    def read(section, name):
+        if section == "loss":
+            return name in model.loss_settings
+        if section == "schedule" and name in METHOD_SCHEDULE_SETTINGS:
+            return name in model.schedule_settings
+        return True
+
     flat = {}
     for key, value in learning_settings(config).items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{name}": v for name, v in value.items() if key != "loss" or name in used})
+            flat.update({f"{key}.{name}": v for name, v in value.items() if read(key, name)})
         else:
             flat[key] = value
     return flat

@@ -193,3 +193,12 @@ def test_select_by_must_be_a_predictor_of_the_method(tmp_path):
     assert str(raised.value) == (
         f"{path}: setting 'schedule.select_by' must be one of finetune for method finetune, got 'syn'"
     )
+
+
+def test_average_teachers_needs_the_moving_averages():
+    with pytest.raises(MkdError) as raised:
+        load_config(overrides={"loss": {"average_teachers": True}, "optimizer": {"ema": False}})
+    assert str(raised.value) == (
+        "config: setting 'loss.average_teachers' needs optimizer.ema: true (the averages it distils from)"
+    )
+    assert load_config(overrides={"loss": {"average_teachers": True}})["loss"]["average_teachers"] is True

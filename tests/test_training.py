@@ -190,6 +190,15 @@ def test_resuming_compares_only_the_loss_settings_the_method_reads():
     for method, differs in (("target-only", []), ("ummkd", []), ("mkd", ["loss.syn_on_target"])):
         before, now = (resume_settings(load_config(overrides={"method": method, **o})) for o in (paper, {"seed": 3}))
         assert sorted(k for k in now if now[k] != before[k]) == differs, method
+    # the same for the schedule settings of one method: MKD's warm start, finetune's switch
+    for method, differs in (
+        ("ummkd", []),
+        ("finetune", ["schedule.finetune_switch"]),
+        ("mkd", ["schedule.mkd_pretrain"]),
+    ):
+        other = {"schedule": {"mkd_pretrain": 0.5, "finetune_switch": 0.3}, "seed": 3}
+        before, now = (resume_settings(load_config(overrides={"method": method, **o})) for o in (other, {"seed": 3}))
+        assert sorted(k for k in now if now[k] != before.get(k)) == differs, method
     ummkd = resume_settings(load_config(overrides={"method": "ummkd", "loss": {"ummkd_weight": 2.0}}))
     assert ummkd["loss.ummkd_weight"] == 2.0 and "loss.temperature" not in ummkd and ummkd["segmentor.depth"] == 4
 

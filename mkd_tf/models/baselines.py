@@ -135,6 +135,7 @@ class FinetuneModel(SingleSegmentorModel):
     """
 
     predictor_name = "finetune"
+    schedule_settings = ("finetune_switch",)
 
     def __init__(self, *args, switch_step=0, **kwargs):
         super().__init__(*args, **kwargs)

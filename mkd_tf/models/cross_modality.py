@@ -17,6 +17,10 @@ import keras
 import tensorflow as tf
 
 
+#: ``schedule`` settings that only some methods read (a method lists its own in ``schedule_settings``)
+METHOD_SCHEDULE_SETTINGS = ("mkd_pretrain", "finetune_switch")
+
+
 class CrossModalityModel(keras.Model):
     """Base class of the methods: MKD and its baselines.
 
@@ -34,6 +38,8 @@ class CrossModalityModel(keras.Model):
     streams = ("assistant", "target", "target_labelled")
     #: the ``loss`` settings :meth:`from_settings` reads (the others cannot change what it learns)
     loss_settings = ()
+    #: the method-specific ``schedule`` settings (:data:`METHOD_SCHEDULE_SETTINGS`) :meth:`from_settings` reads
+    schedule_settings = ()
 
     def __init__(self, num_classes, global_batch_size, **kwargs):
         super().__init__(**kwargs)

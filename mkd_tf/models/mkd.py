@@ -41,6 +41,7 @@ the labelled target slices (``loss_weights.syn_on_target=1``), as S_real is; ``0
 from dataclasses import asdict, dataclass, fields
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mkd_tf import losses
@@ -74,6 +75,16 @@ class MKDLossWeights:
             distil each other in both directions on the target, as in deep mutual learning).
         structure: weight of the contrast-free structure loss (:func:`~mkd_tf.losses.structure_loss`)
             between each image and its translation, for G and F (0: none, the paper).
+        pretrain_on_target: weight of a supervised loss of both segmentors on the labelled target images
+            during the warm start (0: the warm start sees the assistant only, as finetune's first phase;
+            > 0: it trains the target's batch-norm set too, which then is not copied from the assistant's).
+        average_teachers: distil from each teacher segmentor's exponential moving average of weights (the
+            segmentor optimizer's ``use_ema`` averages, a mean teacher) instead of its current weights
+            (False: the paper's online teachers).
+        student_perturbation: s > 0 shows each student of the paper's two KD terms (S_real on aligned
+            images, S_syn on target images) a perturbed view while its teacher sees the clean one: per
+            slice, contrast ``c ~ U(1 - s, 1 + s)`` about the slice mean plus Gaussian noise of ``s`` times
+            the slice's std (0: both see the same images, the paper).
     """
 
     temperature: float = 2.0
@@ -86,6 +97,9 @@ class MKDLossWeights:
     syn_on_target: float = 1.0
     lambda_s2r_target: float = 0.0
     structure: float = 0.0
+    pretrain_on_target: float = 0.0
+    average_teachers: bool = False
+    student_perturbation: float = 0.0
 
 
 def _to_unit(images):
@@ -122,6 +136,7 @@ class MKDModel(CrossModalityModel):
     """
 
     loss_settings = tuple(field.name for field in fields(MKDLossWeights))
+    schedule_settings = ("mkd_pretrain",)
 
     def __init__(
         self,
@@ -147,6 +162,9 @@ class MKDModel(CrossModalityModel):
         )
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
         self.domain_norm = bool(domain_norm)
+        # the run's seed for the students' perturbations (drawn from the seeded global RNG only when used, so
+        # that runs without it draw the same initial weights as before)
+        self.perturbation_seed = int(np.random.randint(0, 2**20)) if self.loss_weights.student_perturbation else 0
         domains = {"num_domains": 2, "default_domain": TARGET_DOMAIN} if self.domain_norm else {}
         # Without S_real -> S_syn distillation, its own target supervision and S_syn -> S_real distillation
         # on target images, S_syn never sees a target image in training: its target batch-norm set would
@@ -206,6 +224,40 @@ class MKDModel(CrossModalityModel):
             losses.segmentation_loss(labelled_target["label"], tf.nn.softmax(logits)) * labelled_target["has_label"]
         )
 
+    def teacher(self, segmentor, student_logits, images, domain):
+        """Stop-gradient teacher logits of ``segmentor`` on ``images``: ``student_logits`` (its current
+        weights, already computed) or, with ``average_teachers``, the same training-mode pass with its
+        optimizer's moving average of the weights (its batch-norm statistics are left untouched)."""
+        if not self.loss_weights.average_teachers:
+            return tf.stop_gradient(student_logits)
+        averages = {id(variable): average for variable, average in self.moving_averages()}
+        averaged = [averages[id(variable)] for variable in segmentor.trainable_variables]
+        logits, _ = segmentor.stateless_call(
+            averaged,
+            segmentor.non_trainable_variables,
+            images,
+            training=True,
+            domain=domain if self.domain_norm else None,
+        )
+        return tf.stop_gradient(logits)
+
+    def student_view(self, images, stream):
+        """``images`` as a KD student sees them: unchanged, or with ``student_perturbation`` s > 0 each slice
+        re-contrasted by ``c ~ U(1 - s, 1 + s)`` about its mean plus noise ``N(0, (s * std)^2)``. Stateless
+        draws from (run seed, step, replica, ``stream``), so a run repeats and replicas differ."""
+        strength = self.loss_weights.student_perturbation
+        if not strength:
+            return images
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seed = tf.stack([self.step_counter, tf.cast(replica, tf.int64) * 2 + stream + 1000 * self.perturbation_seed])
+        contrast_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+        mean, variance = tf.nn.moments(images, axes=[1, 2, 3], keepdims=True)
+        contrast = tf.random.stateless_uniform(
+            tf.shape(mean), contrast_seed, minval=1.0 - strength, maxval=1.0 + strength
+        )
+        noise = tf.random.stateless_normal(tf.shape(images), noise_seed)
+        return (images - mean) * contrast + mean + strength * tf.sqrt(variance) * noise
+
     def build_for(self, image_shape):
         shape = (None,) + tuple(image_shape)
         self.synthetic_segmentor.build(shape)
@@ -246,7 +298,9 @@ class MKDModel(CrossModalityModel):
                 segmentation += w.syn_on_target * logs["seg_syn_target"]
 
             if self.kd_s2r or w.real_on_aligned:
-                real_on_aligned = self.on_assistant(self.real_segmentor, tf.stop_gradient(aligned))
+                real_on_aligned = self.on_assistant(
+                    self.real_segmentor, self.student_view(tf.stop_gradient(aligned), 0)
+                )
             if w.real_on_aligned:
                 logs["seg_real_aligned"] = self.average(
                     losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_on_aligned))
@@ -257,20 +311,32 @@ class MKDModel(CrossModalityModel):
             distillation = 0.0
             if self.kd_s2r:
                 logs["kd_s2r"] = self.average(
-                    losses.distillation_loss(tf.stop_gradient(syn_on_aligned), real_on_aligned, w.temperature)
+                    losses.distillation_loss(
+                        self.teacher(self.synthetic_segmentor, syn_on_aligned, aligned, ASSISTANT_DOMAIN),
+                        real_on_aligned,
+                        w.temperature,
+                    )
                 )
                 distillation += w.lambda_s2r * logs["kd_s2r"]
             if self.kd_r2s or w.lambda_s2r_target:
                 real_on_target = self.on_target(self.real_segmentor, target["image"])
-                syn_on_target = self.on_target(self.synthetic_segmentor, target["image"])
+                syn_on_target = self.on_target(self.synthetic_segmentor, self.student_view(target["image"], 1))
             if self.kd_r2s:
                 logs["kd_r2s"] = self.average(
-                    losses.distillation_loss(tf.stop_gradient(real_on_target), syn_on_target, w.temperature)
+                    losses.distillation_loss(
+                        self.teacher(self.real_segmentor, real_on_target, target["image"], TARGET_DOMAIN),
+                        syn_on_target,
+                        w.temperature,
+                    )
                 )
                 distillation += w.lambda_r2s * logs["kd_r2s"]
             if w.lambda_s2r_target:  # the same two forward passes, the other direction
                 logs["kd_s2r_target"] = self.average(
-                    losses.distillation_loss(tf.stop_gradient(syn_on_target), real_on_target, w.temperature)
+                    losses.distillation_loss(
+                        self.teacher(self.synthetic_segmentor, syn_on_target, target["image"], TARGET_DOMAIN),
+                        real_on_target,
+                        w.temperature,
+                    )
                 )
                 distillation += w.lambda_s2r_target * logs["kd_s2r_target"]
             segmentor_loss = segmentation + distillation
@@ -285,10 +351,13 @@ class MKDModel(CrossModalityModel):
 
     def pretrain_step(self, batch):
         """Warm start, the first ``pretrain_steps`` steps: both segmentors learn the assistant's labels on
-        raw assistant images (no target, no distillation: exactly the first phase of the finetune
-        baseline), while the IAM trains on its adversarial and cycle losses alone, so that G already
-        aligns when distillation starts."""
+        raw assistant images (no distillation: with ``pretrain_on_target`` 0, exactly the first phase of
+        the finetune baseline; above 0 they learn the labelled target slices too, as joint does), while
+        the IAM trains on its adversarial and cycle losses alone, so that G already aligns when
+        distillation starts."""
+        w = self.loss_weights
         assistant, target = batch["assistant"], batch["target"]
+        labelled_target = batch.get("target_labelled")
         logs = {}
         with tf.GradientTape(persistent=True) as tape:
             per_example = [
@@ -299,6 +368,12 @@ class MKDModel(CrossModalityModel):
             ]
             logs["seg_syn"], logs["seg_real"] = (self.average(loss) for loss in per_example)
             segmentor_loss = logs["seg_syn"] + logs["seg_real"]
+            if labelled_target is not None and w.pretrain_on_target:
+                logs["seg_target"] = sum(
+                    self.supervised_on_target(model, labelled_target)
+                    for model in (self.synthetic_segmentor, self.real_segmentor)
+                )
+                segmentor_loss += w.pretrain_on_target * logs["seg_target"]
             generator_loss = None
             if self.use_iam:
                 aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
@@ -306,9 +381,10 @@ class MKDModel(CrossModalityModel):
         return self.finish_step(tape, segmentor_loss, generator_loss, logs)
 
     def end_pretraining(self):
-        """With ``domain_norm`` the warm start trained only the assistant's batch-norm set: start the
-        target's from it (the kernels were learnt with those scales and statistics), not from scratch."""
-        if self.domain_norm:
+        """With ``domain_norm`` a warm start on the assistant alone trained only the assistant's batch-norm
+        set: start the target's from it (the kernels were learnt with those scales and statistics), not
+        from scratch. With ``pretrain_on_target`` the target's set has learnt from target slices: keep it."""
+        if self.domain_norm and not self.loss_weights.pretrain_on_target:
             for segmentor in (self.synthetic_segmentor, self.real_segmentor):
                 self.copy_variables(segmentor.domain_variable_pairs(ASSISTANT_DOMAIN, TARGET_DOMAIN))
 

@@ -441,3 +441,99 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
         not np.array_equal(b, a) for b, a in zip(syn_target_before, _norm_stats(supervised.synthetic_segmentor, 1))
     ]
     assert all(moved)  # the labelled target slices train it
+
+
+def _ema_model(**kwargs):
+    """A built domain-norm model whose segmentor optimizer keeps a moving average (momentum 0.5)."""
+    keras.utils.set_random_seed(1)
+    optimizers = {k: keras.optimizers.SGD(0.1) for k in ("generators", "discriminators")}
+    optimizers["segmentors"] = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
+    model = MKDModel(
+        CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, domain_norm=True, optimizers=optimizers, **kwargs
+    )
+    model.build_for((SIZE, SIZE, 1))
+    model.build_optimizers()
+    return model
+
+
+def test_warm_start_on_the_labelled_target_trains_and_keeps_the_target_set():
+    """``pretrain_on_target``: the warm start also supervises both segmentors on the labelled target slices
+    (their target batch-norm set), and its end keeps that set instead of copying the assistant's."""
+    model = _ema_model(pretrain_steps=1, loss_weights={"pretrain_on_target": 0.5})
+    batch = make_batch(0)
+    expected = sum(
+        float(model.supervised_on_target(segmentor, batch["target_labelled"]))
+        for segmentor in (_ema_model().synthetic_segmentor, _ema_model().real_segmentor)
+    )
+    target_before = _norm_stats(model.real_segmentor, 1)
+    logs = model.pretrain_step(batch)
+    assert float(logs["seg_target"]) == pytest.approx(expected, rel=1e-4)
+    assert float(logs["total"]) == pytest.approx(
+        float(logs["seg_syn"]) + float(logs["seg_real"]) + 0.5 * expected, rel=1e-4
+    )
+    target_after = _norm_stats(model.real_segmentor, 1)
+    assert not any(np.array_equal(a, b) for a, b in zip(target_before, target_after))
+    model.end_pretraining()
+    for kept, now in zip(target_after, _norm_stats(model.real_segmentor, 1)):
+        np.testing.assert_array_equal(kept, now)
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(_norm_stats(model.real_segmentor, 0), _norm_stats(model.real_segmentor, 1))
+    )
+    assert "seg_target" not in _ema_model(pretrain_steps=1).pretrain_step(batch)  # off by default
+
+
+def test_average_teachers_distil_from_the_moving_average_weights():
+    """``average_teachers``: each KD term's teacher is the segmentor run with its optimizer's moving average
+    of the weights (training mode, batch statistics untouched); the student keeps its current weights."""
+    model = _ema_model(loss_weights={"average_teachers": True})
+    for seed in (0, 2):  # the first step sets each average to the weights; the second moves them apart
+        model.train_step(make_batch(seed))
+    batch = make_batch(1)
+    real, syn = model.real_segmentor, model.synthetic_segmentor
+    averages = {id(variable): average for variable, average in model.moving_averages()}
+    saved = [v.numpy().copy() for v in real.variables]
+    assert not all(np.array_equal(v.numpy(), averages[id(v)].numpy()) for v in real.trainable_variables)
+    student = syn(batch["target"]["image"], training=True, domain=1)
+    for variable in real.trainable_variables:
+        variable.assign(averages[id(variable)])
+    teacher = real(batch["target"]["image"], training=True, domain=1)
+    for variable, value in zip(real.variables, saved):
+        variable.assign(value)
+    expected = float(tf.reduce_mean(losses.distillation_loss(teacher, student, 2.0)))
+    stats_before = _norm_stats(real, 1)
+    logs = model.train_step(batch)
+    assert float(logs["kd_r2s"]) == pytest.approx(expected, rel=1e-4)
+    # S_real's target statistics moved once (its own supervised and live passes), as without the option:
+    # the teacher pass itself leaves them alone.
+    reference = _ema_model()
+    for seed in (0, 2):
+        reference.train_step(make_batch(seed))
+    for variable, value in zip(reference.real_segmentor.variables, saved):
+        variable.assign(value)
+    reference.train_step(batch)
+    for ours, theirs in zip(_norm_stats(real, 1), _norm_stats(reference.real_segmentor, 1)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    assert not all(np.array_equal(a, b) for a, b in zip(stats_before, _norm_stats(real, 1)))
+
+
+def test_student_perturbation_shows_the_kd_students_a_perturbed_view():
+    """``student_perturbation``: S_syn learns S_real's clean-view prediction on target images from a
+    re-contrasted, noisy view (the same for the same step, another for the other stream)."""
+    model = make_model(sgd=0.1, weights={"student_perturbation": 0.3})
+    batch = make_batch(0)
+    images = batch["target"]["image"]
+    view = model.student_view(images, 1)
+    np.testing.assert_array_equal(view, model.student_view(images, 1))  # stateless: repeatable
+    assert not np.allclose(view, model.student_view(images, 0))
+    change = (view - images).numpy()
+    # the perturbation is of the size asked for: noise of 0.3 x the slice std (contrast changes add a little)
+    assert 0.25 < change.std() / images.numpy().std() < 0.45
+    real, syn = model.real_segmentor, model.synthetic_segmentor
+    expected = float(
+        tf.reduce_mean(losses.distillation_loss(real(images, training=True), syn(view, training=True), 2.0))
+    )
+    logs = model.train_step(batch)
+    assert float(logs["kd_r2s"]) == pytest.approx(expected, rel=1e-4)
+    assert not np.allclose(model.student_view(images, 1), view)  # the next step draws anew
+    unperturbed = make_model()
+    assert unperturbed.student_view(images, 1) is images and unperturbed.perturbation_seed == 0
