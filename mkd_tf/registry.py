@@ -265,10 +265,10 @@ register_variant(
 )
 register_variant("finetune-no-ema", "finetune", {"optimizer": {"ema": False}}, "finetune with raw weights")
 register_variant(
-    "finetune-switch-0.7",
+    "finetune-switch-0.5",
     "finetune",
-    {"schedule": {"finetune_switch": 0.7}},
-    "finetune with 70 % of the steps on the assistant (MKD's warm-start share)",
+    {"schedule": {"finetune_switch": 0.5}},
+    "finetune switching to the target half-way (the default before 2026-11-29, 0.7 since)",
 )
 register_variant("target-only-no-ema", "target-only", {"optimizer": {"ema": False}}, "target-only with raw weights")
 
