@@ -24,7 +24,7 @@ from mkd_tf.training import train
 DEMO_TRAINING = {
     "method": "mkd",
     "data": {"batch_size": 8},
-    # A 300-step budget: a short warm start and a short averaging horizon (the benchmark's 0.5 and 0.99
+    # A 300-step budget: a short warm start and a short averaging horizon (the benchmark's 0.7 and 0.99
     # are for 1000 steps; 0.99 averages over ~100 steps, a third of this budget).
     "schedule": {"epochs": 4, "steps_per_epoch": 75, "mkd_pretrain": 0.2},
     "optimizer": {"ema_momentum": 0.95},
