@@ -144,10 +144,14 @@ class CrossModalityModel(keras.Model):
             pairs += list(zip(variables, optimizer._model_variables_moving_average))
         return pairs
 
+    def average_by_variable(self):
+        """``{id(variable): its moving average}`` over :meth:`moving_averages` (variables are not hashable)."""
+        return {id(variable): average for variable, average in self.moving_averages()}
+
     def copy_variables(self, pairs):
         """Assign each ``(source, destination)`` variable pair, and the optimizer's moving average of
         ``destination`` (``use_ema``) from that of ``source``, so the averaged weights follow too."""
-        averages = {id(variable): average for variable, average in self.moving_averages()}
+        averages = self.average_by_variable()
         for source, destination in pairs:
             destination.assign(source)
             if id(source) in averages and id(destination) in averages:

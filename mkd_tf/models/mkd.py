@@ -230,7 +230,7 @@ class MKDModel(CrossModalityModel):
         optimizer's moving average of the weights (its batch-norm statistics are left untouched)."""
         if not self.loss_weights.average_teachers:
             return tf.stop_gradient(student_logits)
-        averages = {id(variable): average for variable, average in self.moving_averages()}
+        averages = self.average_by_variable()
         averaged = [averages[id(variable)] for variable in segmentor.trainable_variables]
         logits, _ = segmentor.stateless_call(
             averaged,

@@ -461,9 +461,10 @@ def test_warm_start_on_the_labelled_target_trains_and_keeps_the_target_set():
     (their target batch-norm set), and its end keeps that set instead of copying the assistant's."""
     model = _ema_model(pretrain_steps=1, loss_weights={"pretrain_on_target": 0.5})
     batch = make_batch(0)
+    untrained = _ema_model()  # the same initial weights (seeded), before the step
     expected = sum(
         float(model.supervised_on_target(segmentor, batch["target_labelled"]))
-        for segmentor in (_ema_model().synthetic_segmentor, _ema_model().real_segmentor)
+        for segmentor in (untrained.synthetic_segmentor, untrained.real_segmentor)
     )
     target_before = _norm_stats(model.real_segmentor, 1)
     logs = model.pretrain_step(batch)
@@ -490,7 +491,7 @@ def test_average_teachers_distil_from_the_moving_average_weights():
         model.train_step(make_batch(seed))
     batch = make_batch(1)
     real, syn = model.real_segmentor, model.synthetic_segmentor
-    averages = {id(variable): average for variable, average in model.moving_averages()}
+    averages = model.average_by_variable()
     saved = [v.numpy().copy() for v in real.variables]
     assert not all(np.array_equal(v.numpy(), averages[id(v)].numpy()) for v in real.trainable_variables)
     student = syn(batch["target"]["image"], training=True, domain=1)
