@@ -35,6 +35,8 @@ ADDED_SINCE = {
     ("loss", "pretrain_on_target"): 0.0,
     ("loss", "average_teachers"): False,
     ("loss", "student_perturbation"): 0.0,
+    ("loss", "aligned_as_target"): 0.0,
+    ("loss", "real_to_generator"): 0.0,
 }
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
@@ -99,6 +101,8 @@ DEFAULTS = {
         "pretrain_on_target": 0.0,  # mkd: both segmentors also learn the labelled target in the warm start
         "average_teachers": False,  # mkd: distil from the teachers' moving-average weights (needs optimizer.ema)
         "student_perturbation": 0.0,  # mkd: KD students see a re-contrasted, noisy view (strength s; 0: the paper)
+        "aligned_as_target": 0.0,  # mkd: S_real also learns aligned assistant images through its target set
+        "real_to_generator": 0.0,  # mkd: G also minimises that loss (S_real must read G(assistant) correctly)
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },
@@ -162,6 +166,8 @@ RULES = {
         "pretrain_on_target": NON_NEGATIVE,
         "average_teachers": BOOL,
         "student_perturbation": fraction(high_open=True),
+        "aligned_as_target": NON_NEGATIVE,
+        "real_to_generator": NON_NEGATIVE,
         "ummkd_temperature": POSITIVE,
         "ummkd_weight": NON_NEGATIVE,
     },

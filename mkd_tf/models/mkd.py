@@ -85,6 +85,14 @@ class MKDLossWeights:
             images, S_syn on target images) a perturbed view while its teacher sees the clean one: per
             slice, contrast ``c ~ U(1 - s, 1 + s)`` about the slice mean plus Gaussian noise of ``s`` times
             the slice's std (0: both see the same images, the paper).
+        aligned_as_target: weight of a supervised loss of S_real on aligned assistant images (assistant
+            labels) read as target images: through its target batch-norm set with frozen statistics
+            (inference-mode batch norm, so the set's moving statistics stay the target's), in the segmentors'
+            objective (0: none, the paper). Without the IAM it is raw assistant images S_real reads as target.
+        real_to_generator: weight of the same loss in G's objective: ``G(assistant)`` must read correctly to
+            S_real as it reads target images (0: none, the paper). Unlike ``segmentation_to_generator``
+            (S_syn on its own assistant set, which adapts to whatever G outputs), this pulls G towards
+            images a target segmentor understands.
     """
 
     temperature: float = 2.0
@@ -100,6 +108,8 @@ class MKDLossWeights:
     pretrain_on_target: float = 0.0
     average_teachers: bool = False
     student_perturbation: float = 0.0
+    aligned_as_target: float = 0.0
+    real_to_generator: float = 0.0
 
 
 def _to_unit(images):
@@ -297,6 +307,18 @@ class MKDModel(CrossModalityModel):
                 logs["seg_syn_target"] = self.supervised_on_target(self.synthetic_segmentor, labelled_target)
                 segmentation += w.syn_on_target * logs["seg_syn_target"]
 
+            if w.aligned_as_target or (self.use_iam and w.real_to_generator):
+                # S_real reads aligned images as it reads the target: its target set with frozen statistics
+                # (inference-mode batch norm), so the target's moving statistics stay those of target images.
+                real_reads_aligned = self.real_segmentor(
+                    aligned, training=False, domain=TARGET_DOMAIN if self.domain_norm else None
+                )
+                logs["seg_real_aligned_as_target"] = self.average(
+                    losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_reads_aligned))
+                )
+                if w.aligned_as_target:
+                    segmentation += w.aligned_as_target * logs["seg_real_aligned_as_target"]
+
             if self.kd_s2r or w.real_on_aligned:
                 real_on_aligned = self.on_assistant(
                     self.real_segmentor, self.student_view(tf.stop_gradient(aligned), 0)
@@ -345,6 +367,8 @@ class MKDModel(CrossModalityModel):
             if self.use_iam:
                 generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
                 generator_loss += w.segmentation_to_generator * logs["seg_syn"]
+                if w.real_to_generator:
+                    generator_loss += w.real_to_generator * logs["seg_real_aligned_as_target"]
 
         # 5. Separate optimizers.
         return self.finish_step(tape, segmentor_loss, generator_loss if self.use_iam else None, logs)

@@ -317,6 +317,71 @@ def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
     assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
 
 
+def test_s_real_reading_aligned_images_trains_only_the_generator():
+    """``real_to_generator``: G learns to make images S_real (its target set, inference mode) segments as
+    the assistant's labels say; the segmentors' optimizer never sees the term and S_real's statistics stay."""
+    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT, S_real reads aligned
+    model = make_model(sgd=0.01, domain_norm=True, weights={"real_to_generator": 1.0})
+    logs, loss, reached = loss_term_reach(model, 3)
+    assert reached == {"S_real", "G"}  # the gradient exists for S_real, but only G's objective holds the term
+    assert float(logs["seg_real_aligned_as_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
+
+    def step(weight):
+        model = make_model(
+            sgd={"segmentors": 0.01, "generators": 0.1, "discriminators": 0.01},
+            domain_norm=True,
+            weights={"real_to_generator": weight},
+        )
+        before = snapshot(model)
+        model.train_step(make_batch())
+        return before, snapshot(model), [v.numpy() for v in model.real_segmentor.non_trainable_variables]
+
+    before_on, after_on, statistics_on = step(1.0)
+    before_off, after_off, statistics_off = step(0.0)
+    moved = {
+        name for name in after_on if any(not np.array_equal(a, b) for a, b in zip(after_on[name], after_off[name]))
+    }
+    assert moved == {"G"}  # the same step without the term differs in G alone
+    assert all(np.array_equal(a, b) for a, b in zip(statistics_on, statistics_off))
+    assert "seg_real_aligned_as_target" not in make_model(sgd=0.01).train_step(make_batch())  # off by default
+    assert "seg_real_aligned_as_target" not in make_model(
+        sgd=0.01, weights={"real_to_generator": 1.0}, use_iam=False
+    ).train_step(make_batch())
+
+
+def test_s_real_learning_aligned_images_as_target_trains_only_s_real():
+    """``aligned_as_target``: S_real learns the assistant's labels on aligned images through its target set
+    with frozen statistics; with ``real_to_generator`` 0 nothing else moves."""
+
+    def step(weight):
+        model = make_model(sgd=0.1, domain_norm=True, weights={"aligned_as_target": weight})
+        # No labelled target: no training-mode pass of S_real's target set (which would move its moving
+        # statistics) comes before this term in the step.
+        batch = make_batch(labelled_target=False)
+        # an untrained residual G is the identity: S_real reads the assistant images themselves
+        reads = model.real_segmentor.predict_probabilities(batch["assistant"]["image"], domain=1)
+        expected = float(tf.reduce_mean(losses.segmentation_loss(batch["assistant"]["label"], reads)))
+        logs = model.train_step(batch)
+        return model, logs, expected
+
+    model_on, logs_on, expected = step(1.0)
+    model_off, logs_off, _ = step(0.0)
+    assert float(logs_on["seg_real_aligned_as_target"]) == pytest.approx(expected, rel=1e-5)
+    assert float(logs_on["total"]) == pytest.approx(float(logs_off["total"]) + expected, rel=1e-5)
+    after_on, after_off = snapshot(model_on), snapshot(model_off)
+    moved = {
+        name for name in after_on if any(not np.array_equal(a, b) for a, b in zip(after_on[name], after_off[name]))
+    }
+    assert moved == {"S_real"}
+    statistics = [
+        (a.numpy(), b.numpy())
+        for a, b in zip(
+            model_on.real_segmentor.non_trainable_variables, model_off.real_segmentor.non_trainable_variables
+        )
+    ]
+    assert all(np.array_equal(a, b) for a, b in statistics)
+
+
 def test_s_syn_supervised_on_labelled_target_images_reaches_only_s_syn():
     # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
     model = make_model(sgd=0.01, domain_norm=True)  # syn_on_target is on by default
