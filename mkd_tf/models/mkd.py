@@ -222,9 +222,10 @@ class MKDModel(CrossModalityModel):
         """Training-mode logits of ``segmentor`` on (aligned) assistant-domain images."""
         return segmentor(images, training=True, domain=ASSISTANT_DOMAIN if self.domain_norm else None)
 
-    def on_target(self, segmentor, images):
-        """Training-mode logits of ``segmentor`` on target-domain images."""
-        return segmentor(images, training=True, domain=TARGET_DOMAIN if self.domain_norm else None)
+    def on_target(self, segmentor, images, training=True):
+        """Logits of ``segmentor`` on ``images`` read as target-domain images (training-mode by default;
+        ``training=False`` uses the set's moving statistics and leaves them untouched)."""
+        return segmentor(images, training=training, domain=TARGET_DOMAIN if self.domain_norm else None)
 
     def supervised_on_target(self, segmentor, labelled_target):
         """Segmentation loss of ``segmentor`` on the labelled target slices (with the target's batch-norm
@@ -310,9 +311,7 @@ class MKDModel(CrossModalityModel):
             if w.aligned_as_target or (self.use_iam and w.real_to_generator):
                 # S_real reads aligned images as it reads the target: its target set with frozen statistics
                 # (inference-mode batch norm), so the target's moving statistics stay those of target images.
-                real_reads_aligned = self.real_segmentor(
-                    aligned, training=False, domain=TARGET_DOMAIN if self.domain_norm else None
-                )
+                real_reads_aligned = self.on_target(self.real_segmentor, aligned, training=False)
                 logs["seg_real_aligned_as_target"] = self.average(
                     losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_reads_aligned))
                 )
