@@ -79,8 +79,8 @@ class SegmentorKind:
     Args:
         name: the value of ``segmentor.kind``.
         model: ``"module:Class"`` of its Keras model.
-        defaults: its own settings and their defaults (the shared ``kind``, ``norm`` and
-            ``domain_norm`` are not among them).
+        defaults: its own settings and their defaults (the shared ``kind``, ``norm``, ``domain_norm``
+            and ``syn_domain_norm`` are not among them).
         rules: a :class:`mkd_tf.rules.Rule` for each of its settings.
         summary: one line for the README.
     """
@@ -232,6 +232,18 @@ register_variant(
     "mkd",
     {"segmentor": {"domain_norm": False}},
     "MKD with one batch-norm set shared by both domains in each segmentor",
+)
+register_variant(
+    "mkd-syn-domain-norm",
+    "mkd",
+    {"segmentor": {"syn_domain_norm": True}},
+    "MKD with one batch-norm set per domain in S_syn too (the default before 2026-11-29)",
+)
+register_variant(
+    "mkd-cyclegan-iam",
+    "mkd",
+    {"alignment": {"skip_kernel": 1}, "loss": {"cycle": 10.0, "structure": 0.0}},
+    "MKD with CycleGAN's IAM losses (cycle 10, no structure loss) and G(x) = x + r(x) (before 2026-11-29)",
 )
 register_variant(
     "mkd-real-on-aligned",

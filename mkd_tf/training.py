@@ -64,8 +64,8 @@ def make_strategy(name, worker_timeout=600.0):
 def resume_settings(config):
     """The settings a run folder's training must share with a command that resumes it, flattened to
     ``section.key``: :func:`~mkd_tf.config.learning_settings` without the ``loss`` settings the method
-    does not read, nor another method's ``schedule`` settings (a default changed for MKD does not make a
-    finished baseline run "different")."""
+    does not read, nor another method's ``schedule`` settings, nor the ``alignment`` settings of a method
+    without an IAM (a default changed for MKD does not make a finished baseline run "different")."""
     model = registry.load(registry.METHODS[config["method"]].model)
 
     def read(section, name):
@@ -73,6 +73,8 @@ def resume_settings(config):
             return name in model.loss_settings
         if section == "schedule" and name in METHOD_SCHEDULE_SETTINGS:
             return name in model.schedule_settings
+        if section == "alignment":
+            return model.reads_alignment
         return True
 
     flat = {}

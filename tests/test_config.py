@@ -19,10 +19,14 @@ def write(path, text):
 
 
 def resolved(method="mkd"):
-    """DEFAULTS as load_config returns them for ``method``: domain_norm (null) becomes the method's default."""
+    """DEFAULTS as load_config returns them for ``method``: domain_norm (null) becomes the method's default,
+    syn_domain_norm is recorded as domain_norm except for mkd with domain_norm."""
     config = copy.deepcopy(DEFAULTS)
     config["method"] = method
-    config["segmentor"]["domain_norm"] = method in ("mkd", "joint")
+    segmentor = config["segmentor"]
+    segmentor["domain_norm"] = method in ("mkd", "joint")
+    if method != "mkd":
+        segmentor["syn_domain_norm"] = segmentor["domain_norm"]
     return config
 
 
@@ -52,7 +56,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
         path, {"method": "mkd", "schedule": {"epochs": 2, "steps_per_epoch": None}, "data": {"batch_size": None}}
     )
     expected.update(method="mkd")
-    expected["segmentor"]["domain_norm"] = True
+    expected["segmentor"].update(domain_norm=True, syn_domain_norm=DEFAULTS["segmentor"]["syn_domain_norm"])
     expected["schedule"]["epochs"] = 2
     assert merged == expected
 
@@ -175,6 +179,13 @@ def test_old_spellings_and_settings_added_since_load(tmp_path):
     old.write_text("method: mkd\nloss: {temperature: 2.0}\n")
     assert load_config(old, recorded=True)["loss"]["syn_on_target"] == 0.0
     assert load_config(old)["loss"]["syn_on_target"] == 1.0
+    # a run written before syn_domain_norm existed kept per-domain sets in S_syn too
+    old.write_text("method: mkd\nsegmentor: {domain_norm: true}\n")
+    assert load_config(old, recorded=True)["segmentor"]["syn_domain_norm"] is True
+    # only mkd reads syn_domain_norm, only with domain_norm: any other run records what its segmentors do
+    for method, domain_norm in (("joint", True), ("finetune", False), ("mkd", False)):
+        settings = {"method": method, "segmentor": {"domain_norm": domain_norm, "syn_domain_norm": not domain_norm}}
+        assert load_config(overrides=settings)["segmentor"]["syn_domain_norm"] is domain_norm
     # methods that ignore the setting record false; a baseline's default is off
     assert load_config(overrides={"method": "ummkd"})["segmentor"]["domain_norm"] is False
     assert load_config(overrides={"method": "finetune"})["segmentor"]["domain_norm"] is False

@@ -61,7 +61,13 @@ def test_a_new_segmentor_kind_is_one_class_plus_one_registration(monkeypatch):
     )
     config = load_config(overrides={**TINY, "method": "mkd", "segmentor": {"kind": "tiny", "width": 5}})
     # the U-Net's own settings are gone, the shared ones stay
-    assert config["segmentor"] == {"kind": "tiny", "norm": "batch", "domain_norm": True, "width": 5}
+    assert config["segmentor"] == {
+        "kind": "tiny",
+        "norm": "batch",
+        "domain_norm": True,
+        "syn_domain_norm": False,
+        "width": 5,
+    }
     model = build_method(config, 4)
     model.build_for((16, 16, 1))
     model.build_optimizers()

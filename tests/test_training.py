@@ -33,7 +33,8 @@ from tests.scripts import tiny_runs
 
 SCRIPTS = Path(__file__).parent / "scripts"
 MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
-ALL_MKD_TERMS = {"seg_syn", "seg_real", "seg_syn_target", "kd_s2r", "kd_r2s", "adversarial", "cycle", "discriminator"}
+IAM_TERMS = {"adversarial", "cycle", "structure", "discriminator"}  # loss.structure is on by default
+ALL_MKD_TERMS = {"seg_syn", "seg_real", "seg_syn_target", "kd_s2r", "kd_r2s"} | IAM_TERMS
 MKD_SEGMENTATION = {"seg_syn", "seg_real", "seg_syn_target"}  # each with weight 1 in "total"
 MKD_PREDICTORS = ["syn", "real", "ensemble"]
 
@@ -199,6 +200,11 @@ def test_resuming_compares_only_the_loss_settings_the_method_reads():
         other = {"schedule": {"mkd_pretrain": 0.5, "finetune_switch": 0.3}, "seed": 3}
         before, now = (resume_settings(load_config(overrides={"method": method, **o})) for o in (other, {"seed": 3}))
         assert sorted(k for k in now if now[k] != before.get(k)) == differs, method
+    # and for the IAM's settings, which only MKD reads
+    for method, differs in (("finetune", []), ("ummkd", []), ("mkd", ["alignment.skip_kernel"])):
+        other = {"alignment": {"skip_kernel": 3}, "seed": 3}
+        before, now = (resume_settings(load_config(overrides={"method": method, **o})) for o in (other, {"seed": 3}))
+        assert sorted(k for k in now if now[k] != before.get(k)) == differs, method
     ummkd = resume_settings(load_config(overrides={"method": "ummkd", "loss": {"ummkd_weight": 2.0}}))
     assert ummkd["loss.ummkd_weight"] == 2.0 and "loss.temperature" not in ummkd and ummkd["segmentor.depth"] == 4
 
@@ -265,7 +271,7 @@ METHODS = {
     "finetune": ({"seg"}, ["finetune"], {"seg"}),
     "ummkd": ({"seg_assistant", "seg_target", "kd"}, ["ummkd"], {"seg_assistant", "seg_target", "kd"}),
     "mkd-no-iam": (
-        ALL_MKD_TERMS - {"adversarial", "cycle", "discriminator"},
+        ALL_MKD_TERMS - IAM_TERMS,
         MKD_PREDICTORS,
         MKD_SEGMENTATION | {"kd_s2r", "kd_r2s"},
     ),

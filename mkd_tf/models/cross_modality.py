@@ -40,6 +40,8 @@ class CrossModalityModel(keras.Model):
     loss_settings = ()
     #: the method-specific ``schedule`` settings (:data:`METHOD_SCHEDULE_SETTINGS`) :meth:`from_settings` reads
     schedule_settings = ()
+    #: whether :meth:`from_settings` reads the ``alignment`` settings (the method has an IAM)
+    reads_alignment = False
 
     def __init__(self, num_classes, global_batch_size, **kwargs):
         super().__init__(**kwargs)

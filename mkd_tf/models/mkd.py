@@ -27,7 +27,9 @@ domain** -- domain 0 for (aligned) assistant images, domain 1 for target images 
 convolutions, as UMMKD does. Both segmentors see both domains (S_real the aligned images in
 S_syn -> S_real distillation, S_syn the target images in S_real -> S_syn distillation); with one
 batch-norm set their moving statistics, used at inference on the target, would be a mixture of the
-two domains' statistics. Inference uses domain 1.
+two domains' statistics. Inference uses domain 1. ``syn_domain_norm=False`` keeps per-domain sets in
+S_real only: S_syn then reads aligned and target images through one set, so only the IAM (not its
+batch statistics) can make aligned images look like the target to it.
 
 Ablations: ``use_iam=False`` feeds raw assistant images to S_syn (no alignment); ``kd_s2r=False`` /
 ``kd_r2s=False`` drop one direction of distillation (without r2s, with ``syn_on_target=0`` and
@@ -134,6 +136,8 @@ class MKDModel(CrossModalityModel):
             :meth:`train_step`; 0 starts with mutual distillation.
         domain_norm: bool, one batch-norm set per input domain in both segmentors (needs
             ``segmentor["norm"] == "batch"``).
+        syn_domain_norm: bool, with ``domain_norm``: ``False`` gives S_syn one batch-norm set for both
+            domains (S_real keeps one per domain).
         optimizers: dict with keras optimizers under `"segmentors"`, `"generators"`, `"discriminators"`.
 
     Call: ``model.predict_probabilities(images, which="ensemble"|"syn"|"real")`` on target slices
@@ -147,6 +151,7 @@ class MKDModel(CrossModalityModel):
 
     loss_settings = tuple(field.name for field in fields(MKDLossWeights))
     schedule_settings = ("mkd_pretrain",)
+    reads_alignment = True
 
     def __init__(
         self,
@@ -161,6 +166,7 @@ class MKDModel(CrossModalityModel):
         optimizers=None,
         pretrain_steps=0,
         domain_norm=False,
+        syn_domain_norm=True,
         **kwargs,
     ):
         super().__init__(num_classes, global_batch_size, **kwargs)
@@ -172,6 +178,7 @@ class MKDModel(CrossModalityModel):
         )
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
         self.domain_norm = bool(domain_norm)
+        self.syn_domain_norm = self.domain_norm and bool(syn_domain_norm)
         # the run's seed for the students' perturbations (drawn from the seeded global RNG only when used, so
         # that runs without it draw the same initial weights as before)
         self.perturbation_seed = int(np.random.randint(0, 2**20)) if self.loss_weights.student_perturbation else 0
@@ -182,9 +189,9 @@ class MKDModel(CrossModalityModel):
         # trains on aligned images with (G makes those look like the target).
         weights = self.loss_weights
         syn_sees_target = self.kd_r2s or weights.syn_on_target > 0 or weights.lambda_s2r_target > 0
-        syn_domains = (
-            dict(domains, default_domain=ASSISTANT_DOMAIN) if self.domain_norm and not syn_sees_target else domains
-        )
+        syn_domains = {}
+        if self.syn_domain_norm:
+            syn_domains = domains if syn_sees_target else dict(domains, default_domain=ASSISTANT_DOMAIN)
         self.synthetic_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_syn", **syn_domains)
         self.real_segmentor = build_segmentor(num_classes, self.segmentor_args, name="s_real", **domains)
         self.alignment = ImageAlignmentModule(name="iam", **self.alignment_args) if self.use_iam else None
@@ -212,20 +219,26 @@ class MKDModel(CrossModalityModel):
             kd_r2s=config["ablation"]["kd_r2s"],
             pretrain_steps=int(schedule["mkd_pretrain"] * steps),
             domain_norm=config["segmentor"]["domain_norm"],
+            syn_domain_norm=config["segmentor"]["syn_domain_norm"],
             optimizers={role: optimizer(role) for role in ("segmentors", "generators", "discriminators")},
         )
 
     def segmentors(self):
         return {"syn": self.synthetic_segmentor, "real": self.real_segmentor}
 
+    def domain_of(self, segmentor, domain):
+        """``domain`` if ``segmentor`` keeps one batch-norm set per domain, else ``None`` (its only set)."""
+        per_domain = self.syn_domain_norm if segmentor is self.synthetic_segmentor else self.domain_norm
+        return domain if per_domain else None
+
     def on_assistant(self, segmentor, images):
         """Training-mode logits of ``segmentor`` on (aligned) assistant-domain images."""
-        return segmentor(images, training=True, domain=ASSISTANT_DOMAIN if self.domain_norm else None)
+        return segmentor(images, training=True, domain=self.domain_of(segmentor, ASSISTANT_DOMAIN))
 
     def on_target(self, segmentor, images, training=True):
         """Logits of ``segmentor`` on ``images`` read as target-domain images (training-mode by default;
         ``training=False`` uses the set's moving statistics and leaves them untouched)."""
-        return segmentor(images, training=training, domain=TARGET_DOMAIN if self.domain_norm else None)
+        return segmentor(images, training=training, domain=self.domain_of(segmentor, TARGET_DOMAIN))
 
     def supervised_on_target(self, segmentor, labelled_target):
         """Segmentation loss of ``segmentor`` on the labelled target slices (with the target's batch-norm
@@ -248,7 +261,7 @@ class MKDModel(CrossModalityModel):
             segmentor.non_trainable_variables,
             images,
             training=True,
-            domain=domain if self.domain_norm else None,
+            domain=self.domain_of(segmentor, domain),
         )
         return tf.stop_gradient(logits)
 
@@ -408,7 +421,8 @@ class MKDModel(CrossModalityModel):
         set: start the target's from it (the kernels were learnt with those scales and statistics), not
         from scratch. With ``pretrain_on_target`` the target's set has learnt from target slices: keep it."""
         if self.domain_norm and not self.loss_weights.pretrain_on_target:
-            for segmentor in (self.synthetic_segmentor, self.real_segmentor):
+            per_domain = [self.real_segmentor] + ([self.synthetic_segmentor] if self.syn_domain_norm else [])
+            for segmentor in per_domain:
                 self.copy_variables(segmentor.domain_variable_pairs(ASSISTANT_DOMAIN, TARGET_DOMAIN))
 
     def alignment_losses(self, assistant_images, target_images, aligned, logs):
@@ -481,5 +495,6 @@ class MKDModel(CrossModalityModel):
             "kd_r2s": self.kd_r2s,
             "pretrain_steps": self.pretrain_steps,
             "domain_norm": self.domain_norm,
+            "syn_domain_norm": self.syn_domain_norm,
             "name": self.name,
         }

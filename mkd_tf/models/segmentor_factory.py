@@ -7,8 +7,8 @@ Every method makes its segmentors here, so a new architecture is one new module 
 
 from mkd_tf import registry
 
-#: settings that are not the architecture's constructor arguments (the method reads ``domain_norm``)
-_NOT_ARCHITECTURE = ("kind", "domain_norm")
+#: settings that are not the architecture's constructor arguments (the method reads the ``domain_norm`` ones)
+_NOT_ARCHITECTURE = ("kind", "domain_norm", "syn_domain_norm")
 
 
 def build_segmentor(num_classes, settings=None, name="segmentor", num_domains=1, default_domain=0):

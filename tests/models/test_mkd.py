@@ -479,7 +479,8 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
     full = make_model(sgd=0.1, domain_norm=True)
     assert (full.synthetic_segmentor.default_domain, full.real_segmentor.default_domain) == (1, 1)
     # --target-labelled 0: no labelled target slices, so the default syn_on_target cannot train the set
-    settings = {"method": "mkd", "ablation": {"kd_r2s": False}, "segmentor": {"domain_norm": True}}
+    segmentor = {"domain_norm": True, "syn_domain_norm": True}
+    settings = {"method": "mkd", "ablation": {"kd_r2s": False}, "segmentor": segmentor}
     for labelled, domain in ((0, 0), (1, 1)):
         config = load_config(overrides={**settings, "data": {"target_labelled": labelled}})
         assert build_method(config, CLASSES).synthetic_segmentor.default_domain == domain
@@ -493,6 +494,34 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
         not np.array_equal(b, a) for b, a in zip(syn_target_before, _norm_stats(supervised.synthetic_segmentor, 1))
     ]
     assert all(moved)  # the labelled target slices train it
+
+
+def test_syn_domain_norm_off_gives_s_syn_one_set_and_s_real_one_per_domain():
+    """``syn_domain_norm=False``: S_syn reads aligned and target images through its one batch-norm set
+    (the same logits on a batch whichever domain it is read as), S_real keeps one set per domain; the
+    end of the warm start starts S_real's target set from its assistant set, S_syn has nothing to copy."""
+    model = make_model(sgd=0.1, domain_norm=True, syn_domain_norm=False, pretrain_steps=1)
+    syn, real = model.synthetic_segmentor, model.real_segmentor
+    assert (syn.num_domains, real.num_domains, real.default_domain) == (1, 2, 1)
+    syn_statistics = [v.numpy().copy() for v in syn.variables if "moving_mean" in v.path]
+    model.pretrain_step(make_batch(0))
+    model.end_pretraining()
+    for source, destination in real.domain_variable_pairs(0, 1):
+        np.testing.assert_array_equal(source.numpy(), destination.numpy())
+    model.train_step(make_batch(1))
+    moved = [not np.array_equal(b, v.numpy()) for b, v in zip(syn_statistics, syn.variables) if "moving_mean" in v.path]
+    assert moved and all(moved)
+    images = make_batch(2)["target"]["image"]
+    np.testing.assert_array_equal(model.on_assistant(syn, images), model.on_target(syn, images))
+    assert not np.allclose(model.on_assistant(real, images), model.on_target(real, images), atol=1e-4)
+    np.testing.assert_allclose(model.predict_probabilities(images, "syn"), tf.nn.softmax(syn(images)), rtol=1e-6)
+    assert model.get_config()["syn_domain_norm"] is False
+    # the setting reaches the model from a config; without domain_norm it has nothing to split
+    config = load_config(overrides={"method": "mkd", "segmentor": {"syn_domain_norm": False}})
+    built = build_method(config, CLASSES)
+    assert (built.synthetic_segmentor.num_domains, built.real_segmentor.num_domains) == (1, 2)
+    assert make_model(syn_domain_norm=False).get_config()["syn_domain_norm"] is False
+    assert make_model(domain_norm=True).synthetic_segmentor.num_domains == 2
 
 
 def _ema_model(**kwargs):

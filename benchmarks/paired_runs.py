@@ -1,0 +1,64 @@
+"""Paired per-seed differences between two folders of evaluated runs (run by hand; not a test).
+
+    .venv/bin/python benchmarks/paired_runs.py BASE CANDIDATE [CANDIDATE ...]
+
+BASE and each CANDIDATE hold ``seedN`` run folders that ``mkd evaluate`` (or ``mkd compare``) has scored
+(``seedN/metrics.json``, test volumes). For every predictor both runs have (MKD: ``ensemble``, ``syn``,
+``real``) it prints the candidate's mean Dice per seed, the per-seed difference candidate − base over the
+seeds both folders hold, and its mean ± std (population std, as ``mkd compare``). It pairs runs that
+``mkd compare`` cannot put in one table: runs of two code versions, or of settings that are not a
+registered variant (e.g. ``--out`` folders made with different ``--config`` files).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def mean_dice(run):
+    """``{predictor: mean Dice %}`` of an evaluated run (mean over structures of the mean over volumes,
+    the ``mean Dice`` column of ``mkd compare``), or ``{}`` if it has not been evaluated."""
+    path = Path(run) / "metrics.json"
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())["summary"]
+    return {
+        predictor: 100 * float(np.mean([v["dice"]["mean"] for k, v in rows.items() if k != "overall"]))
+        for predictor, rows in summary.items()
+    }
+
+
+def paired(base, candidate):
+    """``{predictor: (seeds, candidate Dice per seed, candidate − base per seed)}`` over the seeds both hold."""
+    seeds = sorted(int(p.name[4:]) for p in Path(candidate).glob("seed*") if p.name[4:].isdigit())
+    result = {}
+    for seed in seeds:
+        ours, theirs = mean_dice(Path(candidate) / f"seed{seed}"), mean_dice(Path(base) / f"seed{seed}")
+        for predictor in ours.keys() & theirs.keys():
+            entry = result.setdefault(predictor, ([], [], []))
+            entry[0].append(seed)
+            entry[1].append(ours[predictor])
+            entry[2].append(ours[predictor] - theirs[predictor])
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("candidates", nargs="+")
+    args = parser.parse_args()
+    for candidate in args.candidates:
+        for predictor, (seeds, dice, difference) in sorted(paired(args.base, candidate).items()):
+            print(
+                f"{candidate} [{predictor}] seeds {seeds}: "
+                + " / ".join(f"{d:.1f}" for d in dice)
+                + f" ({np.mean(dice):.1f} ± {np.std(dice):.1f}); minus base "
+                + ", ".join(f"{d:+.1f}" for d in difference)
+                + f": {np.mean(difference):+.1f} ± {np.std(difference):.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
