@@ -226,10 +226,14 @@ class MKDModel(CrossModalityModel):
     def segmentors(self):
         return {"syn": self.synthetic_segmentor, "real": self.real_segmentor}
 
+    def has_domain_sets(self, segmentor):
+        """Whether ``segmentor`` keeps one batch-norm set per domain (``domain_norm``; S_syn only with
+        ``syn_domain_norm``)."""
+        return self.syn_domain_norm if segmentor is self.synthetic_segmentor else self.domain_norm
+
     def domain_of(self, segmentor, domain):
         """``domain`` if ``segmentor`` keeps one batch-norm set per domain, else ``None`` (its only set)."""
-        per_domain = self.syn_domain_norm if segmentor is self.synthetic_segmentor else self.domain_norm
-        return domain if per_domain else None
+        return domain if self.has_domain_sets(segmentor) else None
 
     def on_assistant(self, segmentor, images):
         """Training-mode logits of ``segmentor`` on (aligned) assistant-domain images."""
@@ -420,9 +424,10 @@ class MKDModel(CrossModalityModel):
         """With ``domain_norm`` a warm start on the assistant alone trained only the assistant's batch-norm
         set: start the target's from it (the kernels were learnt with those scales and statistics), not
         from scratch. With ``pretrain_on_target`` the target's set has learnt from target slices: keep it."""
-        if self.domain_norm and not self.loss_weights.pretrain_on_target:
-            per_domain = [self.real_segmentor] + ([self.synthetic_segmentor] if self.syn_domain_norm else [])
-            for segmentor in per_domain:
+        if self.loss_weights.pretrain_on_target:
+            return
+        for segmentor in self.segmentors().values():
+            if self.has_domain_sets(segmentor):
                 self.copy_variables(segmentor.domain_variable_pairs(ASSISTANT_DOMAIN, TARGET_DOMAIN))
 
     def alignment_losses(self, assistant_images, target_images, aligned, logs):
