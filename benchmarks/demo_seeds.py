@@ -1,0 +1,49 @@
+"""The demo's training (`mkd demo`, 300 steps) over several seeds and settings (run by hand; not a test).
+
+    .venv/bin/python benchmarks/demo_seeds.py OUT [--seeds 0,1,2] [--variants demo,one-set-per-segmentor,...]
+
+Trains and evaluates (on the demo's one CT test volume) each variant below for each seed into
+``OUT/VARIANT/seedN`` (a finished run is only re-evaluated), on the demo's phantom and cache in
+``OUT/data``, and prints mean Dice of S_syn, S_real and the ensemble. `mkd demo` itself always trains
+seed 0; a 300-step run is on the steep part of its learning curve, so one seed says little. Pair the
+variants per seed with ``benchmarks/paired_runs.py OUT/demo OUT/VARIANT``.
+"""
+
+import argparse
+from pathlib import Path
+
+from mkd_tf.demo import demo_cache, demo_settings
+from mkd_tf.evaluation import evaluate_run
+from mkd_tf.training import train
+
+# Changes to the demo's settings (mkd_tf/demo.py, DEMO_TRAINING) that were measured against them.
+VARIANTS = {
+    "demo": {},
+    # the demo until 2026-11-29
+    "one-set-per-segmentor": {"segmentor": {"domain_norm": False}},
+    # the benchmark's IAM settings
+    "better-aligning-iam": {"alignment": {"skip_kernel": 7}, "loss": {"cycle": 0.3, "structure": 3.0}},
+    # longer budgets (the demo: 4 epochs of 75 steps)
+    "450-steps": {"schedule": {"epochs": 6}},
+    "600-steps": {"schedule": {"epochs": 8}},
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    _, cache = demo_cache(args.out / "data")
+    for variant in args.variants.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run = args.out / variant / f"seed{seed}"
+            train(cache, run, None, demo_settings(changes={**VARIANTS[variant], "seed": seed}), verbose=0)
+            summary = evaluate_run(run, "test")["summary"]
+            dice = {predictor: 100 * rows["overall"]["dice"]["mean"] for predictor, rows in summary.items()}
+            print(f"{variant} seed {seed}: " + ", ".join(f"{p} {d:.1f}" for p, d in sorted(dice.items())), flush=True)
+
+
+if __name__ == "__main__":
+    main()
