@@ -1,11 +1,11 @@
-"""The demo's training (`mkd demo`, 300 steps) over several seeds and settings (run by hand; not a test).
+"""The demo's training (`mkd demo`, 600 steps) over several seeds and settings (run by hand; not a test).
 
-    .venv/bin/python benchmarks/demo_seeds.py OUT [--seeds 0,1,2] [--variants demo,one-set-per-segmentor,...]
+    .venv/bin/python benchmarks/demo_seeds.py OUT [--seeds 0,1,2] [--variants demo,300-steps,...]
 
 Trains and evaluates (on the demo's one CT test volume) each variant below for each seed into
 ``OUT/VARIANT/seedN`` (a finished run is only re-evaluated), on the demo's phantom and cache in
 ``OUT/data``, and prints mean Dice of S_syn, S_real and the ensemble. `mkd demo` itself always trains
-seed 0; a 300-step run is on the steep part of its learning curve, so one seed says little. Pair the
+seed 0; at 300 steps a run is on the steep part of its learning curve and one seed says little. Pair the
 variants per seed with ``benchmarks/paired_runs.py OUT/demo OUT/VARIANT``.
 """
 
@@ -17,15 +17,20 @@ from mkd_tf.evaluation import evaluate_run
 from mkd_tf.training import train
 
 # Changes to the demo's settings (mkd_tf/demo.py, DEMO_TRAINING) that were measured against them.
+CYCLEGAN_IAM = {"alignment": {"skip_kernel": 1}, "loss": {"cycle": 10.0, "structure": 0.0}}
 VARIANTS = {
     "demo": {},
+    "300-steps": {"schedule": {"epochs": 4}},
+    "cyclegan-iam": CYCLEGAN_IAM,
+    "cyclegan-iam-one-set-per-segmentor": {**CYCLEGAN_IAM, "segmentor": {"domain_norm": False}},
+    "cyclegan-iam-450-steps": {**CYCLEGAN_IAM, "schedule": {"epochs": 6}},
+    "cyclegan-iam-300-steps": {**CYCLEGAN_IAM, "schedule": {"epochs": 4}},
     # the demo until 2026-11-29
-    "one-set-per-segmentor": {"segmentor": {"domain_norm": False}},
-    # the benchmark's IAM settings
-    "better-aligning-iam": {"alignment": {"skip_kernel": 7}, "loss": {"cycle": 0.3, "structure": 3.0}},
-    # longer budgets (the demo: 4 epochs of 75 steps)
-    "450-steps": {"schedule": {"epochs": 6}},
-    "600-steps": {"schedule": {"epochs": 8}},
+    "cyclegan-iam-300-steps-one-set-per-segmentor": {
+        **CYCLEGAN_IAM,
+        "schedule": {"epochs": 4},
+        "segmentor": {"domain_norm": False},
+    },
 }
 
 

@@ -325,7 +325,7 @@ def compare(cache, methods, seeds, first_seed, out, config_path, quiet, **shared
 
 @main.command()
 @click.option("--out", default="demo", type=click.Path(), help="Folder for the phantom, cache, run and exports.")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Override the demo's epochs (4).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Override the demo's epochs (8).")
 @click.option(
     "--steps-per-epoch", type=click.IntRange(1), default=None, help="Override the demo's steps per epoch (75)."
 )

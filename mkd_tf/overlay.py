@@ -57,7 +57,7 @@ def render_overlay(image, labels, record, count=3):
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     buffer = io.BytesIO()
     try:
-        figure.savefig(buffer, dpi=100, format="png")
+        figure.savefig(buffer, dpi=100, format="png", bbox_inches="tight", pad_inches=0.1)  # keeps the titles
     finally:
         plt.close(figure)
     return buffer.getvalue()
