@@ -12,6 +12,8 @@ variants per seed with ``benchmarks/paired_runs.py OUT/demo OUT/VARIANT``.
 import argparse
 from pathlib import Path
 
+from paired_runs import mean_dice  # benchmarks/ is on sys.path when this script runs
+
 from mkd_tf.demo import demo_cache, demo_settings
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.training import train
@@ -45,8 +47,8 @@ def main():
         for seed in (int(s) for s in args.seeds.split(",")):
             run = args.out / variant / f"seed{seed}"
             train(cache, run, None, demo_settings(changes={**VARIANTS[variant], "seed": seed}), verbose=0)
-            summary = evaluate_run(run, "test")["summary"]
-            dice = {predictor: 100 * rows["overall"]["dice"]["mean"] for predictor, rows in summary.items()}
+            evaluate_run(run, "test")  # writes run/metrics.json
+            dice = mean_dice(run)
             print(f"{variant} seed {seed}: " + ", ".join(f"{p} {d:.1f}" for p, d in sorted(dice.items())), flush=True)
 
 

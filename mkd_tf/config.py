@@ -80,7 +80,7 @@ DEFAULTS = {
     # domain_norm null: the method's registered default (mkd, joint: true; finetune: false; others ignore it);
     # syn_domain_norm (mkd, with domain_norm): false gives S_syn one batch-norm set for aligned and target images
     # (S_real keeps one per domain), so only the IAM can make aligned images look like the target to S_syn;
-    # with the IAM settings below, measured as good as true (+0.2 +- 0.9 Dice over 6 seeds) and it makes the
+    # with the IAM settings below, measured as good as true (+0.2 +- 0.6 Dice over 6 seeds) and it makes the
     # IAM count (-3.6 +- 1.0 without it, every seed); README, method comparison
     "segmentor": {
         "kind": "unet",
