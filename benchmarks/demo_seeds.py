@@ -23,6 +23,10 @@ CYCLEGAN_IAM = {"alignment": {"skip_kernel": 1}, "loss": {"cycle": 10.0, "struct
 VARIANTS = {
     "demo": {},
     "300-steps": {"schedule": {"epochs": 4}},
+    "warm-start-0.1": {"schedule": {"mkd_pretrain": 0.1}},
+    "warm-start-0.4": {"schedule": {"mkd_pretrain": 0.4}},
+    "ema-0.9": {"optimizer": {"ema_momentum": 0.9}},
+    "ema-0.98": {"optimizer": {"ema_momentum": 0.98}},
     "cyclegan-iam": CYCLEGAN_IAM,
     "cyclegan-iam-one-set-per-segmentor": {**CYCLEGAN_IAM, "segmentor": {"domain_norm": False}},
     "cyclegan-iam-450-steps": {**CYCLEGAN_IAM, "schedule": {"epochs": 6}},

@@ -23,14 +23,41 @@ sys.path.insert(0, str(ROOT))
 WEIGHTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # weight of S_real
 
 
-def weighted_dice(run, weights=WEIGHTS):
-    """`{split: {w: mean Dice}}` of the run's best checkpoint on its cache's labelled target volumes."""
+def volume_probabilities(model, cache, split, predictors=("syn", "real")):
+    """Yield `(volume, {predictor: (slices, height, width, classes) softmax}, reference, spacing)` for every
+    labelled target volume of ``split``, as ``mkd evaluate`` reads them."""
     import tensorflow as tf
 
+    from mkd_tf.evaluation import labelled_volumes
+
+    for volume, slices, reference, spacing in labelled_volumes(cache, split):
+        slices = np.asarray(slices, np.float32)[..., None]
+        probabilities = {
+            which: np.concatenate(
+                [
+                    np.asarray(model.predict_probabilities(tf.constant(slices[i : i + 16]), which))
+                    for i in range(0, len(slices), 16)
+                ]
+            )
+            for which in predictors
+        }
+        yield volume, probabilities, reference, spacing
+
+
+def volume_dice(probabilities, volume, reference, spacing, structures):
+    """Mean Dice over the structures of one volume's softmax, on its original grid (as ``mkd evaluate``)."""
     from mkd_tf import metrics
-    from mkd_tf.data.cache import SliceCache
     from mkd_tf.data.preprocess import labels_to_original
-    from mkd_tf.evaluation import labelled_volumes, structure_indices
+
+    labels = labels_to_original(np.argmax(probabilities, -1).astype(np.uint8), volume["inverse"])
+    scores = metrics.evaluate_volume(labels, reference, spacing, structures)
+    return float(np.mean([s["dice"] for s in scores.values()]))
+
+
+def weighted_dice(run, weights=WEIGHTS):
+    """`{split: {w: mean Dice}}` of the run's best checkpoint on its cache's labelled target volumes."""
+    from mkd_tf.data.cache import SliceCache
+    from mkd_tf.evaluation import structure_indices
     from mkd_tf.inference import load_trained
 
     model, _, record = load_trained(run, "best")
@@ -39,22 +66,10 @@ def weighted_dice(run, weights=WEIGHTS):
     result = {}
     for split in ("val", "test"):
         per_weight = {w: [] for w in weights}
-        for volume, slices, reference, spacing in labelled_volumes(cache, split):
-            slices = np.asarray(slices, np.float32)[..., None]
-            probabilities = {
-                which: np.concatenate(
-                    [
-                        np.asarray(model.predict_probabilities(tf.constant(slices[i : i + 16]), which))
-                        for i in range(0, len(slices), 16)
-                    ]
-                )
-                for which in ("syn", "real")
-            }
+        for volume, probabilities, reference, spacing in volume_probabilities(model, cache, split):
             for w in weights:
                 mixed = w * probabilities["real"] + (1 - w) * probabilities["syn"]
-                labels = labels_to_original(np.argmax(mixed, -1).astype(np.uint8), volume["inverse"])
-                scores = metrics.evaluate_volume(labels, reference, spacing, structures)
-                per_weight[w].append(float(np.mean([s["dice"] for s in scores.values()])))
+                per_weight[w].append(volume_dice(mixed, volume, reference, spacing, structures))
         result[split] = {w: float(np.mean(values)) for w, values in per_weight.items()}
     return result
 

@@ -79,9 +79,9 @@ DEFAULTS = {
     # finetune): one batch-norm set per modality, shared convolutions (needs norm: batch)
     # domain_norm null: the method's registered default (mkd, joint: true; finetune: false; others ignore it);
     # syn_domain_norm (mkd, with domain_norm): false gives S_syn one batch-norm set for aligned and target images
-    # (S_real keeps one per domain), so only the IAM can make aligned images look like the target to S_syn;
-    # with the IAM settings below, measured as good as true (+0.2 +- 0.6 Dice over 6 seeds) and it makes the
-    # IAM count (-3.6 +- 1.0 without it, every seed); README, method comparison
+    # (S_real keeps one per domain), the paper's S_syn. Measured against true: +0.2 +- 0.6 Dice over 6 seeds
+    # at 1000 steps, -0.6 +- 0.2 at 2000; without the IAM it loses 3.6 +- 1.0, but that is S_syn's moving
+    # statistics mixing raw MRI and CT (benchmarks/target_statistics.py); README, method comparison
     "segmentor": {
         "kind": "unet",
         **registry.SEGMENTORS["unet"].defaults,

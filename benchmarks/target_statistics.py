@@ -1,0 +1,121 @@
+"""Is what a run loses without the IAM its features, or S_syn's batch statistics? (run by hand on finished
+MKD runs; not a test)
+
+    .venv/bin/python benchmarks/target_statistics.py RUN [RUN ...] [--out benchmarks/results/target_statistics]
+
+For each run (its best checkpoint) this scores S_syn, S_real and their ensemble on the CT test volumes
+twice, with the same mean Dice as ``mkd evaluate``: as trained, and after recomputing every batch-norm
+moving statistic a segmentor uses on CT from the CT training slices (AdaBN, Li et al. 2016): the mean
+of its training-mode batch statistics over one epoch of training's own CT stream (augmented, batches of
+the run's size), into the segmentor's target set (or its only set when it has one). No weight changes and no label is read. With one shared set, S_syn's moving
+statistics mix the aligned MRI and the CT it trained on; if a run without the IAM recovers here, what the
+IAM bought it was statistics that fit CT, not features. Runs are grouped by their parent folder (the
+method in an ``mkd compare`` folder). Writes OUT.json and OUT.md (the table, also printed).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from ensemble_weights import volume_dice, volume_probabilities
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PREDICTORS = ("syn", "real", "ensemble")
+BATCHES = 100  # one epoch of the benchmark
+
+
+def recompute_target_statistics(model, batches):
+    """Set each segmentor's CT moving statistics to the mean of its batch statistics over ``batches``
+    (target image batches `(batch, height, width, 1)`, as training draws them)."""
+    import keras
+
+    from mkd_tf.models.mkd import TARGET_DOMAIN
+
+    for segmentor in model.segmentors().values():
+        layers = [layer for layer in segmentor._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+        momenta = [layer.momentum for layer in layers]
+        for count, images in enumerate(batches):
+            for layer in layers:
+                layer.momentum = count / (count + 1)  # moving = running mean of the batch statistics
+            # with one set per domain only the target set's layers run, so only they change
+            segmentor(images, training=True, domain=model.domain_of(segmentor, TARGET_DOMAIN))
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+def test_dice(model, cache):
+    """`{predictor: mean Dice}` on the test volumes."""
+    from mkd_tf.evaluation import structure_indices
+
+    structures = structure_indices(cache)
+    scores = {name: [] for name in PREDICTORS}
+    for volume, probabilities, reference, spacing in volume_probabilities(model, cache, "test", PREDICTORS):
+        for name in PREDICTORS:
+            scores[name].append(volume_dice(probabilities[name], volume, reference, spacing, structures))
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def run_scores(run):
+    """`{"trained": {predictor: Dice}, "target_statistics": {predictor: Dice}}` of one MKD run."""
+    from mkd_tf.data.cache import SliceCache
+    from mkd_tf.errors import fail
+    from mkd_tf.inference import load_trained
+    from mkd_tf.training import training_streams
+
+    model, config, record = load_trained(run, "best")
+    if config["method"] != "mkd":
+        fail(run, f"is a {config['method']} run; this measures MKD's two segmentors")
+    cache = SliceCache(record["path"])
+    # training's target stream (all CT training slices, augmented, batch size as trained), one epoch
+    stream = training_streams(cache, config, epoch=0)
+    batches = [batch["target"]["image"] for batch in stream.take(BATCHES)]
+    trained = test_dice(model, cache)
+    recompute_target_statistics(model, batches)
+    return {"trained": trained, "target_statistics": test_dice(model, cache)}
+
+
+def table(results):
+    header = " | ".join(f"{name} | {name}, CT statistics" for name in PREDICTORS)
+    lines = [f"| run | {header} |", "| --- |" + " ---: |" * (2 * len(PREDICTORS))]
+    for run, scores in results.items():
+        cells = " | ".join(
+            f"{100 * scores['trained'][n]:.1f} | {100 * scores['target_statistics'][n]:.1f}" for n in PREDICTORS
+        )
+        lines.append(f"| {run} | {cells} |")
+    groups = {}
+    for run, scores in results.items():
+        groups.setdefault(Path(run).parent.name, []).append(scores)
+    for group, members in groups.items():
+        cells = []
+        for name in PREDICTORS:
+            for kind in ("trained", "target_statistics"):
+                values = [100 * scores[kind][name] for scores in members]
+                cells.append(f"{np.mean(values):.1f} ± {np.std(values):.1f}")
+        lines.append(f"| **{group}** (mean ± std of {len(members)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="finished MKD run folders")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "target_statistics"))
+    args = parser.parse_args()
+    from mkd_tf.errors import MkdError
+
+    try:
+        results = {run: run_scores(run) for run in args.runs}
+    except MkdError as error:
+        sys.exit(f"error: {error}")  # one line, as the CLI prints it
+    text = table(results)
+    print(text)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+    out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
