@@ -28,8 +28,9 @@ convolutions, as UMMKD does. Both segmentors see both domains (S_real the aligne
 S_syn -> S_real distillation, S_syn the target images in S_real -> S_syn distillation); with one
 batch-norm set their moving statistics, used at inference on the target, would be a mixture of the
 two domains' statistics. Inference uses domain 1. ``syn_domain_norm=False`` keeps per-domain sets in
-S_real only: S_syn then reads aligned and target images through one set, so only the IAM (not its
-batch statistics) can make aligned images look like the target to it.
+S_real only: S_syn then reads aligned and target images through one set (the paper's S_syn), whose
+moving statistics fit target images at inference only as far as the IAM makes aligned images look like
+them (on the phantom that is all the IAM's ablation costs: benchmarks/target_statistics.py).
 
 Ablations: ``use_iam=False`` feeds raw assistant images to S_syn (no alignment); ``kd_s2r=False`` /
 ``kd_r2s=False`` drop one direction of distillation (without r2s, with ``syn_on_target=0`` and
