@@ -96,17 +96,29 @@ def table(results, weights=WEIGHTS):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def score_runs(description, score_run, make_table, default_out):
+    """The command line of a script that scores finished MKD runs: ``RUN [RUN ...] [--out OUT]``; prints
+    ``make_table({run: score_run(run)})`` and writes it to OUT.md, the scores (and the command) to OUT.json.
+    A bad run folder ends it with one ``error:`` line, as the CLI does."""
+    from mkd_tf.errors import MkdError
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="finished MKD run folders")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ensemble_weights"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / default_out))
     args = parser.parse_args()
-    results = {run: weighted_dice(run) for run in args.runs}
-    text = table(results)
+    try:
+        results = {run: score_run(run) for run in args.runs}
+    except MkdError as error:
+        sys.exit(f"error: {error}")
+    text = make_table(results)
     print(text)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
     out.with_suffix(".md").write_text(text)
+
+
+def main():
+    score_runs(__doc__, weighted_dice, table, "ensemble_weights")
 
 
 if __name__ == "__main__":

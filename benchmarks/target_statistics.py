@@ -5,24 +5,19 @@ MKD runs; not a test)
 
 For each run (its best checkpoint) this scores S_syn, S_real and their ensemble on the CT test volumes
 twice, with the same mean Dice as ``mkd evaluate``: as trained, and after recomputing every batch-norm
-moving statistic a segmentor uses on CT from the CT training slices (AdaBN, Li et al. 2016): the mean
-of its training-mode batch statistics over one epoch of training's own CT stream (augmented, batches of
-the run's size), into the segmentor's target set (or its only set when it has one). No weight changes and no label is read. With one shared set, S_syn's moving
-statistics mix the aligned MRI and the CT it trained on; if a run without the IAM recovers here, what the
-IAM bought it was statistics that fit CT, not features. Runs are grouped by their parent folder (the
-method in an ``mkd compare`` folder). Writes OUT.json and OUT.md (the table, also printed).
+moving statistic a segmentor uses on CT from the CT training slices (AdaBN, Li et al. 2016): the mean of
+its training-mode batch statistics over one epoch of training's own CT stream (augmented, batches of the
+run's size), into the segmentor's target set (or its only set when it has one). No weight changes and no
+label is read. With one shared set, S_syn's moving statistics mix the aligned MRI and the CT it trained
+on; if a run without the IAM recovers here, what the IAM bought it was statistics that fit CT, not
+features. Runs are grouped by their parent folder (the method in an ``mkd compare`` folder). Writes
+OUT.json and OUT.md (the table, also printed).
 """
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
-from ensemble_weights import volume_dice, volume_probabilities
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ensemble_weights import score_runs, volume_dice, volume_probabilities  # also puts the project on sys.path
 
 PREDICTORS = ("syn", "real", "ensemble")
 BATCHES = 100  # one epoch of the benchmark
@@ -36,6 +31,7 @@ def recompute_target_statistics(model, batches):
     from mkd_tf.models.mkd import TARGET_DOMAIN
 
     for segmentor in model.segmentors().values():
+        # every layer at any depth (Keras 3's `layers` lists only the top level)
         layers = [layer for layer in segmentor._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
         momenta = [layer.momentum for layer in layers]
         for count, images in enumerate(batches):
@@ -47,7 +43,7 @@ def recompute_target_statistics(model, batches):
             layer.momentum = momentum
 
 
-def test_dice(model, cache):
+def mean_test_dice(model, cache):
     """`{predictor: mean Dice}` on the test volumes."""
     from mkd_tf.evaluation import structure_indices
 
@@ -73,9 +69,9 @@ def run_scores(run):
     # training's target stream (all CT training slices, augmented, batch size as trained), one epoch
     stream = training_streams(cache, config, epoch=0)
     batches = [batch["target"]["image"] for batch in stream.take(BATCHES)]
-    trained = test_dice(model, cache)
+    trained = mean_test_dice(model, cache)
     recompute_target_statistics(model, batches)
-    return {"trained": trained, "target_statistics": test_dice(model, cache)}
+    return {"trained": trained, "target_statistics": mean_test_dice(model, cache)}
 
 
 def table(results):
@@ -100,21 +96,7 @@ def table(results):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="finished MKD run folders")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "target_statistics"))
-    args = parser.parse_args()
-    from mkd_tf.errors import MkdError
-
-    try:
-        results = {run: run_scores(run) for run in args.runs}
-    except MkdError as error:
-        sys.exit(f"error: {error}")  # one line, as the CLI prints it
-    text = table(results)
-    print(text)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
-    out.with_suffix(".md").write_text(text)
+    score_runs(__doc__, run_scores, table, "target_statistics")
 
 
 if __name__ == "__main__":
