@@ -1,13 +1,14 @@
 """Paired per-seed differences between two folders of evaluated runs (run by hand; not a test).
 
-    .venv/bin/python benchmarks/paired_runs.py BASE CANDIDATE [CANDIDATE ...]
+    .venv/bin/python benchmarks/paired_runs.py BASE CANDIDATE [CANDIDATE ...] [--base-predictor NAME]
 
 BASE and each CANDIDATE hold ``seedN`` run folders that ``mkd evaluate`` (or ``mkd compare``) has scored
 (``seedN/metrics.json``, test volumes). For every predictor both runs have (MKD: ``ensemble``, ``syn``,
 ``real``) it prints the candidate's mean Dice per seed, the per-seed difference candidate − base over the
 seeds both folders hold, and its mean ± std (population std, as ``mkd compare``). It pairs runs that
 ``mkd compare`` cannot put in one table: runs of two code versions, or of settings that are not a
-registered variant (e.g. ``--out`` folders made with different ``--config`` files).
+registered variant (e.g. ``--out`` folders made with different ``--config`` files). ``--base-predictor``
+pairs every predictor of the candidate with that one predictor of BASE (e.g. ``ummkd`` against MKD's).
 """
 
 import argparse
@@ -27,12 +28,15 @@ def mean_dice(run):
     return {predictor: 100 * rows["overall"]["dice"]["mean"] for predictor, rows in summary.items()}
 
 
-def paired(base, candidate):
-    """``{predictor: (seeds, candidate Dice per seed, candidate − base per seed)}`` over the seeds both hold."""
+def paired(base, candidate, base_predictor=None):
+    """``{predictor: (seeds, candidate Dice per seed, candidate − base per seed)}`` over the seeds both hold
+    (against BASE's ``base_predictor`` if given, else its predictor of the same name)."""
     seeds = sorted(int(p.name[4:]) for p in Path(candidate).glob("seed*") if p.name[4:].isdigit())
     result = {}
     for seed in seeds:
         ours, theirs = mean_dice(Path(candidate) / f"seed{seed}"), mean_dice(Path(base) / f"seed{seed}")
+        if base_predictor is not None:
+            theirs = dict.fromkeys(ours, theirs[base_predictor]) if base_predictor in theirs else {}
         for predictor in ours.keys() & theirs.keys():
             entry = result.setdefault(predictor, ([], [], []))
             entry[0].append(seed)
@@ -45,9 +49,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
     parser.add_argument("candidates", nargs="+")
+    parser.add_argument("--base-predictor", help="BASE's predictor to pair every candidate predictor with")
     args = parser.parse_args()
     for candidate in args.candidates:
-        for predictor, (seeds, dice, difference) in sorted(paired(args.base, candidate).items()):
+        for predictor, (seeds, dice, difference) in sorted(paired(args.base, candidate, args.base_predictor).items()):
             print(
                 f"{candidate} [{predictor}] seeds {seeds}: "
                 + " / ".join(f"{d:.1f}" for d in dice)
