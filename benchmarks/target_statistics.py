@@ -49,7 +49,9 @@ def mean_test_dice(model, cache):
 
     structures = structure_indices(cache)
     scores = {name: [] for name in PREDICTORS}
-    for volume, probabilities, reference, spacing in volume_probabilities(model, cache, "test", PREDICTORS):
+    for volume, probabilities, reference, spacing in volume_probabilities(model, cache, "test"):
+        # MKD's ensemble is the mean of the two softmaxes: computed here, not by a third pair of forward passes
+        probabilities["ensemble"] = (probabilities["syn"] + probabilities["real"]) / 2
         for name in PREDICTORS:
             scores[name].append(volume_dice(probabilities[name], volume, reference, spacing, structures))
     return {name: float(np.mean(values)) for name, values in scores.items()}
