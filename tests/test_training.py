@@ -510,7 +510,9 @@ def test_an_eager_mkd_training_is_bit_reproducible(tmp_path, cache_path):
     same losses and validation Dice to the last bit and end with the same weights (conftest enables op
     determinism). Compiled trainings do not always: their distillation steps differ now and then in the
     seventh digit (`benchmarks/determinism.py`, README "How much of a margin is the machine")."""
-    overrides = tiny_runs.tiny_overrides(method="mkd", schedule={"epochs": 2, "steps_per_epoch": 3})
+    overrides = tiny_runs.tiny_overrides(
+        method="mkd", schedule={"epochs": 1, "steps_per_epoch": 4, "mkd_pretrain": 0.5}
+    )
     logged, weights = [], []
     for name in ("first", "second"):
         with tiny_runs.capture_models() as built, tiny_runs.eager():
