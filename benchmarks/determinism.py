@@ -13,7 +13,8 @@ process one intra-op and one inter-op thread (default: TensorFlow's, one per cor
 remapping=off`` turns off one of Grappler's graph optimisations (``tf.config.optimizer.set_experimental_options``).
 
 Each invocation trains into a new folder ``OUT/trialN``. Prints every run's losses and validation Dice that
-differ from the first run's, and a last line: how many runs equal the first exactly. Not every run differs, so use several processes and runs.
+differ from the first run's, and a last line: how many runs equal the first exactly. Not every run differs,
+so use several processes and runs.
 """
 
 import argparse
