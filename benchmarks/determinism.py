@@ -33,20 +33,6 @@ from tests.scripts import tiny_runs
 SCHEDULE = {"epochs": 2, "steps_per_epoch": 4}
 
 
-def write_cache(out):
-    """The tests' tiny phantom cache in ``out/cache`` (written once)."""
-    from mkd_tf.data.phantom import write_phantom
-    from mkd_tf.data.prepare import PrepareOptions, prepare_cache
-    from mkd_tf.data.preprocess import PreprocessConfig
-
-    cache = out / "cache"
-    if not cache.exists():
-        phantom = write_phantom(out / "phantom", **tiny_runs.PHANTOM)
-        options = PrepareOptions(preprocess=PreprocessConfig(spacing=tiny_runs.SPACING, size=tiny_runs.SIZE))
-        prepare_cache(phantom / "ct_train", phantom / "mr_train", cache, options)
-    return cache
-
-
 def train_runs(out, trial, process, runs, method, eager, threads, grappler):
     """One process's share: RUNS trainings in ``trial``; each run's per-epoch losses and validation Dice to
     JSON."""
@@ -102,7 +88,8 @@ def main():
         )
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_cache(out)
+    if not (out / "cache").exists():
+        tiny_runs.write_tiny_cache(out)
     # a new folder per invocation: a finished run folder would be resumed (trains nothing), not retrained
     trial = next(out / f"trial{n}" for n in range(1, 10_000) if not (out / f"trial{n}").exists())
     trial.mkdir()

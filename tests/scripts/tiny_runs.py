@@ -64,20 +64,24 @@ def tiny_cache(tmp_path_factory):
     Read-only for tests.
     """
     if _SESSION["cache"] is None:
-        from mkd_tf.data.phantom import write_phantom
-        from mkd_tf.data.prepare import PrepareOptions, prepare_cache
-        from mkd_tf.data.preprocess import PreprocessConfig
-
-        root = _root(tmp_path_factory)
-        phantom = Path(write_phantom(root / "phantom", **PHANTOM))
-        cache = prepare_cache(
-            phantom / "ct_train",
-            phantom / "mr_train",
-            root / "cache",
-            PrepareOptions(preprocess=PreprocessConfig(spacing=SPACING, size=SIZE)),
-        )
-        _SESSION["cache"] = (phantom, Path(cache))
+        _SESSION["cache"] = write_tiny_cache(_root(tmp_path_factory))
     return _SESSION["cache"]
+
+
+def write_tiny_cache(root):
+    """Write the tiny phantom (``root/phantom``) and its slice cache (``root/cache``); `(phantom, cache)`."""
+    from mkd_tf.data.phantom import write_phantom
+    from mkd_tf.data.prepare import PrepareOptions, prepare_cache
+    from mkd_tf.data.preprocess import PreprocessConfig
+
+    phantom = Path(write_phantom(Path(root) / "phantom", **PHANTOM))
+    cache = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        Path(root) / "cache",
+        PrepareOptions(preprocess=PreprocessConfig(spacing=SPACING, size=SIZE)),
+    )
+    return phantom, Path(cache)
 
 
 @contextlib.contextmanager
