@@ -38,6 +38,8 @@ ADDED_SINCE = {
     ("loss", "student_perturbation"): 0.0,
     ("loss", "aligned_as_target"): 0.0,
     ("loss", "real_to_generator"): 0.0,
+    ("loss", "pseudo_labels"): 0.0,
+    ("loss", "pseudo_label_threshold"): 0.9,
 }
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
@@ -116,6 +118,8 @@ DEFAULTS = {
         "student_perturbation": 0.0,  # mkd: KD students see a re-contrasted, noisy view (strength s; 0: the paper)
         "aligned_as_target": 0.0,  # mkd: S_real also learns aligned assistant images through its target set
         "real_to_generator": 0.0,  # mkd: G also minimises that loss (S_real must read G(assistant) correctly)
+        "pseudo_labels": 0.0,  # mkd: both segmentors learn the pair's confident average on target images
+        "pseudo_label_threshold": 0.9,  # mkd: the confidence a pseudo-label needs
         "ummkd_temperature": 2.0,
         "ummkd_weight": 1.0,
     },
@@ -182,6 +186,8 @@ RULES = {
         "student_perturbation": fraction(high_open=True),
         "aligned_as_target": NON_NEGATIVE,
         "real_to_generator": NON_NEGATIVE,
+        "pseudo_labels": NON_NEGATIVE,
+        "pseudo_label_threshold": fraction(high_open=True),
         "ummkd_temperature": POSITIVE,
         "ummkd_weight": NON_NEGATIVE,
     },

@@ -264,6 +264,12 @@ register_variant(
     "MKD with S_syn -> S_real distillation also on target images (both directions on the target)",
 )
 register_variant(
+    "mkd-pseudo-labels",
+    "mkd",
+    {"loss": {"pseudo_labels": 1.0}},
+    "MKD with both segmentors also learning the pair's confident average prediction on target images",
+)
+register_variant(
     "finetune-domain-norm",
     "finetune",
     {"segmentor": {"domain_norm": True}},

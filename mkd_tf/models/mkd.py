@@ -96,6 +96,11 @@ class MKDLossWeights:
             S_real as it reads target images (0: none, the paper). Unlike ``segmentation_to_generator``
             (S_syn on its own assistant set, which adapts to whatever G outputs), this pulls G towards
             images a target segmentor understands.
+        pseudo_labels: weight of self-training on target images: each segmentor learns the hard labels of
+            the two segmentors' stop-gradient average prediction where it is confident
+            (:func:`~mkd_tf.losses.pseudo_label_loss`), on every target slice, labelled or not (0: none,
+            the paper; the paper's CT teacher is S_real alone, and S_real learns nothing from unlabelled CT).
+        pseudo_label_threshold: the confidence tau an averaged prediction needs to become a pseudo-label.
     """
 
     temperature: float = 2.0
@@ -113,6 +118,8 @@ class MKDLossWeights:
     student_perturbation: float = 0.0
     aligned_as_target: float = 0.0
     real_to_generator: float = 0.0
+    pseudo_labels: float = 0.0
+    pseudo_label_threshold: float = 0.9
 
 
 def _to_unit(images):
@@ -189,7 +196,9 @@ class MKDModel(CrossModalityModel):
         # keep the statistics copied at the end of the warm start, so on target images it uses the set it
         # trains on aligned images with (G makes those look like the target).
         weights = self.loss_weights
-        syn_sees_target = self.kd_r2s or weights.syn_on_target > 0 or weights.lambda_s2r_target > 0
+        syn_sees_target = (
+            self.kd_r2s or weights.syn_on_target > 0 or weights.lambda_s2r_target > 0 or weights.pseudo_labels > 0
+        )
         syn_domains = {}
         if self.syn_domain_norm:
             syn_domains = domains if syn_sees_target else dict(domains, default_domain=ASSISTANT_DOMAIN)
@@ -357,7 +366,7 @@ class MKDModel(CrossModalityModel):
                     )
                 )
                 distillation += w.lambda_s2r * logs["kd_s2r"]
-            if self.kd_r2s or w.lambda_s2r_target:
+            if self.kd_r2s or w.lambda_s2r_target or w.pseudo_labels:
                 real_on_target = self.on_target(self.real_segmentor, target["image"])
                 syn_on_target = self.on_target(self.synthetic_segmentor, self.student_view(target["image"], 1))
             if self.kd_r2s:
@@ -378,6 +387,13 @@ class MKDModel(CrossModalityModel):
                     )
                 )
                 distillation += w.lambda_s2r_target * logs["kd_s2r_target"]
+            if w.pseudo_labels:  # self-training: both learn the pair's confident average on target images
+                ensemble = tf.stop_gradient((tf.nn.softmax(real_on_target) + tf.nn.softmax(syn_on_target)) / 2.0)
+                logs["pseudo_target"] = self.average(
+                    losses.pseudo_label_loss(ensemble, syn_on_target, w.pseudo_label_threshold)
+                    + losses.pseudo_label_loss(ensemble, real_on_target, w.pseudo_label_threshold)
+                )
+                distillation += w.pseudo_labels * logs["pseudo_target"]
             segmentor_loss = segmentation + distillation
 
             # 4. Image alignment: adversarial + cycle (+ segmentation keeps anatomy).

@@ -388,6 +388,31 @@ def test_s_syn_to_s_real_distillation_on_target_images_reaches_only_s_real():
     assert "kd_s2r_target" not in make_model(sgd=0.01).train_step(make_batch())  # off by default (the paper)
 
 
+def test_pseudo_labels_teach_both_segmentors_from_their_confident_average_on_target_images():
+    # pseudo_label_loss calls: the pair's average teaching S_syn, then teaching S_real
+    weights = {"pseudo_labels": 1.0, "pseudo_label_threshold": 0.0}
+    logs, to_syn, reached = loss_term_reach(make_model(sgd=0.01, weights=weights), 0, name="pseudo_label_loss")
+    assert reached == {"S_syn"}  # the average is stop-gradient
+    _, to_real, reached = loss_term_reach(make_model(sgd=0.01, weights=weights), 1, name="pseudo_label_loss")
+    assert reached == {"S_real"}
+    assert float(logs["pseudo_target"]) == pytest.approx(float(tf.reduce_mean(to_syn + to_real)), rel=1e-5)
+    # By hand from the same weights: both segmentors on the target images, their average's argmax.
+    model = make_model(sgd=0.0, weights=weights)
+    target = make_batch()["target"]["image"]
+    real = model.real_segmentor(target, training=True)
+    syn = model.synthetic_segmentor(target, training=True)
+    labels = tf.argmax(tf.nn.softmax(real) + tf.nn.softmax(syn), axis=-1)
+    expected = sum(
+        float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
+        for logits in (syn, real)
+    )
+    assert float(model.train_step(make_batch())["pseudo_target"]) == pytest.approx(expected, rel=1e-5)
+    # A threshold no average reaches removes the term's value; off by default (the paper).
+    strict = make_model(sgd=0.01, weights={"pseudo_labels": 1.0, "pseudo_label_threshold": 0.999})
+    assert float(strict.train_step(make_batch())["pseudo_target"]) == 0.0
+    assert "pseudo_target" not in make_model(sgd=0.01).train_step(make_batch())
+
+
 def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alone():
     model = make_model(sgd=0.05, pretrain_steps=5)
     batch = make_batch(labelled_target=False)  # the warm start never reads labelled target slices
