@@ -44,6 +44,12 @@ def shared_training_options(command):
         click.option(
             "--depth", type=click.IntRange(1), default=None, help="Segmentor U-Net depth [config default: 4]."
         ),
+        click.option(
+            "--deterministic/--no-deterministic",
+            default=None,
+            help="Bit-reproducible training: deterministic kernels, no Grappler graph rewrites "
+            "[config default: False].",
+        ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for option in reversed(options):
@@ -51,9 +57,10 @@ def shared_training_options(command):
     return command
 
 
-def shared_overrides(epochs, steps_per_epoch, batch_size, target_labelled, base_filters, depth):
+def shared_overrides(epochs, steps_per_epoch, batch_size, target_labelled, base_filters, depth, deterministic):
     """Config overrides from :func:`shared_training_options` (None = keep the config's value)."""
     return {
+        "deterministic": deterministic,
         "data": {"batch_size": batch_size, "target_labelled": target_labelled},
         "schedule": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
         "segmentor": {"base_filters": base_filters, "depth": depth},

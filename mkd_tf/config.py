@@ -44,7 +44,7 @@ ADDED_SINCE = {
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
 #: the checkpoints, so a run resumes only in the precision it started with.
-RUNTIME_SETTINGS = ("strategy", "jit_compile", "checkpoint_every", "worker_timeout")
+RUNTIME_SETTINGS = ("strategy", "jit_compile", "deterministic", "checkpoint_every", "worker_timeout")
 
 DEFAULTS = {
     "method": "mkd",
@@ -53,6 +53,8 @@ DEFAULTS = {
     # Keras mixed-precision policy; networks' outputs and every loss stay float32
     "precision": "float32",
     "jit_compile": False,  # XLA-compile the distributed training step
+    # bit-reproducible training: deterministic kernels, no Grappler graph rewrites (README, multi-worker training)
+    "deterministic": False,
     "checkpoint_every": 10.0,  # minutes between step-level checkpoints inside an epoch (0: epoch ends only)
     # multi-worker: seconds a worker waits for the cluster at start and for one collective operation
     # (a step's all-reduce) before stopping with an error; must exceed the chief's validation time
@@ -143,6 +145,7 @@ RULES = {
     "strategy": Rule("choice", choices=STRATEGIES),
     "precision": Rule("choice", choices=PRECISIONS),
     "jit_compile": BOOL,
+    "deterministic": BOOL,
     "checkpoint_every": NON_NEGATIVE,
     "worker_timeout": POSITIVE,
     "data": {"batch_size": integer(1), "augment": BOOL, "target_labelled": integer(0, optional=True)},

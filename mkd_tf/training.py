@@ -363,7 +363,11 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
     usable_target_volumes(cache, config)
     strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
     keras.utils.set_random_seed(int(config["seed"]))  # after the strategy: multi-worker resets TF's context
-    with precision_policy(config["precision"]), _xla_errors(config["jit_compile"]):
+    with (
+        precision_policy(config["precision"]),
+        _xla_errors(config["jit_compile"]),
+        deterministic_training(config["deterministic"]),
+    ):
         if tf_config is None:
             return _train(cache, run, config, config_path, strategy, RunFolder(run), None, verbose)
         try:
@@ -381,6 +385,26 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             tf.errors.InternalError,
         ) as exc:
             raise MkdError(cluster.describe_failure(exc, tf_config, float(config["worker_timeout"]))) from None
+
+
+@contextlib.contextmanager
+def deterministic_training(enabled):
+    """With ``enabled``, training inside the block is bit-reproducible: the same command gives the same losses
+    and weights. Deterministic kernels (``tf.config.experimental.enable_op_determinism``, process-wide and
+    irreversible: TensorFlow has no way back) are not enough for a compiled MKD step, whose results then still
+    vary from one build of the graph to the next in the seventh digit; with Grappler's graph rewrites off
+    (``disable_meta_optimizer``, restored on leaving) they do not (``benchmarks/determinism.py``; README).
+    """
+    if not enabled:
+        yield
+        return
+    tf.config.experimental.enable_op_determinism()
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
 
 
 @contextlib.contextmanager

@@ -114,7 +114,7 @@ def test_train_command_flags_reach_the_config_over_the_yaml(tmp_path, monkeypatc
         (
             "learning_rate: 0.1\n",
             "unknown setting 'learning_rate' (known: ablation, alignment, checkpoint_every, data, "
-            "jit_compile, loss, method, optimizer, precision, schedule, seed, segmentor, strategy, "
+            "deterministic, jit_compile, loss, method, optimizer, precision, schedule, seed, segmentor, strategy, "
             "worker_timeout)",
         ),
         ("schedule: 5\n", "setting 'schedule' must be a mapping"),

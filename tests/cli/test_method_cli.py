@@ -30,6 +30,7 @@ CONFIG_DEFAULTS = {
     "--depth": ("segmentor", "depth"),
     "--precision": ("precision",),
     "--jit-compile": ("jit_compile",),
+    "--deterministic": ("deterministic",),
     "--checkpoint-every": ("checkpoint_every",),
     "--worker-timeout": ("worker_timeout",),
 }
