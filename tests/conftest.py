@@ -19,7 +19,8 @@ import tensorflow as tf  # noqa: E402
 # Same seeds, kernels and reduction order: a model a test trains eagerly is the same in every run
 # (tests/test_training.py checks it for MKD), so a threshold on it either always holds or never does.
 # Compiled steps are not quite: MKD's distillation steps differ now and then in the seventh digit,
-# apparently through a Grappler rewrite (benchmarks/determinism.py), far inside every threshold's margin.
+# through Grappler's rewrites (benchmarks/determinism.py), far inside every threshold's margin; with the
+# rewrites off as well (`deterministic: true`) they are the same too (tests/test_training.py checks it).
 tf.config.experimental.enable_op_determinism()
 
 from mkd_tf.data.layouts import MMWHS_LABELS
