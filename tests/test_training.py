@@ -505,9 +505,9 @@ def test_without_validation_data_the_last_epoch_is_best(tmp_path, tmp_path_facto
 # --- reproducibility ---------------------------------------------------------------------------------
 
 
-def two_tiny_mkd_trainings(root, cache_path, eager, **settings):
-    """Train one tiny MKD run twice (warm start, then mutual distillation); each training's logged losses and
-    validation Dice, and its final weights."""
+def assert_two_tiny_mkd_trainings_agree(root, cache_path, eager, **settings):
+    """Train one tiny MKD run twice (warm start, then mutual distillation) and check that both trainings log the
+    same losses and validation Dice to the last bit and end with the same weights."""
     overrides = tiny_runs.tiny_overrides(
         method="mkd", schedule={"epochs": 1, "steps_per_epoch": 4, "mkd_pretrain": 0.5}, **settings
     )
@@ -517,15 +517,6 @@ def two_tiny_mkd_trainings(root, cache_path, eager, **settings):
             train(cache_path, root / name, overrides=overrides, verbose=0)
         logged.append([{key: e[key] for key in ("losses", "val_dice")} for e in history_of(root / name)["epochs"]])
         weights.append([variable.numpy() for variable in built[-1].weights])
-    return logged, weights
-
-
-def test_an_eager_mkd_training_is_bit_reproducible(tmp_path, cache_path):
-    """Two eager trainings of one tiny MKD run, through the warm start and into mutual distillation, log the
-    same losses and validation Dice to the last bit and end with the same weights (conftest enables op
-    determinism). Compiled trainings do not always: their distillation steps differ now and then in the
-    seventh digit (`benchmarks/determinism.py`, README "How much of a margin is the machine")."""
-    logged, weights = two_tiny_mkd_trainings(tmp_path, cache_path, eager=True)
     assert logged[-1][-1]["losses"]["kd_r2s"] > 0 and logged[-1][-1]["losses"]["kd_s2r"] > 0  # distillation ran
     assert logged[0] == logged[1]
     assert len(weights[0]) == len(weights[1]) > 0
@@ -533,14 +524,18 @@ def test_an_eager_mkd_training_is_bit_reproducible(tmp_path, cache_path):
         np.testing.assert_array_equal(first, second)
 
 
+def test_an_eager_mkd_training_is_bit_reproducible(tmp_path, cache_path):
+    """Two eager trainings of one tiny MKD run, through the warm start and into mutual distillation, log the
+    same losses and validation Dice to the last bit and end with the same weights (conftest enables op
+    determinism). Compiled trainings do not always: their distillation steps differ now and then in the
+    seventh digit (`benchmarks/determinism.py`, README "How much of a margin is the machine")."""
+    assert_two_tiny_mkd_trainings_agree(tmp_path, cache_path, eager=True)
+
+
 def test_a_deterministic_compiled_mkd_training_is_bit_reproducible(tmp_path, cache_path):
     """``deterministic: true`` (``mkd train --deterministic``): the compiled step, as `mkd` runs it, gives the
     same losses, validation Dice and weights in two trainings; without it the same pair differed on its first
     trial, and 3 of 4 such runs differ from the first in `benchmarks/determinism.py`. Grappler's rewrites are
     restored afterwards."""
-    logged, weights = two_tiny_mkd_trainings(tmp_path, cache_path, eager=False, deterministic=True)
-    assert logged[-1][-1]["losses"]["kd_r2s"] > 0 and logged[-1][-1]["losses"]["kd_s2r"] > 0
-    assert logged[0] == logged[1]
-    for first, second in zip(*weights):
-        np.testing.assert_array_equal(first, second)
+    assert_two_tiny_mkd_trainings_agree(tmp_path, cache_path, eager=False, deterministic=True)
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
