@@ -23,6 +23,7 @@ PREDICTORS = tuple(dict.fromkeys(name for method in registry.METHODS.values() fo
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config does not import models)
+LR_SCHEDULES = ("constant", "cosine")  # optimizer.lr_schedule (mkd_tf.phased_cosine_decay)
 #: settings renamed since runs were first written: an old config file or run folder still loads
 RENAMED = {("data", "target_labeled"): "target_labelled"}
 #: settings added since runs were first written, with the value every run written before had
@@ -40,6 +41,7 @@ ADDED_SINCE = {
     ("loss", "real_to_generator"): 0.0,
     ("loss", "pseudo_labels"): 0.0,
     ("loss", "pseudo_label_threshold"): 0.9,
+    ("optimizer", "lr_schedule"): "constant",
 }
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
@@ -133,6 +135,9 @@ DEFAULTS = {
         # every method: evaluate, select and export an exponential moving average of the segmentor weights
         "ema": True,
         "ema_momentum": 0.99,
+        # every method: "cosine" decays the segmentors' learning rate within each phase of the method's
+        # schedule (mkd: warm start, distillation; finetune: assistant, target), restarting at each phase
+        "lr_schedule": "constant",
     },
     "ablation": {"iam": True, "kd_s2r": True, "kd_r2s": True},
 }
@@ -201,6 +206,7 @@ RULES = {
         "gan_beta_1": fraction(high_open=True),
         "ema": BOOL,
         "ema_momentum": fraction(high_open=True),
+        "lr_schedule": Rule("choice", choices=LR_SCHEDULES),
     },
     "ablation": {"iam": BOOL, "kd_s2r": BOOL, "kd_r2s": BOOL},
 }

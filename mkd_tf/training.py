@@ -31,6 +31,7 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder, read_json
 from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS
+from mkd_tf.phased_cosine_decay import PhasedCosineDecay
 from mkd_tf.run_folder import RunFolder
 
 
@@ -159,18 +160,34 @@ def build_method(config, num_classes):
     """
     settings = config["optimizer"]
     scaled = config.get("precision") == "mixed_float16"
+    model_class = registry.load(registry.METHODS[config["method"]].model)
 
     def optimizer(role):
         if role == "segmentors":
             inner = keras.optimizers.Adam(
-                settings["segmentor_lr"], use_ema=bool(settings["ema"]), ema_momentum=float(settings["ema_momentum"])
+                segmentor_learning_rate(config, model_class),
+                use_ema=bool(settings["ema"]),
+                ema_momentum=float(settings["ema_momentum"]),
             )
         else:  # "generators" / "discriminators"
             inner = keras.optimizers.Adam(settings[f"{role[:-1]}_lr"], beta_1=settings["gan_beta_1"])
         return keras.optimizers.LossScaleOptimizer(inner) if scaled else inner
 
-    model_class = registry.load(registry.METHODS[config["method"]].model)
     return model_class.from_settings(config, num_classes, optimizer)
+
+
+def segmentor_learning_rate(config, model_class):
+    """The segmentors' learning rate: ``optimizer.segmentor_lr``, or with ``optimizer.lr_schedule: cosine``
+    a :class:`~mkd_tf.phased_cosine_decay.PhasedCosineDecay` from it whose phases are the method's own
+    (each of its ``schedule_settings`` is the fraction of the steps at which a phase starts: MKD's
+    ``mkd_pretrain``, finetune's ``finetune_switch``)."""
+    settings, schedule = config["optimizer"], config["schedule"]
+    if settings["lr_schedule"] == "constant":
+        return settings["segmentor_lr"]
+    total = schedule["epochs"] * schedule["steps_per_epoch"]
+    # int(fraction * total), as the methods compute their switch step; 0 or a repeat adds no phase
+    starts = sorted({0} | {int(schedule[name] * total) for name in model_class.schedule_settings})
+    return PhasedCosineDecay(settings["segmentor_lr"], starts, total)
 
 
 def validation_dice(model, cache, batch_size=32, split="val"):

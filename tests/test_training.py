@@ -379,6 +379,34 @@ def test_finetune_switch_step_is_the_configured_fraction_of_the_budget():
     assert build_method(config, 8).switch_step == 12
 
 
+@pytest.mark.parametrize(
+    "method, phase_starts", [("mkd", [0, 12]), ("finetune", [0, 9]), ("ummkd", [0]), ("target-only", [0])]
+)
+def test_a_cosine_learning_rate_restarts_at_each_phase_of_the_method(method, phase_starts):
+    """``optimizer.lr_schedule: cosine``: the segmentors' Adam decays from ``segmentor_lr`` within each of the
+    method's phases (MKD's warm start and distillation, finetune's assistant and target) and restarts."""
+    schedule = {"epochs": 3, "steps_per_epoch": 10, "mkd_pretrain": 0.4, "finetune_switch": 0.3}
+    config = load_config(
+        overrides=tiny_runs.tiny_overrides(method=method, schedule=schedule, optimizer={"lr_schedule": "cosine"})
+    )
+    optimizer = build_method(config, 8).segmentor_optimizer
+    assert optimizer.use_ema  # the average is kept as with a constant rate
+    rates = {}
+    for step in range(30):
+        optimizer.iterations.assign(step)
+        rates[step] = float(optimizer.learning_rate)
+    ends = phase_starts[1:] + [30]
+    for start, end in zip(phase_starts, ends):
+        assert rates[start] == pytest.approx(1e-3)
+        assert all(rates[t] > rates[t + 1] for t in range(start, end - 1))  # decays within the phase
+        assert rates[end - 1] < 0.05e-3
+
+    constant = load_config(overrides=tiny_runs.tiny_overrides(method=method, schedule=schedule))
+    optimizer = build_method(constant, 8).segmentor_optimizer
+    optimizer.iterations.assign(25)
+    assert float(optimizer.learning_rate) == pytest.approx(1e-3)
+
+
 def test_finetune_trains_on_the_assistant_then_on_the_target():
     """Compiled step: the stream is picked from the step counter at run time, not at trace time."""
     import keras
