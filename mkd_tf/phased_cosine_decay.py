@@ -1,5 +1,6 @@
 """A cosine learning-rate decay that restarts at each phase of a method's schedule."""
 
+import itertools
 import math
 
 import keras
@@ -36,7 +37,7 @@ class PhasedCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, initial_learning_rate, phase_starts, total_steps, alpha=0.0):
         starts = [int(s) for s in phase_starts]
-        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        if not starts or starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
             raise ValueError(f"phase_starts must increase from 0, got {phase_starts}")
         if int(total_steps) <= starts[-1]:
             raise ValueError(f"total_steps ({total_steps}) must exceed the last phase start ({starts[-1]})")

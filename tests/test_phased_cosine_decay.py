@@ -9,7 +9,10 @@ from mkd_tf.phased_cosine_decay import PhasedCosineDecay
 
 def test_each_phase_decays_from_the_full_rate_along_a_cosine():
     schedule = PhasedCosineDecay(2e-3, phase_starts=[0, 60], total_steps=100, alpha=0.1)
-    rate = lambda step: float(schedule(step))  # noqa: E731
+
+    def rate(step):
+        return float(schedule(step))
+
     for start, end in ((0, 60), (60, 100)):
         assert rate(start) == pytest.approx(2e-3)
         assert rate((start + end) / 2) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5))
