@@ -57,13 +57,17 @@ def train_runs(out, trial, process, runs, method, eager, threads, grappler):
 
 
 def differences(first, other):
-    """``[(epoch, name, first value, other value)]`` for every logged value that is not bit-identical."""
+    """``[(epoch, name, first value, other value)]`` for every logged value that is not bit-identical (a value
+    only one run logged, or an epoch only one run has, counts, with None for the missing side)."""
     found = []
-    for epoch, (a, b) in enumerate(zip(first, other), start=1):
+    for epoch in range(1, max(len(first), len(other)) + 1):
+        a = first[epoch - 1] if epoch <= len(first) else {}
+        b = other[epoch - 1] if epoch <= len(other) else {}
         for group in ("losses", "val_dice"):
-            for name in a[group]:
-                if a[group][name] != b[group].get(name):
-                    found.append((epoch, name, a[group][name], b[group].get(name)))
+            values_a, values_b = a.get(group, {}), b.get(group, {})
+            for name in dict.fromkeys([*values_a, *values_b]):
+                if values_a.get(name) != values_b.get(name):
+                    found.append((epoch, name, values_a.get(name), values_b.get(name)))
     return found
 
 
