@@ -30,7 +30,7 @@ from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder, read_json
-from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS
+from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, phase_start_step
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
 from mkd_tf.run_folder import RunFolder
 
@@ -185,8 +185,8 @@ def segmentor_learning_rate(config, model_class):
     if settings["lr_schedule"] == "constant":
         return settings["segmentor_lr"]
     total = schedule["epochs"] * schedule["steps_per_epoch"]
-    # int(fraction * total), as the methods compute their switch step; 0 or a repeat adds no phase
-    starts = sorted({0} | {int(schedule[name] * total) for name in model_class.schedule_settings})
+    # the steps at which the method's own phases start; 0 or a repeat adds no phase
+    starts = sorted({0} | {phase_start_step(schedule, name) for name in model_class.schedule_settings})
     return PhasedCosineDecay(settings["segmentor_lr"], starts, total)
 
 

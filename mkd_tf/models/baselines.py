@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from mkd_tf import losses
-from mkd_tf.models.cross_modality import CrossModalityModel
+from mkd_tf.models.cross_modality import CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
 
 #: batch-norm sets with ``domain_norm`` (the same numbering as UMMKD's and MKD's)
@@ -144,8 +144,7 @@ class FinetuneModel(SingleSegmentorModel):
     @classmethod
     def from_settings(cls, config, num_classes, optimizer):
         model = super().from_settings(config, num_classes, optimizer)
-        schedule = config["schedule"]
-        model.switch_step = int(schedule["finetune_switch"] * schedule["epochs"] * schedule["steps_per_epoch"])
+        model.switch_step = phase_start_step(config["schedule"], "finetune_switch")
         return model
 
     def loss_terms(self, batch):

@@ -21,6 +21,12 @@ import tensorflow as tf
 METHOD_SCHEDULE_SETTINGS = ("mkd_pretrain", "finetune_switch")
 
 
+def phase_start_step(schedule, name):
+    """The step at which the phase set by the ``schedule`` fraction ``name`` starts (MKD's warm start ends,
+    finetune switches to the target): ``int(fraction * epochs * steps_per_epoch)``."""
+    return int(schedule[name] * schedule["epochs"] * schedule["steps_per_epoch"])
+
+
 class CrossModalityModel(keras.Model):
     """Base class of the methods: MKD and its baselines.
 

@@ -49,7 +49,7 @@ import tensorflow as tf
 
 from mkd_tf import losses
 from mkd_tf.models.alignment import ImageAlignmentModule
-from mkd_tf.models.cross_modality import CrossModalityModel
+from mkd_tf.models.cross_modality import CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
 
 #: batch-norm sets of the segmentors with ``domain_norm``: (aligned) assistant images, target images
@@ -214,7 +214,6 @@ class MKDModel(CrossModalityModel):
     @classmethod
     def from_settings(cls, config, num_classes, optimizer):
         schedule = config["schedule"]
-        steps = schedule["epochs"] * schedule["steps_per_epoch"]
         loss_weights = {field.name: config["loss"][field.name] for field in fields(MKDLossWeights)}
         if config["data"]["target_labelled"] == 0:
             loss_weights["syn_on_target"] = 0.0  # no labelled target slices: S_syn cannot learn from them
@@ -227,7 +226,7 @@ class MKDModel(CrossModalityModel):
             use_iam=config["ablation"]["iam"],
             kd_s2r=config["ablation"]["kd_s2r"],
             kd_r2s=config["ablation"]["kd_r2s"],
-            pretrain_steps=int(schedule["mkd_pretrain"] * steps),
+            pretrain_steps=phase_start_step(schedule, "mkd_pretrain"),
             domain_norm=config["segmentor"]["domain_norm"],
             syn_domain_norm=config["segmentor"]["syn_domain_norm"],
             optimizers={role: optimizer(role) for role in ("segmentors", "generators", "discriminators")},
