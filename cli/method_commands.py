@@ -309,12 +309,21 @@ def predict(
     "run over all seeds only evaluates).",
 )
 @click.option("--out", required=True, type=click.Path(), help="Folder for the runs, the table and the box plot.")
+@click.option(
+    "--tune",
+    default=None,
+    metavar="SETTING=V1,V2,...",
+    help="Tune one setting per method, e.g. optimizer.segmentor_lr=5e-4,1e-3,2e-3: train each method at "
+    "every value (runs in METHOD/SETTING=VALUE/seedN) and report it at the value with the highest mean "
+    "validation Dice over the seeds; a second table lists every value's validation and test Dice.",
+)
 @shared_training_options
-def compare(cache, methods, seeds, first_seed, out, config_path, quiet, **shared):
+def compare(cache, methods, seeds, first_seed, out, tune, config_path, quiet, **shared):
     """Train and evaluate several methods on the same split and budget; one table + a box plot."""
-    from mkd_tf.compare import compare_methods
+    from mkd_tf.compare import compare_methods, parse_tune
 
     overrides = shared_overrides(**shared)
+    tune = parse_tune(tune) if tune is not None else None
     result = compare_methods(
         cache,
         [m.strip() for m in methods.split(",") if m.strip()],
@@ -325,6 +334,7 @@ def compare(cache, methods, seeds, first_seed, out, config_path, quiet, **shared
         verbose=0 if quiet else 1,
         progress=click.echo,
         first_seed=first_seed,
+        tune=tune,
     )
     click.echo(result["table"])
     click.echo(f"wrote {result['table_path']} and {result['plot_path']}")

@@ -22,8 +22,10 @@ import numpy as np
 import yaml
 
 from mkd_tf import registry
+from mkd_tf.config import load_config
+from mkd_tf.data.cache import SliceCache
+from mkd_tf.errors import MkdError, fail
 from mkd_tf.evaluation import evaluate_run
-from mkd_tf.errors import fail
 from mkd_tf.files import atomic_path, write_text_atomic
 from mkd_tf.training import train
 
@@ -46,45 +48,104 @@ def run_overrides(name, seed, overrides):
     return merged
 
 
+def parse_tune(text):
+    """``"optimizer.segmentor_lr=5e-4,1e-3"`` -> ``(("optimizer", "segmentor_lr"), [("5e-4", 0.0005), ("1e-3", 0.001)])``:
+    the setting's path and each value as written and as parsed (int, float, else YAML: ``true``, a name)."""
+    setting, _, values = (text or "").partition("=")
+    path = tuple(part for part in setting.strip().split(".") if part)
+    written = [value.strip() for value in values.split(",") if value.strip()]
+    if not path or len(written) < 2 or len(set(written)) < len(written):
+        fail("--tune", f"expected SETTING=VALUE,VALUE[,...] with two or more different values, got {text!r}")
+    if path[0] in ("method", "seed"):
+        fail("--tune", f"'{path[0]}' is chosen by --methods / --seeds, not tuned")
+    return path, [(value, _parse_value(value)) for value in written]
+
+
+def _parse_value(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def _nested(path, value):
+    """``(("a", "b"), 1)`` -> ``{"a": {"b": 1}}``."""
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
 def compare_methods(
-    cache, methods, seeds, out, config_path=None, overrides=None, verbose=0, progress=None, first_seed=0
+    cache,
+    methods,
+    seeds,
+    out,
+    config_path=None,
+    overrides=None,
+    verbose=0,
+    progress=None,
+    first_seed=0,
+    tune=None,
 ):
     """Train and evaluate each method for seeds ``first_seed .. first_seed + seeds - 1`` (run folders
     ``out/METHOD/seedN``; a finished run is only evaluated); write comparison.{md,json,png} into `out`.
 
     Several processes with different ``first_seed`` can train one method's seeds in parallel; a last
-    call over all the seeds then only evaluates and writes the table."""
+    call over all the seeds then only evaluates and writes the table.
+
+    ``tune``: ``(setting path, [(value as written, value), ...])`` from :func:`parse_tune`. Each method then
+    trains once per value (run folders ``out/METHOD/SETTING=VALUE/seedN``) and is reported at the value
+    whose best validation Dice (the selected checkpoint's), averaged over the seeds, is highest — the first
+    value on a tie. A second table gives every value's validation and test Dice, so a user sees how much
+    the choice mattered; the test split plays no part in the choice."""
     seed_numbers = range(first_seed, first_seed + seeds)
     progress = progress or (lambda line: None)
-    for name in methods:  # an unknown name fails now, not after the methods before it have trained
-        run_overrides(name, 0, overrides)
+    path, values = tune if tune else ((), [(None, None)])
+    for name in methods:  # an unknown name or a bad setting fails now, before anything has trained
+        load_config(config_path, run_overrides(name, 0, overrides))
+        for written, value in values if tune else ():
+            try:
+                load_config(config_path, _run_settings(name, 0, overrides, path, value))
+            except MkdError as error:
+                fail("--tune", f"value {written}: {str(error).split(': ', 1)[-1]}")
+    if tune and not any(volume["label"] for volume in SliceCache(cache).volumes("target", "val")):
+        fail(cache, "--tune chooses by validation Dice, but the cache has no labelled target validation volumes")
     out = Path(out)
     rows = {}  # row name -> list over seeds of (summary, per-case overall dice list)
+    tuning = {}  # method -> its chosen value and every value's per-seed validation and test Dice
+    chosen_runs = {}
     for name in methods:
-        for seed in seed_numbers:
-            run = out / name / f"seed{seed}"
-            progress(f"== {name} seed {seed}: {run}")
-            train(cache, run, config_path, run_overrides(name, seed, overrides), verbose=verbose)
-            result = evaluate_run(run, "test")
-            predictors = list(result["summary"])
-            main = predictors[-1]
-            reported = [(name, main)] + ([(f"{name} [{p}]", p) for p in predictors[:-1]] if len(predictors) > 1 else [])
-            for row, predictor in reported:
-                per_case = [
-                    float(np.mean([s["dice"] for s in case.values()])) for case in result["cases"][predictor].values()
-                ]
-                rows.setdefault(row, []).append((result["summary"][predictor], per_case))
+        scored = {}  # value as written -> per seed (best validation Dice, test result, run folder)
+        for written, value in values:
+            folder = out / name / (f"{path[-1]}={written}" if tune else "")
+            scored[written] = [
+                _train_and_evaluate(
+                    cache, folder / f"seed{seed}", config_path, name, seed, overrides, path, value, progress, verbose
+                )
+                for seed in seed_numbers
+            ]
+        chosen = max(scored, key=lambda written: np.mean([validation for validation, _, _ in scored[written]]))
+        if tune:
+            tuning[name] = _tuning_record(scored, chosen)
+        chosen_runs[name] = [run for _, _, run in scored[chosen]]
+        for _, result, _ in scored[chosen]:
+            _add_rows(rows, name, result)
     table, data = _table(rows)
     differences, paired = _paired_differences(data)
     table += differences
     if paired:
         data["paired_differences"] = paired  # row -> per-seed MKD minus row, in Dice points
+    if tune:
+        table += _tuning_table(".".join(path), [written for written, _ in values], tuning)
+        data["tuning"] = {"setting": ".".join(path), "methods": tuning}
     out.mkdir(parents=True, exist_ok=True)
     table_path, plot_path, curves_path = out / "comparison.md", out / "comparison.png", out / "curves.png"
     write_text_atomic(table_path, table)
     write_text_atomic(out / "comparison.json", json.dumps(data, indent=1))
     _box_plot(rows, plot_path)
-    _learning_curves({name: [out / name / f"seed{seed}" for seed in seed_numbers] for name in methods}, curves_path)
+    _learning_curves(chosen_runs, curves_path)
     return {
         "table": table,
         "table_path": str(table_path),
@@ -92,6 +153,69 @@ def compare_methods(
         "curves_path": str(curves_path),
         "data": data,
     }
+
+
+def _run_settings(name, seed, overrides, path, value):
+    """The overrides of one run: :func:`run_overrides`, plus the tuned setting's value if any."""
+    settings = run_overrides(name, seed, overrides)
+    return _deep_update(settings, _nested(path, value)) if path else settings
+
+
+def _train_and_evaluate(cache, run, config_path, name, seed, overrides, path, value, progress, verbose):
+    """Train (or resume, or only load) one run and score it: ``(best validation Dice, test result, run)``."""
+    progress(f"== {name} seed {seed}: {run}")
+    train(cache, run, config_path, _run_settings(name, seed, overrides, path, value), verbose=verbose)
+    selected = json.loads((Path(run) / "history.json").read_text())["best"]  # the checkpoint `best/` holds
+    return selected["score"], evaluate_run(run, "test"), run
+
+
+def _add_rows(rows, name, result):
+    """Append one run's test ``result`` to ``rows``: its main predictor as ``name``, any other as ``name [p]``."""
+    predictors = list(result["summary"])
+    main = predictors[-1]
+    reported = [(name, main)] + ([(f"{name} [{p}]", p) for p in predictors[:-1]] if len(predictors) > 1 else [])
+    for row, predictor in reported:
+        per_case = [float(np.mean([s["dice"] for s in case.values()])) for case in result["cases"][predictor].values()]
+        rows.setdefault(row, []).append((result["summary"][predictor], per_case))
+
+
+def _tuning_record(scored, chosen):
+    """The JSON record of one method's tuning: the chosen value, each value's per-seed validation and test Dice."""
+
+    def test_dice(result):
+        return result["summary"][list(result["summary"])[-1]]["overall"]["dice"]["mean"]
+
+    return {
+        "chosen": chosen,
+        "values": {
+            written: {
+                "validation": [validation for validation, _, _ in runs],
+                "test": [test_dice(result) for _, result, _ in runs],
+            }
+            for written, runs in scored.items()
+        },
+    }
+
+
+def _tuning_table(setting, written_values, tuning):
+    """Markdown: per method and value, mean best validation Dice (test Dice), the chosen value marked."""
+    heading = (
+        f"\n`{setting}` tuned per method: mean over seeds of the best validation Dice (test Dice in brackets, "
+        "not used for the choice); **bold** = the value reported above\n"
+    )
+    lines = [
+        heading,
+        "| method | " + " | ".join(written_values) + " |",
+        "|" + " --- |" * (len(written_values) + 1),
+    ]
+    for name, record in tuning.items():
+        cells = []
+        for written in written_values:
+            scores = record["values"][written]
+            cell = f"{100 * np.mean(scores['validation']):.1f} ({100 * np.mean(scores['test']):.1f})"
+            cells.append(f"**{cell}**" if written == record["chosen"] else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _paired_differences(data):

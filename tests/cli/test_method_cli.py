@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -214,5 +215,81 @@ def test_compare_rejects_an_unknown_method_before_training_anything(tmp_path_fac
         )
     assert outcome.exit_code == 2
     assert outcome.stderr.startswith("error: --methods: unknown method 'sifa' (choose from mkd, target-only,")
+    assert outcome.stderr.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_tunes_a_setting_per_method_and_reports_it_at_its_best_validation_value(tmp_path_factory, tmp_path):
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
+    out = tmp_path / "tuned"
+    arguments = ["compare", str(cache), "--methods", "target-only", "--seeds", "1", "--out", str(out)]
+    arguments += ["--tune", "optimizer.segmentor_lr=1e-3,5e-2", "--config", str(config), "--quiet"]
+    with tiny_runs.eager():
+        outcome = CliRunner().invoke(cli, arguments, catch_exceptions=False)
+    assert outcome.exit_code == 0, outcome.output
+
+    runs = {value: out / "target-only" / f"segmentor_lr={value}" / "seed0" for value in ("1e-3", "5e-2")}
+    assert sorted(p.name for p in (out / "target-only").iterdir()) == sorted(p.parent.name for p in runs.values())
+    assert [load_config(run / "config.yaml")["optimizer"]["segmentor_lr"] for run in runs.values()] == [1e-3, 5e-2]
+    validation = {value: float(np.nanmax(compare.learning_curve(run)[1])) for value, run in runs.items()}
+    data = json.loads((out / "comparison.json").read_text())
+    tuning = data["tuning"]["methods"]["target-only"]
+    assert data["tuning"]["setting"] == "optimizer.segmentor_lr"
+    assert {value: record["validation"] for value, record in tuning["values"].items()} == {
+        value: [pytest.approx(dice)] for value, dice in validation.items()
+    }
+    chosen = tuning["chosen"]
+    assert chosen == max(validation, key=validation.get)  # the first value on a tie
+    metrics = json.loads((runs[chosen] / "metrics.json").read_text())
+    test_dice = metrics["summary"]["real"]["overall"]["dice"]["mean"]
+    assert data["target-only"]["overall/dice"]["seeds"] == [pytest.approx(test_dice)]
+    assert tuning["values"][chosen]["test"] == [pytest.approx(test_dice)]
+    table = (out / "comparison.md").read_text()
+    assert "`optimizer.segmentor_lr` tuned per method" in table and "| method | 1e-3 | 5e-2 |" in table
+    assert f"**{100 * validation[chosen]:.1f} ({100 * test_dice:.1f})**" in table
+    assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_compare_reports_each_method_at_the_value_with_the_best_mean_validation_dice(tmp_path, monkeypatch):
+    # validation Dice per (value, seed); the test result only carries which run it came from
+    validation = {("1e-3", 0): 0.70, ("1e-3", 1): 0.74, ("4e-3", 0): 0.80, ("4e-3", 1): 0.66, ("2e-3", 0): 0.71}
+    validation[("2e-3", 1)] = 0.75  # mean 0.73 beats 1e-3's 0.72 and 4e-3's 0.73 - 1e-9: no test Dice involved
+
+    def fake_run(cache, run, config_path, name, seed, overrides, path, value, progress, verbose):
+        written = run.parent.name.split("=")[1]
+        test = {"overall": {"dice": {"mean": 0.5 + seed / 10}, "assd": {"mean": 1.0}, "hd95": {"mean": 2.0}}}
+        result = {"summary": {"real": test}, "cases": {"real": {"case": {"overall": {"dice": 0.5}}}}}
+        return validation[(written, seed)] - (1e-9 if written == "4e-3" else 0.0), result, run
+
+    monkeypatch.setattr(compare, "_train_and_evaluate", fake_run)
+    monkeypatch.setattr(compare, "_learning_curves", lambda runs, path: None)
+    monkeypatch.setattr(compare, "_box_plot", lambda rows, path: None)
+    monkeypatch.setattr(compare, "load_config", lambda *arguments: None)
+    monkeypatch.setattr(compare, "SliceCache", lambda path: type("Cache", (), {"volumes": lambda *a: [{"label": 1}]}))
+    tune = compare.parse_tune("optimizer.segmentor_lr=1e-3,4e-3,2e-3")
+    assert tune == (("optimizer", "segmentor_lr"), [("1e-3", 1e-3), ("4e-3", 4e-3), ("2e-3", 2e-3)])
+    result = compare.compare_methods("cache", ["target-only"], 2, tmp_path, tune=tune)
+    assert result["data"]["tuning"]["methods"]["target-only"]["chosen"] == "2e-3"
+    assert "| target-only | 72.0 (55.0) | 73.0 (55.0) | **73.0 (55.0)** |" in result["table"]
+
+
+@pytest.mark.parametrize(
+    "tune, message",
+    [
+        ("optimizer.segmentor_lr=1e-3", "expected SETTING=VALUE,VALUE[,...] with two or more different values"),
+        ("optimizer.segmentor_lr=1e-3,1e-3", "expected SETTING=VALUE,VALUE[,...] with two or more different values"),
+        ("optimizer.segmentor_lr=1e-3,-1", "value -1: setting 'optimizer.segmentor_lr' must be"),
+        ("optimizer.learning_rate=1e-3,2e-3", "value 1e-3: unknown setting 'learning_rate'"),
+        ("seed=1,2", "'seed' is chosen by --methods / --seeds, not tuned"),
+    ],
+)
+def test_compare_rejects_a_bad_tune_before_training_anything(tmp_path_factory, tmp_path, tune, message):
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
+    arguments = ["compare", str(cache), "--methods", "target-only", "--out", str(tmp_path / "c"), "--tune", tune]
+    outcome = CliRunner().invoke(cli, arguments + ["--config", str(config), "--quiet"])
+    assert outcome.exit_code == 2, outcome.output
+    assert outcome.stderr.startswith("error: --tune: ") and message in outcome.stderr, outcome.stderr
     assert outcome.stderr.count("\n") == 1
     assert not (tmp_path / "c").exists()
