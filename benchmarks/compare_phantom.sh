@@ -7,6 +7,8 @@
 # METHOD_GROUPS (env): method groups trained in parallel, one `mkd compare` process per group (2 processes
 # use 2 CPU cores better than one at 48x48); a last `mkd compare` over all methods then only
 # evaluates the finished runs and writes the table. Default: everything, in one group.
+# TUNE (env): passed on as `mkd compare --tune "$TUNE"`, e.g. TUNE=optimizer.segmentor_lr=5e-4,1e-3,2e-3,4e-3:
+# every method at every value, each reported at its best value on validation Dice.
 set -euo pipefail
 out=${1:-bench-compare}
 seeds=${2:-3}
@@ -23,7 +25,8 @@ mkd=${MKD:-$here/../.venv/bin/mkd}
 "$mkd" info "$out/cache"
 run() {
   "$mkd" compare "$out/cache" --out "$out/compare" --seeds "$seeds" --methods "$1" --target-labelled "$labelled" \
-      --config "$here/compare_phantom.yaml" --epochs "$epochs" --steps-per-epoch "$steps" --quiet
+      --config "$here/compare_phantom.yaml" --epochs "$epochs" --steps-per-epoch "$steps" --quiet \
+      ${TUNE:+--tune "$TUNE"}
 }
 pids=()
 for group in $groups; do run "$group" > "$out/compare-$group.log" 2>&1 & pids+=($!); done
