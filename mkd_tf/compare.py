@@ -12,6 +12,10 @@ The box plot shows per-volume mean Dice pooled over seeds; ``curves.png`` the le
 validation and test Dice of each method's main predictor (averaged weights, slices of the split
 pooled) after every epoch, mean over seeds with a min–max band, so instability and over-fitting show.
 The test curve is for looking only: checkpoints are selected on validation Dice.
+
+With ``--tune SETTING=V1,V2,...`` (:func:`parse_tune`) every method trains at every value and is reported
+at the value with the highest validation Dice averaged over the seeds, so each baseline gets the same
+tuning as MKD; a second table lists each value's validation and test Dice.
 """
 
 import copy
