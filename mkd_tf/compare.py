@@ -168,15 +168,19 @@ def _run_settings(name, seed, overrides, path, value):
 def _train_and_evaluate(cache, run, config_path, name, seed, overrides, path, value, progress, verbose):
     """Train (or resume, or only load) one run and score it: ``(best validation Dice, test result, run)``."""
     progress(f"== {name} seed {seed}: {run}")
-    train(cache, run, config_path, _run_settings(name, seed, overrides, path, value), verbose=verbose)
-    selected = json.loads((Path(run) / "history.json").read_text())["best"]  # the checkpoint `best/` holds
-    return selected["score"], evaluate_run(run, "test"), run
+    trained = train(cache, run, config_path, _run_settings(name, seed, overrides, path, value), verbose=verbose)
+    return trained["best"]["score"], evaluate_run(run, "test"), run  # the score of the checkpoint `best/` holds
+
+
+def _main_predictor(result):
+    """The reported predictor of an :func:`~mkd_tf.evaluation.evaluate_run` result (its last one)."""
+    return list(result["summary"])[-1]
 
 
 def _add_rows(rows, name, result):
     """Append one run's test ``result`` to ``rows``: its main predictor as ``name``, any other as ``name [p]``."""
     predictors = list(result["summary"])
-    main = predictors[-1]
+    main = _main_predictor(result)
     reported = [(name, main)] + ([(f"{name} [{p}]", p) for p in predictors[:-1]] if len(predictors) > 1 else [])
     for row, predictor in reported:
         per_case = [float(np.mean([s["dice"] for s in case.values()])) for case in result["cases"][predictor].values()]
@@ -187,7 +191,7 @@ def _tuning_record(scored, chosen):
     """The JSON record of one method's tuning: the chosen value, each value's per-seed validation and test Dice."""
 
     def test_dice(result):
-        return result["summary"][list(result["summary"])[-1]]["overall"]["dice"]["mean"]
+        return result["summary"][_main_predictor(result)]["overall"]["dice"]["mean"]
 
     return {
         "chosen": chosen,
