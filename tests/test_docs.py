@@ -17,8 +17,8 @@ PAGES = [README, BENCHMARKS, *DOCS]
 HANDWRITTEN = [README, *(page for page in DOCS if page.name != "configuration.md")]
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
-FORBIDDEN = re.compile(r"/work/|/tmp/|\bissue \d", re.I)
+FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+FORBIDDEN = re.compile(r"/work/|/tmp/|\bissue \d", re.IGNORECASE)
 DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 
 
@@ -43,7 +43,7 @@ def slug(heading: str) -> str:
 def anchors(page: Path) -> set:
     """Every heading anchor of a Markdown page (headings inside code blocks do not count)."""
     text = FENCE.sub("", page.read_text(encoding="utf-8"))
-    return {slug(match) for match in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    return {slug(match) for match in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
 
 
 def links(page: Path) -> list:
