@@ -52,7 +52,7 @@ def make_strategy(name, worker_timeout=600.0):
         if tf_config is None:
             fail(
                 "--strategy",
-                "multi-worker needs TF_CONFIG (the cluster and this task; see README, 'Multi-worker training')",
+                "multi-worker needs TF_CONFIG (the cluster and this task; see docs/multi-worker.md)",
             )
         return cluster.make_multi_worker_strategy(worker_timeout, tf_config), tf_config
     gpus = tf.config.list_logical_devices("GPU")
