@@ -115,3 +115,9 @@ def test_every_benchmark_record_is_cited_and_has_a_header(record):
         assert any(re.match(r"- commit: [0-9a-f]{7,40}$", line) for line in head), f"{record.name}: no commit"
         assert any(line.startswith("- command: ") and len(line) > 20 for line in head), f"{record.name}: no command"
         assert any(line.startswith("- date: ") for line in head), f"{record.name}: no date"
+
+
+@pytest.mark.parametrize("figure", sorted((ROOT / "docs").glob("*.png")), ids=lambda path: path.name)
+def test_every_figure_in_docs_is_cited(figure):
+    cited = any(figure.name in page.read_text(encoding="utf-8") for page in PAGES)
+    assert cited, f"docs/{figure.name} is cited nowhere (git rm it)"
