@@ -1,8 +1,8 @@
 """Data commands: phantom, prepare, info.
 
-A bad option value is one line on stderr, `error: Invalid value for --OPTION: <problem>`, and exit
-status 2, found while the options are parsed, so before anything is read or written. That holds for
-click's own checks (ranges, choices) too: :class:`OneLineCommand` turns them into the same single line.
+A bad option value is one line on stderr, `error: --OPTION: <problem>`, and exit status 2, found while
+the options are parsed, so before anything is read or written (:class:`mkd_cli.main.MkdGroup` turns
+click's own checks, ranges and choices, into the same single line). These commands never load TensorFlow.
 """
 
 import math
@@ -11,17 +11,7 @@ from functools import partial
 import click
 
 from mkd_cli.main import main
-from mkd_tf.errors import MkdError
-
-
-class OneLineCommand(click.Command):
-    """A command whose bad option values are one `error: ...` line and exit status 2 (no usage text)."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.BadParameter as exc:  # MkdGroup prints MkdError as `error: <message>`, exit status 2
-            raise MkdError(exc.format_message()) from None
+from mkd_tf.rules import MIN_SPACING_MM, spacing_too_fine
 
 
 def _floats(text, count, name):
@@ -41,6 +31,8 @@ def _floats(text, count, name):
 def _spacing(values):
     if not all(v > 0 for v in values):
         return "every voxel size must be > 0 mm"
+    if min(values) < MIN_SPACING_MM:
+        return spacing_too_fine(values)
 
 
 def _ct_window(values):
@@ -85,7 +77,7 @@ def _shape(ctx, param, text):
     return values
 
 
-@main.command(cls=OneLineCommand)
+@main.command(tensorflow=False)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--ct", "n_ct", type=click.IntRange(1), default=6, help="Number of CT cases.")
 @click.option("--mr", "n_mr", type=click.IntRange(1), default=6, help="Number of MRI cases.")
@@ -106,7 +98,7 @@ def phantom(out, n_ct, n_mr, shape, seed):
     click.echo(f"phantom: {n_ct} CT + {n_mr} MRI cases in {path} (ct_train/, mr_train/)")
 
 
-@main.command(cls=OneLineCommand)
+@main.command(tensorflow=False)
 @click.option(
     "--target",
     required=True,
@@ -235,7 +227,7 @@ def prepare(
     click.echo(cache_summary(SliceCache(path)))
 
 
-@main.command(cls=OneLineCommand)
+@main.command(tensorflow=False)
 @click.argument("cache", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Skip SHA-256 verification (sizes are still checked).")
 def info(cache, no_verify):

@@ -2,7 +2,8 @@
 
 import click
 
-from mkd_cli.main import main
+from mkd_cli.main import FiniteFloatRange, main
+from mkd_tf.export import DEFAULT_MIN_AGREEMENT, QUANTIZATIONS
 
 
 @main.command()
@@ -60,7 +61,7 @@ def export(run, out, model_version, which, checkpoint, serving_root, labels):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .tflite file to write (atomically).")
 @click.option(
     "--quantize",
-    type=click.Choice(["none", "float16", "dynamic", "int8"]),
+    type=click.Choice(QUANTIZATIONS),
     default="none",
     help="none: float32; float16: fp16 weights; dynamic: int8 weights; int8: full integer "
     "(calibrated on the cache's target training slices, float input/outputs).",
@@ -73,9 +74,11 @@ def export(run, out, model_version, which, checkpoint, serving_root, labels):
 )
 @click.option(
     "--min-agreement",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     default=None,
-    help="Dice agreement with the SavedModel below which nothing is written [default: 0.99; 0.97 for int8].",
+    help="Dice agreement with the SavedModel below which nothing is written [default: "
+    + "; ".join(f"{threshold} for {mode}" for mode, threshold in DEFAULT_MIN_AGREEMENT.items())
+    + "].",
 )
 @click.option(
     "--parity-slices",

@@ -1,9 +1,12 @@
 """`mkd`: the command-line entry point. Each command parses options, calls one mkd_tf function, prints.
 
-Errors a user can fix (:class:`mkd_tf.errors.MkdError`) become one line on stderr and exit status 2.
-TensorFlow is imported lazily inside commands so `mkd --help` stays instant.
+Errors a user can fix (:class:`mkd_tf.errors.MkdError`) become one line on stderr and exit status 2, and so
+do click's usage errors (a bad choice or range, a missing argument, an unknown option): `error: --OPTION:
+<problem>`. Options are parsed before TensorFlow is imported (only once a command's body runs), so a usage
+error is reported at once and `mkd --help` / `mkd CMD --help` stay instant.
 """
 
+import math
 import os
 import re
 import sys
@@ -11,10 +14,6 @@ import sys
 import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-# Commands that never load TensorFlow (data preparation is numpy/nibabel only).
-NO_TENSORFLOW = {"phantom", "prepare", "info"}
 
 
 def load_tensorflow_quietly():
@@ -45,20 +44,103 @@ def load_tensorflow_quietly():
             os.close(saved)
 
 
-class MkdGroup(click.Group):
-    """A click group that turns MkdError (and a few OS errors) into one line and exit status 2."""
+def usage_error_line(exc: click.UsageError) -> str:
+    """Click's usage error as the project's one line (without `error: `): `--OPTION: <problem>`.
 
-    def resolve_command(self, ctx, args):
-        name, command, rest = super().resolve_command(ctx, args)
-        if name not in NO_TENSORFLOW and not {"--help", "-h"} & set(rest):
+    Args:
+        exc: what click raised while parsing (or a command raised for a bad option value).
+
+    Returns:
+        The message naming the option, argument or command first, on one line.
+    """
+    if isinstance(exc, click.MissingParameter):
+        name = _parameter_name(exc)
+        kind = exc.param_type or (exc.param.param_type_name if exc.param is not None else "parameter")
+        line = f"{name}: missing {'argument' if kind == 'argument' else 'required ' + kind}"
+    elif isinstance(exc, click.BadParameter):
+        name = _parameter_name(exc)
+        line = f"{name}: {exc.message}" if name else f"invalid value: {exc.message}"
+    elif isinstance(exc, click.NoSuchOption):
+        line = f"{exc.option_name}: no such option" + _did_you_mean(exc.possibilities)
+    elif isinstance(exc, click.exceptions.NoSuchCommand):
+        line = f"{exc.command_name}: no such command" + _did_you_mean(exc.possibilities)
+    else:
+        line = exc.format_message()
+    return " ".join(line.split()).rstrip(".")
+
+
+def _parameter_name(exc):
+    """The name a user typed: the option's first long flag (``--batch-size``) or the argument (``CACHE``)."""
+    if isinstance(exc.param_hint, str):
+        return exc.param_hint
+    if exc.param_hint:
+        return exc.param_hint[0]
+    param = exc.param
+    if param is None:
+        return ""
+    if isinstance(param, click.Option):
+        return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
+    return param.human_readable_name
+
+
+def _did_you_mean(possibilities):
+    return f" (did you mean {' or '.join(possibilities)}?)" if possibilities else ""
+
+
+def _usage_error_exit(exc):
+    click.echo(f"error: {usage_error_line(exc)}", err=True)
+    sys.exit(2)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """:class:`click.FloatRange` that refuses nan and inf (click's range lets nan through every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"expected a finite number, got {value!r}", param, ctx)
+        return number
+
+
+class MkdCommand(click.Command):
+    """A command whose body runs with TensorFlow loaded (quietly), unless made with ``tensorflow=False``.
+
+    TensorFlow is loaded in :meth:`invoke`, after the options were parsed and checked: a usage error never
+    waits the 3-13 s a TensorFlow import takes, and it cannot be buried under TensorFlow's start-up lines.
+    """
+
+    def __init__(self, *args, tensorflow: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensorflow = tensorflow
+
+    def invoke(self, ctx):
+        if self.tensorflow:
             load_tensorflow_quietly()
-        return name, command, rest
+        return super().invoke(ctx)
+
+
+class MkdGroup(click.Group):
+    """A click group that turns MkdError, usage errors (and a few OS errors) into one line and exit status 2."""
+
+    command_class = MkdCommand
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:  # bare `mkd`: click prints the help
+            raise
+        except click.UsageError as exc:  # `mkd --no-such-option`
+            _usage_error_exit(exc)
 
     def invoke(self, ctx):
         from mkd_tf.errors import MkdError
 
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # a command's options (parsed here) or a bad value its body found
+            _usage_error_exit(exc)
         except MkdError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)

@@ -2,7 +2,7 @@
 
 import click
 
-from mkd_cli.main import main
+from mkd_cli.main import FiniteFloatRange, main
 from mkd_tf import registry
 from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 
@@ -98,19 +98,22 @@ def shared_overrides(epochs, steps_per_epoch, batch_size, target_labelled, base_
 )
 @click.option(
     "--checkpoint-every",
-    type=click.FloatRange(0),
+    type=FiniteFloatRange(0),
     default=None,
     help="Minutes between step checkpoints inside an epoch; 0 = epoch ends only [config default: 10.0].",
 )
 @click.option(
     "--worker-timeout",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteFloatRange(0, min_open=True),
     default=None,
     help="Multi-worker: seconds to wait for the cluster and for one collective before stopping "
     "[config default: 600.0].",
 )
 @click.option(
-    "--seed", type=int, default=None, help="Seed of initialisation, shuffling, augmentation [config default: 0]."
+    "--seed",
+    type=click.IntRange(0),
+    default=None,
+    help="Seed of initialisation, shuffling, augmentation [config default: 0].",
 )
 @click.option("--no-augment", is_flag=True, default=None, help="Turn augmentation off.")
 @click.option(
@@ -293,11 +296,23 @@ def predict(
     click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
 
 
+def _method_names(ctx, param, text):
+    """Click callback: `"a, b"` -> ``["a", "b"]``, each a registered method or variant, at least one."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter(f"no method given in {text!r} (e.g. --methods target-only,mkd)")
+    for name in names:
+        if name not in registry.names():
+            raise click.BadParameter(f"unknown method '{name}' (choose from {', '.join(registry.names())})")
+    return names
+
+
 @main.command()
 @click.argument("cache", type=click.Path())
 @click.option(
     "--methods",
     default="target-only,joint,finetune,ummkd,mkd",
+    callback=_method_names,
     help="Comma-separated methods and registered variants: " + ", ".join(registry.names()) + ".",
 )
 @click.option("--seeds", type=click.IntRange(1), default=3, help="Seeds per method (0..N-1, or see --first-seed).")
@@ -326,7 +341,7 @@ def compare(cache, methods, seeds, first_seed, out, tune, config_path, quiet, **
     tune = parse_tune(tune) if tune is not None else None
     result = compare_methods(
         cache,
-        [m.strip() for m in methods.split(",") if m.strip()],
+        methods,
         seeds,
         out,
         config_path,

@@ -31,7 +31,7 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.files import atomic_path, write_text_atomic
-from mkd_tf.training import train
+from mkd_tf.training import train, usable_target_volumes
 
 
 def _deep_update(base, update):
@@ -107,14 +107,18 @@ def compare_methods(
     seed_numbers = range(first_seed, first_seed + seeds)
     progress = progress or (lambda line: None)
     path, values = tune if tune else ((), [(None, None)])
-    for name in methods:  # an unknown name or a bad setting fails now, before anything has trained
-        load_config(config_path, run_overrides(name, 0, overrides))
+    if not methods:
+        fail("--methods", "no method given (e.g. --methods target-only,mkd)")
+    slice_cache = SliceCache(cache, verify=False)  # train() verifies it; this only reads its manifest
+    for name in methods:  # an unknown name, a bad setting or a run the cache cannot feed fails now, before any training
+        usable_target_volumes(slice_cache, load_config(config_path, run_overrides(name, first_seed, overrides)))
         for written, value in values if tune else ():
             try:
-                load_config(config_path, _run_settings(name, 0, overrides, path, value))
+                config = load_config(config_path, _run_settings(name, first_seed, overrides, path, value))
+                usable_target_volumes(slice_cache, config)
             except MkdError as error:
                 fail("--tune", f"value {written}: {str(error).split(': ', 1)[-1]}")
-    if tune and not any(volume["label"] for volume in SliceCache(cache).volumes("target", "val")):
+    if tune and not any(volume["label"] for volume in slice_cache.volumes("target", "val")):
         fail(cache, "--tune chooses by validation Dice, but the cache has no labelled target validation volumes")
     out = Path(out)
     rows = {}  # row name -> list over seeds of (summary, per-case overall dice list)

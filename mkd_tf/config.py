@@ -290,17 +290,42 @@ def rules_of(config):
     return rules
 
 
-def check_config(config, where, rules=None, prefix=""):
-    """Fail with one line naming ``where`` and the first setting whose type or range is wrong."""
+#: the `mkd train` / `mkd compare` flag that sets a setting: a bad value an override gave is blamed on it
+FLAGS = {
+    "method": "--method",
+    "seed": "--seed",
+    "strategy": "--strategy",
+    "precision": "--precision",
+    "checkpoint_every": "--checkpoint-every",
+    "worker_timeout": "--worker-timeout",
+    "data.batch_size": "--batch-size",
+    "data.target_labelled": "--target-labelled",
+    "schedule.epochs": "--epochs",
+    "schedule.steps_per_epoch": "--steps-per-epoch",
+    "segmentor.base_filters": "--base-filters",
+    "segmentor.depth": "--depth",
+}
+
+
+def check_config(config, where, rules=None, prefix="", sources=None):
+    """Fail with one line naming where the first setting whose type or range is wrong came from.
+
+    Args:
+        config: the resolved settings.
+        where: the source named by default (the config file).
+        rules: the rules to check against (default: :func:`rules_of` ``config``).
+        prefix: the dotted path of ``config`` within the whole config (for recursion).
+        sources: ``{"section.key": source}`` for the settings that came from elsewhere (an override's flag).
+    """
     if rules is None:
         rules = rules_of(config)
     for key, rule in rules.items():
         if isinstance(rule, dict):
-            check_config(config[key], where, rule, f"{prefix}{key}.")
+            check_config(config[key], where, rule, f"{prefix}{key}.", sources)
             continue
         problem = rule.problem(config[key])
         if problem:
-            fail(where, f"setting '{prefix}{key}' {problem}")
+            fail((sources or {}).get(f"{prefix}{key}", where), f"setting '{prefix}{key}' {problem}")
 
 
 def _merge(base, update, where, section=None):
@@ -339,8 +364,12 @@ def load_config(path=None, overrides=None, recorded=False):
         path = Path(path)
         if not path.exists():
             fail(path, "config file not found")
+        if not path.is_file():
+            fail(path, "config is not a file")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            fail(path, f"config is not UTF-8 text (byte {exc.start}: {exc.reason})")
         except yaml.YAMLError as exc:
             fail(path, f"invalid YAML ({str(exc).splitlines()[0]})")
         if not isinstance(values, dict):
@@ -350,12 +379,15 @@ def load_config(path=None, overrides=None, recorded=False):
                 if isinstance(values.get(section), dict) and key not in values[section]:
                     values[section] = {**values[section], key: before}
         _merge(config, _kind_first(values), path)
+    sources = {}  # an invalid value an override gave names its flag, not the config file
     if overrides:
-        _merge(config, _kind_first(_drop_none(overrides)), "command line")
+        overrides = _drop_none(overrides)
+        _merge(config, _kind_first(overrides), "command line")
+        sources = {key: FLAGS.get(key, "command line") for key in _dotted_keys(overrides)}
     if config["method"] not in METHODS:
-        fail("config", f"unknown method '{config['method']}' (choose from {', '.join(METHODS)})")
+        fail(sources.get("method", "config"), f"unknown method '{config['method']}' (choose from {', '.join(METHODS)})")
     where = path if path is not None else "config"
-    check_config(config, where)
+    check_config(config, where, sources=sources)
     segmentor, method = config["segmentor"], registry.METHODS[config["method"]]
     if segmentor["domain_norm"] is None or method.domain_norm is None:  # recorded as what the run does
         segmentor["domain_norm"] = bool(method.domain_norm)
@@ -388,6 +420,14 @@ def _kind_first(values):
     if isinstance(segmentor, dict) and "kind" in segmentor:
         values = {**values, "segmentor": {"kind": segmentor["kind"], **segmentor}}
     return values
+
+
+def _dotted_keys(values, prefix=""):
+    """``{"a": {"b": 1}, "c": 2}`` -> ``["a.b", "c"]``."""
+    keys = []
+    for key, value in values.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
 
 
 def _drop_none(values):

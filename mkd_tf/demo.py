@@ -15,9 +15,11 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.data.phantom import write_phantom
 from mkd_tf.data.prepare import PrepareOptions, cache_summary, prepare_cache
 from mkd_tf.data.preprocess import PreprocessConfig
+from mkd_tf.errors import fail
 from mkd_tf.evaluation import evaluate_run
-from mkd_tf.export.serving import export_run
+from mkd_tf.export.serving import MODELS_CONFIG, export_run, read_models_config
 from mkd_tf.export.tflite import convert_to_tflite
+from mkd_tf.files import check_parent_is_folder
 from mkd_tf.inference import load_trained, predict_file
 from mkd_tf.training import train
 
@@ -70,6 +72,31 @@ def demo_settings(steps_per_epoch=None, epochs=None, changes=None):
     return settings
 
 
+DEMO_MODEL = "mkd-demo"
+
+
+def check_demo_paths(out, saved_models):
+    """Refuse, before anything is written, a demo folder or SavedModel folder that cannot be written.
+
+    The export comes after minutes of training, so its destination (``saved_models/mkd-demo`` and
+    ``saved_models/models.config``) is checked first, as :func:`~mkd_tf.export.serving.export_run`
+    would check it.
+
+    Args:
+        out: the demo folder (phantom, cache, run, outputs).
+        saved_models: the folder the SavedModel's model folder goes in.
+    """
+    out, model_folder = Path(out), Path(saved_models) / DEMO_MODEL
+    for folder, action in ((out, "create the demo folder"), (model_folder, "create the model folder")):
+        if folder.exists() and not folder.is_dir():
+            fail(folder, "exists and is not a folder")
+        check_parent_is_folder(folder, action)
+    if (model_folder.parent / MODELS_CONFIG).is_dir():
+        fail(model_folder.parent / MODELS_CONFIG, "is a folder; mkd export writes the TF Serving model config there")
+    if model_folder.parent.is_dir():
+        read_models_config(model_folder.parent)  # an unreadable one fails now, not after training
+
+
 def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verbose=1, saved_models="saved_models"):
     """Run the demo into folder `out` (reusing what an earlier demo there already made); the
     SavedModel goes to `saved_models/mkd-demo/<next version>` and the TFLite file into `out`.
@@ -78,6 +105,7 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
         dict of the paths made and the evaluation table.
     """
     out = Path(out)
+    check_demo_paths(out, saved_models)
     out.mkdir(parents=True, exist_ok=True)
     phantom, cache = demo_cache(out, progress)
     run = out / "run"
@@ -92,10 +120,10 @@ def run_demo(out="demo", steps_per_epoch=None, epochs=None, progress=print, verb
     progress(f"[5/7] segment {test_volume['image']} -> {segmentation} and {overlay}")
     model, _, record = load_trained(run)
     predict_file(model, record, test_volume["image"], segmentation, "ensemble", overlay)
-    progress(f"[6/7] export the ensemble -> {saved_models}/mkd-demo")
-    exported = export_run(run, Path(saved_models) / "mkd-demo")
+    progress(f"[6/7] export the ensemble -> {saved_models}/{DEMO_MODEL}")
+    exported = export_run(run, Path(saved_models) / DEMO_MODEL)
     progress(f"SavedModel {exported['path']} (version {exported['version']}); {exported['models_config']}")
-    tflite_path = out / "mkd-demo.tflite"
+    tflite_path = out / f"{DEMO_MODEL}.tflite"
     progress(f"[7/7] TFLite -> {tflite_path}")
     converted = convert_to_tflite(exported["path"], tflite_path, "none", report=progress)
     progress(f"wrote {converted['path']} ({converted['bytes'] / 1024:.1f} KiB)")

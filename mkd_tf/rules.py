@@ -52,3 +52,24 @@ def fraction(high_open=False):
 POSITIVE = Rule("number", 0.0, low_open=True)
 NON_NEGATIVE = Rule("number", 0.0)
 BOOL = Rule("bool")
+
+#: the finest ``--spacing`` (mm) `mkd prepare` accepts: finer than any CT or MRI voxel (clinical scanners
+#: reach about 0.2 mm, micro-CT about 0.01 mm), so a smaller value is a typo (1e-8 for 1e-1?) whose
+#: resampled grid could not fit in memory.
+MIN_SPACING_MM = 0.01
+
+
+def spacing_too_fine(spacing) -> str:
+    """Why a voxel size below :data:`MIN_SPACING_MM` is refused (one phrase).
+
+    Args:
+        spacing: the voxel sizes (mm), one below the bound.
+
+    Returns:
+        The reason, naming the bound and the size of the grid a 100 mm cube would become.
+    """
+    voxels = 100.0 / min(spacing)
+    return (
+        f"every voxel size must be >= {MIN_SPACING_MM} mm (finer than any CT or MRI scanner resolves; "
+        f"a 100 mm field of view would become {voxels:.3g} voxels across)"
+    )

@@ -130,10 +130,40 @@ def test_bad_config_files_fail_in_one_line_naming_the_file(tmp_path, text, probl
 
 
 def test_unknown_flag_values_and_missing_files(tmp_path):
-    with pytest.raises(MkdError, match="^config: unknown method 'sifa' \\(choose from mkd, target-only, "):
+    with pytest.raises(MkdError, match="^--method: unknown method 'sifa' \\(choose from mkd, target-only, "):
         load_config(overrides={"method": "sifa"})
     with pytest.raises(MkdError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    """A flag's bad value names the flag, the file's the file, even when both are given."""
+    path = write(tmp_path / "tiny.yaml", "checkpoint_every: 5\nschedule: {epochs: 0}\n")
+    with pytest.raises(MkdError) as raised:
+        load_config(path, {"checkpoint_every": float("nan"), "schedule": {"epochs": 3}})
+    assert str(raised.value) == "--checkpoint-every: setting 'checkpoint_every' must be a finite number, got nan"
+    with pytest.raises(MkdError) as raised:
+        load_config(path, {"segmentor": {"depth": 2}})
+    assert str(raised.value) == f"{path}: setting 'schedule.epochs' must be in [1, inf], got 0"
+    path.write_text("segmentor: {depth: 3}\n")
+    with pytest.raises(MkdError) as raised:
+        load_config(path, {"segmentor": {"depth": 9}})
+    assert str(raised.value) == "--depth: setting 'segmentor.depth' must be in [1, 8], got 9"
+    with pytest.raises(MkdError) as raised:  # an override no flag sets (compare's --tune, a library caller)
+        load_config(path, {"loss": {"temperature": -1.0}})
+    assert str(raised.value).startswith("command line: setting 'loss.temperature' must be in (0.0, inf]")
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(MkdError) as raised:
+        load_config(tmp_path / "folder.yaml")
+    assert str(raised.value) == f"{tmp_path / 'folder.yaml'}: config is not a file"
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# r\xe9glages\nseed: 1\n".encode("latin-1"))
+    with pytest.raises(MkdError) as raised:
+        load_config(latin1)
+    assert str(raised.value) == f"{latin1}: config is not UTF-8 text (byte 3: invalid continuation byte)"
 
 
 def test_python_object_tags_are_rejected_not_executed(tmp_path):

@@ -65,9 +65,47 @@ def _open(path):
         nib.imageglobals.logger.setLevel(log_level)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         fail(path, f"not a NIfTI file (nibabel read it as {type(image).__name__})")
-    if path.name.lower().endswith(".gz"):
-        _verify_gzip(path)
+    stored = _verify_gzip(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    _check_data_size(image, path, stored)
     return image
+
+
+def _check_data_size(image, path, stored):
+    """Refuse a file shorter than its header's voxels need, before an array of that size is allocated.
+
+    A truncated file would otherwise fail inside nibabel with a multi-line message, and a corrupt
+    header (e.g. 32767 x 32767 x 32767 voxels) with numpy's "Unable to allocate 65.5 TiB".
+
+    Args:
+        image: the NIfTI image whose header was read.
+        path: the file (for the message).
+        stored: the bytes the file holds (uncompressed: its size; gzip: the decompressed stream's length).
+    """
+    header = image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    dtype = header.get_data_dtype()
+    # the array proxy's offset is where nibabel reads from (a header's vox_offset of 0 means "just after it")
+    offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+    needed = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: no overflow
+    if stored < needed:
+        need, have = _size(needed), _size(stored)
+        if need == have:  # rounded alike: give the exact counts
+            need, have = f"{needed} bytes", f"{stored} bytes"
+        shape_text = "x".join(map(str, shape))
+        fail(
+            path,
+            f"truncated or corrupt: the header's {shape_text} {dtype.name} voxels need {need}, the file holds {have}",
+        )
+
+
+def _size(count):
+    """A byte count for a message: exact below 1 MiB (`4092 bytes`), else rounded (`65.5 TiB`)."""
+    if count < 1 << 20:
+        return f"{count} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        count /= 1024
+        if count < 1024 or unit == "PiB":
+            return f"{count:.1f} {unit}"
 
 
 def _verify_gzip(path):
@@ -76,13 +114,18 @@ def _verify_gzip(path):
     nibabel stops decompressing after the bytes the voxels need, so without this a flipped byte in
     the compressed data often decodes silently to wrong voxels, and a file cut inside its trailer
     loads as if it were complete.
+
+    Returns:
+        The decompressed stream's length in bytes.
     """
+    length = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
+            while chunk := stream.read(1 << 24):
+                length += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         fail(path, f"corrupt or truncated gzip data ({type(exc).__name__}: {exc})")
+    return length
 
 
 def _read_array(image, path):
@@ -97,7 +140,7 @@ def _read_array(image, path):
         OverflowError,
         nib.spatialimages.HeaderDataError,
     ) as exc:
-        fail(path, f"corrupt or truncated data ({type(exc).__name__}: {exc})")
+        fail(path, f"corrupt or truncated data ({type(exc).__name__}: {' '.join(str(exc).split())})")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from mkd_tf.data.nifti import from_canonical, to_canonical
 from mkd_tf.errors import fail
+from mkd_tf.rules import MIN_SPACING_MM, spacing_too_fine
 
 
 @dataclass
@@ -51,6 +52,8 @@ class PreprocessConfig:
         spacing = _numbers(self.spacing, 3, "--spacing")
         if not all(np.isfinite(s) and s > 0 for s in spacing):
             fail("--spacing", f"every value must be a finite number > 0 (mm), got {spacing}")
+        if min(spacing) < MIN_SPACING_MM:
+            fail("--spacing", f"{spacing_too_fine(spacing)}, got {spacing}")
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 8:
             fail("--size", f"must be an integer >= 8 (pixels), got {self.size!r}")
         if self.axis not in (0, 1, 2) or isinstance(self.axis, bool):

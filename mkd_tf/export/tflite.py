@@ -33,17 +33,11 @@ import numpy as np
 
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
+from mkd_tf.export import DEFAULT_MIN_AGREEMENT, QUANTIZATIONS
 from mkd_tf.export.serving import read_model_asset
-from mkd_tf.files import atomic_path
+from mkd_tf.files import atomic_path, check_parent_is_folder
 from mkd_tf.metrics import class_overlaps, dice_of_overlaps
 
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-# Measured (`benchmarks/tflite_agreement.py --seeds 8`: 8 small target-only U-Nets, 16 test slices each):
-# none 1.0000 on all 8; float16 0.9982-1.0000; dynamic 0.9809-0.9951; int8 0.7781-0.9815 (mean 0.935:
-# near-ties of an under-trained model flip at int8's 1/256 probability step). Each gate sits below the
-# lowest value measured, so a sound conversion passes and a broken one (wrong calibration, a wrong op)
-# does not; the parity line always reports the agreement itself.
-DEFAULT_MIN_AGREEMENT = {"none": 0.999, "float16": 0.995, "dynamic": 0.975, "int8": 0.75}
 SIGNATURE = "serving_default"
 
 
@@ -175,6 +169,9 @@ def convert_to_tflite(
         fail(saved_model_dir, "not a SavedModel folder (no saved_model.pb); pass saved_models/NAME/<version>")
     if out.suffix != ".tflite":
         fail(out, "output must end in .tflite")
+    if out.is_dir():
+        fail(out, "is a folder; pass the .tflite file to write")
+    check_parent_is_folder(out, "write the TFLite file")  # before the conversion, which takes a while
     if quantize not in QUANTIZATIONS:
         raise MkdError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
     asset = read_model_asset(saved_model_dir)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from mkd_cli.main import main
@@ -34,3 +35,44 @@ def test_demo_writes_a_label_map_on_the_input_grid_an_overlay_a_savedmodel_and_a
     assert Path(out / "mkd-demo.tflite").stat().st_size > 100_000
     for line in (f"overlay: {out / 'overlay.png'}", f"SavedModel: {saved_models / 'mkd-demo' / '1'}"):
         assert line in result.output
+
+
+@pytest.mark.parametrize("where", ["out", "saved_models", "model_folder", "models_config_folder", "models_config"])
+def test_demo_refuses_an_unwritable_destination_before_writing_anything(tmp_path, monkeypatch, where):
+    """The SavedModel's destination is checked before the minutes of training, not after them."""
+    from mkd_tf import demo
+
+    monkeypatch.setattr(demo, "write_phantom", _must_not_run)
+    monkeypatch.setattr(demo, "train", _must_not_run)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    out, saved_models = tmp_path / "demo", tmp_path / "saved_models"
+    expected = {
+        "out": f"{notes / 'demo'}: cannot create the demo folder: {notes} is a file, not a folder",
+        "saved_models": f"{notes / 'sm' / 'mkd-demo'}: cannot create the model folder: {notes} is a file, not a folder",
+        "model_folder": f"{saved_models / 'mkd-demo'}: exists and is not a folder",
+        "models_config_folder": f"{saved_models / 'models.config'}: is a folder; mkd export writes the TF Serving "
+        "model config there",
+        "models_config": f"{saved_models / 'models.config'}: not a TF Serving model config (",
+    }[where]
+    if where == "out":
+        out = notes / "demo"
+    elif where == "saved_models":
+        saved_models = notes / "sm"
+    else:
+        saved_models.mkdir()
+        if where == "model_folder":
+            (saved_models / "mkd-demo").write_text("mine")
+        elif where == "models_config_folder":
+            (saved_models / "models.config").mkdir()
+        else:
+            (saved_models / "models.config").write_text("model_config_list { config { name: ")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--saved-models", str(saved_models), "--quiet"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.startswith(f"error: {expected}") and result.stderr.count("\n") == 1, result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def _must_not_run(*arguments, **keywords):
+    raise AssertionError("the demo started before its destinations were checked")

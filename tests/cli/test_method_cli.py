@@ -95,6 +95,23 @@ def test_a_bad_cache_path_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--checkpoint-every", "nan", "--checkpoint-every: expected a finite number, got 'nan'"),
+        ("--depth", "9", "--depth: setting 'segmentor.depth' must be in [1, 8], got 9"),
+    ],
+)
+def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_config_file(tmp_path_factory, tmp_path, flag, value, message):
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
+    run = tmp_path / "run"
+    arguments = ["train", str(cache), "--out", str(run), "--config", str(config), flag, value, "--quiet"]
+    outcome = CliRunner().invoke(cli, arguments)
+    assert (outcome.exit_code, outcome.stderr) == (2, f"error: {message}\n"), outcome.output
+    assert not run.exists()
+
+
 def test_a_network_too_large_for_memory_is_one_line_and_writes_no_run(tmp_path_factory, tmp_path):
     """TensorFlow's OOM (3x3x200000x200000 kernels, 1.4 TiB) becomes one line and exit 2, no run folder."""
     _, cache = tiny_runs.tiny_cache(tmp_path_factory)
@@ -219,6 +236,46 @@ def test_compare_rejects_an_unknown_method_before_training_anything(tmp_path_fac
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["--methods", "mkd,finetune", "--target-labelled", "0"],
+            (
+                "{cache}: method 'finetune' needs labelled target training volumes; the cache (or --target-labelled) "
+                "leaves none"
+            ),
+        ),
+        (
+            ["--methods", "mkd", "--target-labelled", "5"],
+            "{cache}: --target-labelled 5 but the cache has 1 labelled target training volumes",
+        ),
+        (
+            ["--methods", "mkd-no-iam,finetune", "--tune", "data.target_labelled=1,0"],
+            (
+                "--tune: value 0: method 'finetune' needs labelled target training volumes; the cache (or "
+                "--target-labelled) leaves none"
+            ),
+        ),
+        (["--methods", "target-only", "--tune", "segmentor.depth=2,9"], "--tune: value 9: setting 'segmentor.depth'"),
+    ],
+)
+def test_compare_checks_every_method_and_value_against_the_cache_before_training(
+    tmp_path_factory, tmp_path, monkeypatch, arguments, message
+):
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+
+    def must_not_train(*arguments, **keywords):
+        raise AssertionError("compare trained before checking every method and value")
+
+    monkeypatch.setattr(compare, "train", must_not_train)
+    outcome = CliRunner().invoke(cli, ["compare", str(cache), "--out", str(tmp_path / "c"), "--quiet", *arguments])
+    assert outcome.exit_code == 2, (outcome.output, outcome.exception)
+    assert outcome.stderr.startswith(f"error: {message.format(cache=cache)}"), outcome.stderr
+    assert outcome.stderr.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
 def test_compare_tunes_a_setting_per_method_and_reports_it_at_its_best_validation_value(tmp_path_factory, tmp_path):
     _, cache = tiny_runs.tiny_cache(tmp_path_factory)
     config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.TINY)
@@ -266,7 +323,10 @@ def test_compare_reports_each_method_at_the_value_with_the_best_mean_validation_
     monkeypatch.setattr(compare, "_learning_curves", lambda runs, path: None)
     monkeypatch.setattr(compare, "_box_plot", lambda rows, path: None)
     monkeypatch.setattr(compare, "load_config", lambda *arguments: None)
-    monkeypatch.setattr(compare, "SliceCache", lambda path: type("Cache", (), {"volumes": lambda *a: [{"label": 1}]}))
+    monkeypatch.setattr(compare, "usable_target_volumes", lambda cache, config: [0])
+    monkeypatch.setattr(
+        compare, "SliceCache", lambda path, verify=True: type("Cache", (), {"volumes": lambda *a: [{"label": 1}]})
+    )
     tune = compare.parse_tune("optimizer.segmentor_lr=1e-3,4e-3,2e-3")
     assert tune == (("optimizer", "segmentor_lr"), [("1e-3", 1e-3), ("4e-3", 4e-3), ("2e-3", 2e-3)])
     result = compare.compare_methods("cache", ["target-only"], 2, tmp_path, tune=tune)

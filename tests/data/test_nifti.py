@@ -78,6 +78,40 @@ def test_truncated_gzip_is_refused(tmp_path, keep):
     _one_line(info, "cut.nii.gz", "truncated")
 
 
+@pytest.mark.parametrize("name", ["a.nii", "a.nii.gz"])
+def test_voxel_data_cut_short_is_one_line_naming_the_file(tmp_path, name):
+    """Uncompressed, nibabel's own message has two lines; compressed, a complete gzip of a cut file."""
+    save_volume(tmp_path / "a.nii", _image(), np.eye(4))  # 352-byte header + 12*10*8 float32 = 4192 bytes
+    raw = (tmp_path / "a.nii").read_bytes()[:-100]
+    (tmp_path / name).write_bytes(gzip.compress(raw, mtime=0) if name.endswith(".gz") else raw)
+    with pytest.raises(MkdError) as info:
+        load_image(tmp_path / name)
+    message = _one_line(info)
+    assert message == (
+        f"{tmp_path / name}: truncated or corrupt: the header's 12x10x8 float32 voxels need 4192 bytes, "
+        "the file holds 4092 bytes"
+    )
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_a_header_claiming_more_voxels_than_the_file_holds_is_refused_before_allocating(tmp_path, name, monkeypatch):
+    save_volume(tmp_path / "a.nii", _image(), np.eye(4))
+    raw = bytearray((tmp_path / "a.nii").read_bytes())
+    raw[40:48] = np.array([3, 32767, 32767, 32767], np.int16).tobytes()  # dim[0..3]
+    (tmp_path / name).write_bytes(gzip.compress(bytes(raw), mtime=0) if name.endswith(".gz") else bytes(raw))
+
+    def no_voxels(*args, **kwargs):
+        raise AssertionError("the voxels were read")
+
+    monkeypatch.setattr(nifti, "_read_array", no_voxels)
+    with pytest.raises(MkdError) as info:
+        load_label(tmp_path / name)
+    assert _one_line(info) == (
+        f"{tmp_path / name}: truncated or corrupt: the header's 32767x32767x32767 float32 voxels need "
+        "128.0 TiB, the file holds 4192 bytes"
+    )
+
+
 def test_flipped_byte_in_compressed_data_is_refused(tmp_path):
     """nibabel alone decodes many such files to wrong voxels; the gzip CRC must catch every one."""
     save_volume(tmp_path / "a.nii.gz", _image((16, 16, 16)), np.eye(4))

@@ -113,3 +113,33 @@ def test_missing_cache_is_one_line(confident_export, tmp_path):
     assert result.exit_code == 2 and "slice cache for the parity check not found" in result.stderr
     not_saved_model = CliRunner().invoke(main, ["tflite", str(tmp_path), "--out", str(tmp_path / "x.tflite")])
     assert not_saved_model.exit_code == 2 and "no saved_model.pb" in not_saved_model.stderr
+
+
+@pytest.mark.parametrize("out", ["notes.txt/a.tflite", "notes.txt/deeper/a.tflite"])
+def test_an_output_below_a_file_is_refused_before_converting(tmp_path, monkeypatch, out):
+    """Checked before the conversion (14 s for a real model), so no SavedModel is needed to reach it."""
+    saved_model = tmp_path / "sm" / "mkd" / "1"
+    saved_model.mkdir(parents=True)
+    (saved_model / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def must_not_convert(*arguments, **keywords):
+        raise AssertionError("converted before checking the output path")
+
+    monkeypatch.setattr(tflite, "make_converter", must_not_convert)
+    monkeypatch.setattr(tflite, "read_model_asset", must_not_convert)
+    result = CliRunner().invoke(main, ["tflite", str(saved_model), "--out", str(tmp_path / out)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr == (
+        f"error: {tmp_path / out}: cannot write the TFLite file: {tmp_path / 'notes.txt'} is a file, not a folder\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "sm"]
+
+
+def test_help_states_the_agreement_thresholds_the_code_uses():
+    result = CliRunner().invoke(main, ["tflite", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for mode, threshold in tflite.DEFAULT_MIN_AGREEMENT.items():
+        assert f"{threshold} for {mode}" in text
+    assert len(tflite.DEFAULT_MIN_AGREEMENT) == len(tflite.QUANTIZATIONS) == 4
