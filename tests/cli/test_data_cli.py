@@ -95,7 +95,8 @@ def test_every_option_shows_its_default(command):
         assert "[default: 1.5]" in out and "[default: 0.6,0.2,0.2]" in out and "[default: all]" in out
         assert "default: all" in out.split("--target-labelled")[1].split("--seed")[0]
     if command == "phantom":
-        assert "[default: 96,96,48]" in out and "[default: 6; x>=1]" in out
+        assert "default 96,96,48 (cardiac) or 96,80,32 (abdomen)" in out and "[default: 6; x>=1]" in out
+        assert "--anatomy [cardiac|abdomen]" in out and "[default: cardiac]" in out
 
 
 # --- phantom -> prepare -> info --------------------------------------------------------------------
