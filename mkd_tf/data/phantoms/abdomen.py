@@ -159,7 +159,6 @@ def make_anatomy(rng, shape, affine):
     tissues[ellipsoid(warped, body_centre, body_radii)] = t["fat"]
     tissues[ellipsoid(warped, body_centre, body_radii, grow=-fat_mm)] = t["muscle"]
     cavity = ellipsoid(warped, body_centre, body_radii, grow=-(fat_mm + wall_mm))
-    inside = cavity.copy()
     tissues[cavity] = t["viscera"]
     visceral_fat = _smooth_noise(rng, warped, 14.0, 1.0) > rng.uniform(0.3, 0.9)
     tissues[cavity & visceral_fat] = t["fat"]
@@ -193,7 +192,7 @@ def make_anatomy(rng, shape, affine):
         size = rng.uniform(0.88, 1.12) * rng.uniform(0.93, 1.07, size=3)
         shifted = np.asarray(centre, float) + rng.uniform(-spread, spread, size=3)
         mask = ellipsoid(warped, body_centre + shifted, np.asarray(semi_axes) * size, axes)
-        tissues[mask & inside] = t[name]  # organs stay inside the muscle wall
+        tissues[mask & cavity] = t[name]  # organs stay inside the muscle wall
         return body_centre + shifted
 
     # Kidneys: retroperitoneal either side of the spine, long axis tilted; the right one lower.
