@@ -63,7 +63,9 @@ def _numbers(count, check, ctx, param, text):
 
 
 def _shape(ctx, param, text):
-    """Click callback: `"x,y,z"` (or one value for all three) -> three integers >= 8."""
+    """Click callback: `"x,y,z"` (or one value for all three) -> three integers >= 8; `None` stays `None`."""
+    if text is None:
+        return None
     try:
         values = tuple(int(v) for v in str(text).split(","))
     except ValueError:
@@ -79,23 +81,31 @@ def _shape(ctx, param, text):
 
 @main.command(tensorflow=False)
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--anatomy",
+    type=click.Choice(["cardiac", "abdomen"]),  # mkd_tf.data.phantoms.ANATOMIES
+    default="cardiac",
+    help="cardiac: MM-WHS 2017 layout (ct_train/, mr_train/); abdomen: two nnU-Net v2 raw datasets "
+    "(liver, kidneys, spleen; CT vs T2 MRI, label ids differing between them).",
+)
 @click.option("--ct", "n_ct", type=click.IntRange(1), default=6, help="Number of CT cases.")
 @click.option("--mr", "n_mr", type=click.IntRange(1), default=6, help="Number of MRI cases.")
 @click.option(
     "--shape",
-    default="96,96,48",
+    default=None,
     callback=_shape,
-    help="CT array shape x,y,z, integers >= 8 (MRI shape follows from its spacing).",
+    help="CT array shape x,y,z, integers >= 8 (MRI shape follows from its spacing); default 96,96,48 "
+    "(cardiac) or 96,80,32 (abdomen).",
 )
 @click.option("--seed", type=click.IntRange(0), default=0, help="Random seed; the same seed writes the same data.")
-def phantom(out, n_ct, n_mr, shape, seed):
-    """Write the synthetic cross-modality cardiac phantom (MM-WHS 2017 layout) to OUT."""
+def phantom(out, anatomy, n_ct, n_mr, shape, seed):
+    """Write a synthetic cross-modality phantom (cardiac: MM-WHS 2017 layout; abdomen: nnU-Net v2) to OUT."""
     from mkd_tf.data.cache import check_parent_folders
-    from mkd_tf.data.phantom import write_phantom
+    from mkd_tf.data.phantoms import write_phantom_dataset
 
     check_parent_folders(out, "the phantom")
-    path = write_phantom(out, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed)
-    click.echo(f"phantom: {n_ct} CT + {n_mr} MRI cases in {path} (ct_train/, mr_train/)")
+    path, folders = write_phantom_dataset(anatomy, out, n_ct=n_ct, n_mr=n_mr, shape=shape, seed=seed)
+    click.echo(f"phantom: {n_ct} CT + {n_mr} MRI cases in {path} ({folders[0]}/, {folders[1]}/)")
 
 
 @main.command(tensorflow=False)

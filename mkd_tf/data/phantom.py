@@ -20,19 +20,23 @@ Both cover the same ~154 x 154 x 120 mm field of view. Everything is seeded: the
 the same data, and each (modality, case id) gets its own random stream.
 """
 
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import save_volume
-from mkd_tf.errors import fail
-from mkd_tf.files import lock_folder, remove_stale_staging, temporary_sibling
+from mkd_tf.data.phantoms.common import apply_matrix as _apply
+from mkd_tf.data.phantoms.common import bias_field, grid, paint, rician, smooth_noise, write_staged
+from mkd_tf.data.phantoms.common import blur as _blur
+from mkd_tf.data.phantoms.common import check_arguments as _check_arguments
+from mkd_tf.data.phantoms.common import ellipsoid as _ellipsoid
+from mkd_tf.data.phantoms.common import frame as _frame
+from mkd_tf.data.phantoms.common import rotation as _rotation
+from mkd_tf.data.phantoms.common import tube as _tube
+from mkd_tf.data.phantoms.common import world_points as _world_points
 
 DEFAULT_SHAPE = (96, 96, 48)
 # World field of view (x, y, z) in mm; `shape` only decides how finely CT samples it.
@@ -107,98 +111,17 @@ def modality_grid(modality, shape=DEFAULT_SHAPE):
         `(array_shape, affine)`. CT array axes run L, P, S (`diag(-s, -s, s)`, as DICOM-derived CT);
         MRI array axes run A, R, I (permuted and flipped). Both grids are centred on world (0, 0, 0).
     """
-    fov = np.asarray(FIELD_OF_VIEW_MM, float)
-    ct_spacing = fov / np.asarray(shape, float)
+    ct_spacing = np.asarray(FIELD_OF_VIEW_MM, float) / np.asarray(shape, float)
     if modality == "ct":
-        world_of_axis, signs, spacing = (0, 1, 2), (-1.0, -1.0, 1.0), ct_spacing
-    elif modality == "mr":
-        world_of_axis, signs, spacing = (1, 0, 2), (1.0, 1.0, -1.0), ct_spacing * np.asarray(MR_SPACING_FACTOR)
-    else:
-        raise ValueError(f"unknown phantom modality {modality!r}")
-    array_shape = tuple(max(1, int(round(fov[w] / spacing[w]))) for w in world_of_axis)
-    matrix = np.zeros((3, 3))
-    for axis, (world, sign) in enumerate(zip(world_of_axis, signs)):
-        matrix[world, axis] = sign * spacing[world]
-    affine = np.eye(4)
-    affine[:3, :3] = matrix
-    # Voxel centre (n - 1) / 2 sits at world 0.
-    affine[:3, 3] = -matrix @ ((np.asarray(array_shape, float) - 1.0) / 2.0)
-    return array_shape, affine
-
-
-def _apply(matrix, points):
-    """``matrix`` `(m, 3)` times ``points`` `(3, n)` in float32 (einsum: numpy's matmul is ~7x slower here)."""
-    return np.einsum("ij,jn->in", np.asarray(matrix, np.float32), points)
-
-
-def _world_points(shape, affine):
-    """`(3, n_voxels)` float32 world coordinates (mm) of every voxel centre, C order."""
-    index = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    return _apply(affine[:3, :3], index) + affine[:3, 3:4].astype(np.float32)
+        return grid(FIELD_OF_VIEW_MM, ct_spacing, (0, 1, 2), (-1.0, -1.0, 1.0))
+    if modality == "mr":
+        return grid(FIELD_OF_VIEW_MM, ct_spacing * np.asarray(MR_SPACING_FACTOR), (1, 0, 2), (1.0, 1.0, -1.0))
+    raise ValueError(f"unknown phantom modality {modality!r}")
 
 
 def _smooth_noise(rng, points, cell_mm, scale):
-    """A smooth random field in world mm, sampled at ``points`` `(3, n)`: independent of any voxel grid.
-
-    White noise on a coarse lattice (``cell_mm`` apart, covering the field of view with a margin),
-    smoothed over about one cell and interpolated linearly: a field that varies over ~``cell_mm``
-    with standard deviation ~``scale``.
-    """
-    half = np.asarray(FIELD_OF_VIEW_MM, float) / 2.0 + 2.0 * cell_mm
-    lattice_shape = tuple(int(np.ceil(2.0 * h / cell_mm)) + 1 for h in half)
-    lattice = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=lattice_shape), 0.7, mode="nearest")
-    lattice *= scale / lattice.std()
-    coords = (points + half[:, None].astype(np.float32)) / np.float32(cell_mm)
-    return ndimage.map_coordinates(lattice.astype(np.float32), coords, order=1, mode="nearest")
-
-
-def _rotation(angles_deg):
-    """Rotation matrix for rotations about x, then y, then z (degrees)."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _frame(long_axis):
-    """Orthonormal axes (columns) whose first column is ``long_axis``."""
-    first = np.asarray(long_axis, float)
-    first = first / np.linalg.norm(first)
-    helper = np.array([0.0, 0.0, 1.0]) if abs(first[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    second = np.cross(helper, first)
-    second /= np.linalg.norm(second)
-    return np.stack([first, second, np.cross(first, second)], axis=1)
-
-
-def _ellipsoid(points, centre, semi_axes, axes=None, grow=0.0):
-    """Mask of ``points`` `(3, n)` inside an ellipsoid grown by ``grow`` mm.
-
-    The semi-axes lie along the columns of ``axes`` (identity when `None`); a huge semi-axis makes
-    an elliptic cylinder.
-    """
-    axes = np.eye(3) if axes is None else np.asarray(axes, float)
-    # One 3x3 matrix maps a point to its ellipsoid coordinates (inside <=> norm <= 1).
-    to_unit = axes.T / (np.asarray(semi_axes, float) + grow)[:, None]
-    offset = to_unit @ np.asarray(centre, float)
-    unit = _apply(to_unit, points)
-    unit -= offset.astype(np.float32)[:, None]
-    unit *= unit
-    return unit[0] + unit[1] + unit[2] <= 1.0
-
-
-def _tube(points, start, end, radius):
-    """Mask of ``points`` `(3, n)` within ``radius`` mm of the segment ``start``-``end`` (a capsule)."""
-    start, end = np.asarray(start, np.float32), np.asarray(end, np.float32)
-    direction = end - start
-    length2 = float(direction @ direction)
-    relative = points - start[:, None]
-    projection = _apply(direction[None], relative)[0]
-    along = np.clip(projection / length2, 0.0, 1.0)
-    # Squared distance to the closest point start + along * direction.
-    relative *= relative
-    distance2 = relative[0] + relative[1] + relative[2] - along * (2.0 * projection - along * length2)
-    return distance2 <= radius**2
+    """:func:`~mkd_tf.data.phantoms.common.smooth_noise` over the cardiac field of view."""
+    return smooth_noise(rng, points, cell_mm, scale, FIELD_OF_VIEW_MM)
 
 
 # The heart in its own frame (mm, x right, y anterior, z superior, origin at the heart's centre),
@@ -335,21 +258,9 @@ def tissue_labels(tissues):
     return _LABEL_OF_TISSUE[tissues]
 
 
-def _spacing(affine):
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-
-
-def _blur(volume, affine, sigma_mm):
-    """Gaussian blur of ``sigma_mm`` in world units (per array axis in voxels)."""
-    return ndimage.gaussian_filter(volume, sigma_mm / _spacing(affine), mode="nearest")
-
-
 def _paint(tissues, means):
     """Piecewise-constant image: ``means[name]`` on every voxel of that tissue."""
-    lookup = np.zeros(len(TISSUES), dtype=np.float32)
-    for name, value in means.items():
-        lookup[TISSUES[name]] = value
-    return lookup[tissues]
+    return paint(tissues, means, TISSUES)
 
 
 def ct_intensities(rng):
@@ -420,14 +331,8 @@ def render_mr(tissues, affine, rng):
     image = _blur(image, affine, rng.uniform(0.8, 1.3))
     points = _world_points(tissues.shape, affine)
     # Receive-coil bias: a smooth random field plus a gradient from the coil side, ~+-30 %.
-    gradient = _apply(rng.normal(0.0, 0.002, size=(1, 3)), points)[0]
-    bias = np.exp(_smooth_noise(rng, points, 60.0, 0.15) + gradient).reshape(tissues.shape)
-    image = image * bias.astype(np.float32)
-    # Rician noise: the magnitude of a complex signal with Gaussian noise on both channels.
-    sigma = rng.uniform(10.0, 25.0)
-    real = image + rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
-    imaginary = rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
-    image = np.sqrt(real**2 + imaginary**2)
+    image = image * bias_field(rng, points, tissues.shape, FIELD_OF_VIEW_MM)
+    image = rician(image, rng.uniform(10.0, 25.0), rng)
     return np.clip(np.round(image), 0, 32767).astype(np.int16)
 
 
@@ -449,16 +354,6 @@ def phantom_case(modality, case_number, seed=0, shape=DEFAULT_SHAPE):
     render = render_ct if modality == "ct" else render_mr
     image = render(tissues, affine, rng)
     return PhantomCase(f"{modality}_train_{case_number}", image, tissue_labels(tissues), tissues, affine)
-
-
-def _check_arguments(out_dir, n_ct, n_mr, shape, seed):
-    for name, count in (("n_ct", n_ct), ("n_mr", n_mr)):
-        if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 1:
-            fail(out_dir, f"phantom {name} must be an integer >= 1, got {count!r}")
-    if len(tuple(shape)) != 3 or any(int(n) != n or n < 8 for n in shape):
-        fail(out_dir, f"phantom shape must be three integers >= 8, got {tuple(shape)!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        fail(out_dir, f"phantom seed must be a non-negative integer, got {seed!r}")
 
 
 def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
@@ -484,38 +379,18 @@ def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
         >>> sorted(path.name for path in Path("demo/data/ct_train").iterdir())[:2]
         ['ct_train_1001_image.nii.gz', 'ct_train_1001_label.nii.gz']
     """
-    out_dir = Path(out_dir)
     shape = tuple(shape)
-    _check_arguments(out_dir, n_ct, n_mr, shape, seed)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            fail(out_dir, "exists and is not a folder")
-        if any(out_dir.iterdir()):
-            fail(out_dir, "exists and is not empty; choose a new folder for the phantom")
-    target = out_dir.resolve()  # `.` has no name to put a sibling next to
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target, _holds_only_phantom_files)  # what a killed `mkd phantom` left behind
-    staging = temporary_sibling(target, folder=True)
-    staging.mkdir()
-    lock = lock_folder(staging)  # a concurrent `mkd phantom` into the same folder must not remove it
-    try:
+    _check_arguments(Path(out_dir), n_ct, n_mr, shape, seed)
+
+    def fill(staging):
         for modality, count in (("ct", n_ct), ("mr", n_mr)):
             folder = staging / f"{modality}_train"
             for case_number in range(FIRST_CASE_ID, FIRST_CASE_ID + count):
                 case = phantom_case(modality, case_number, seed, shape)
                 save_volume(folder / f"{case.case_id}_image.nii.gz", case.image, case.affine, np.int16)
                 save_volume(folder / f"{case.case_id}_label.nii.gz", case.label, case.affine, np.uint16)
-        try:
-            # rename(2) replaces an empty directory atomically and refuses a non-empty one.
-            os.replace(staging, target)
-        except OSError as exc:
-            fail(out_dir, f"cannot move the finished phantom into place ({exc.strerror or exc})")
-    finally:
-        if lock is not None:
-            os.close(lock)
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+
+    return write_staged(out_dir, fill, _holds_only_phantom_files)
 
 
 _PHANTOM_FILE = re.compile(r"(?:\.)?[a-z]+_train_\d+_(?:image|label)(?:\.tmp-[0-9a-f]{8})?\.nii\.gz")

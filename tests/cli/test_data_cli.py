@@ -95,7 +95,8 @@ def test_every_option_shows_its_default(command):
         assert "[default: 1.5]" in out and "[default: 0.6,0.2,0.2]" in out and "[default: all]" in out
         assert "default: all" in out.split("--target-labelled")[1].split("--seed")[0]
     if command == "phantom":
-        assert "[default: 96,96,48]" in out and "[default: 6; x>=1]" in out
+        assert "default 96,96,48 (cardiac) or 96,80,32 (abdomen)" in out and "[default: 6; x>=1]" in out
+        assert "--anatomy [cardiac|abdomen]" in out and "[default: cardiac]" in out
 
 
 # --- phantom -> prepare -> info --------------------------------------------------------------------
@@ -438,6 +439,34 @@ def test_phantom_refuses_a_non_empty_folder(tmp_path):
     message = _one_line_error(_run("phantom", tmp_path / "data", "--ct", 1, "--mr", 1, "--shape", "8,8,8"))
     assert message == f"{tmp_path / 'data'}: exists and is not empty; choose a new folder for the phantom"
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["keep.txt"]
+
+
+def test_phantom_abdomen_writes_two_nnunet_datasets_that_prepare_matches_by_name(tmp_path):
+    from mkd_tf.data.phantoms.abdomen import write_abdomen_phantom
+
+    out = _ok(_run("phantom", tmp_path / "data", "--anatomy", "abdomen", "--ct", 2, "--mr", 2, "--shape", "48,40,16"))
+    ct, mr = tmp_path / "data" / "Dataset501_AbdomenCT", tmp_path / "data" / "Dataset502_AbdomenMR"
+    assert out == f"phantom: 2 CT + 2 MRI cases in {tmp_path / 'data'} ({ct.name}/, {mr.name}/)\n"
+    # The command writes what the library writes (default seed 0).
+    reference = write_abdomen_phantom(tmp_path / "reference", n_ct=2, n_mr=2, shape=(48, 40, 16))
+    written = sorted(p.relative_to(tmp_path / "data") for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert len(written) == 10
+    for name in written:
+        assert (tmp_path / "data" / name).read_bytes() == (reference / name).read_bytes(), name
+    # The two datasets number the organs differently; prepare matches them by name.
+    assert json.loads((ct / "dataset.json").read_text())["labels"]["spleen"] == 4
+    assert json.loads((mr / "dataset.json").read_text())["labels"]["spleen"] == 2
+    args = ["--spacing", "9,9,10", "--size", 32, "--split", "0.5,0,0.5", "--target-labelled", 1]
+    out = _ok(_run("prepare", "--target", ct, "--assistant", mr, "--out", tmp_path / "cache", *args))
+    assert "classes (5): background, liver, kidney_right, kidney_left, spleen" in out
+    assert "  target [ct, nnunet]" in out and "  assistant [t2, nnunet]" in out
+    assert "train: 1 cases (1 labelled, 0 unlabelled)" in out
+
+
+def test_phantom_unknown_anatomy_is_one_line_and_writes_nothing(tmp_path):
+    message = _one_line_error(_run("phantom", tmp_path / "data", "--anatomy", "brain"))
+    assert "--anatomy" in message and "'brain' is not one of 'cardiac', 'abdomen'" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- info on damaged caches ----------------------------------------------------------------------------
