@@ -32,14 +32,13 @@ def _write_json(path, value):
     write_text_atomic(path, json.dumps(value, indent=1))
 
 
-# What a run folder may hold (names matched exactly; folders are real folders, never symbolic links).
+# What a run folder holds that training writes, replaces or deletes (names matched exactly; these folders
+# are real folders, never symbolic links). Any other name in a run folder (metrics.* of `mkd evaluate`, a
+# user's notes) is never touched by training and is left alone.
 # The files of a checkpoint prefix P: P.index, P.data-K-of-N, and P_temp/ while TensorFlow writes it.
 _CHECKPOINT_FILE = r"(\.index|\.data-\d{5}-of-\d{5}|_temp)"
-_RUN_FILES = re.compile(
-    r"^(config\.yaml|cache\.json|history\.json|\.(config|cache|history)\.tmp-[0-9a-f]{8}\.(yaml|json))$"
-)
+_RUN_FILES = {"config.yaml", "cache.json", "history.json"}
 _RUN_FOLDERS = {"logs", "best", ".best.tmp", ".best.old", "checkpoints"}
-# Inside each of these folders (None: anything; the run never deletes there, it only adds TensorBoard events).
 _INSIDE = {
     "logs": None,
     "best": re.compile(rf"^weights{_CHECKPOINT_FILE}$"),
@@ -56,22 +55,24 @@ _BEFORE_CONFIG = re.compile(r"^\.(config|cache)\.tmp-[0-9a-f]{8}\.(yaml|json)$")
 
 
 def _foreign_entries(folder, relative=""):
-    """Paths under ``folder`` (relative, sorted) that `mkd train` never writes: what it must not delete
-    (``best/`` is replaced as a whole) or overwrite. Symbolic links are always foreign."""
+    """Paths under ``folder`` (relative, sorted) that `mkd train` did not write where it writes, replaces or
+    deletes (``best/`` is replaced as a whole): a symbolic link, a file or folder of the wrong kind, a name
+    it never writes inside its folders."""
     allowed = _INSIDE.get(relative) if relative else None
     foreign = []
     with os.scandir(folder) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             name = f"{relative}/{entry.name}" if relative else entry.name
             is_dir = entry.is_dir(follow_symlinks=False)
+            if not relative and entry.name not in _RUN_FILES | _RUN_FOLDERS:
+                continue  # a name training never writes
             if entry.is_symlink():
                 foreign.append(name)
             elif not relative:
-                if entry.name in _RUN_FOLDERS and is_dir:
-                    if _INSIDE[entry.name] is not None:
-                        foreign.extend(_foreign_entries(entry.path, entry.name))
-                elif not (_RUN_FILES.match(entry.name) and entry.is_file(follow_symlinks=False)):
+                if is_dir != (entry.name in _RUN_FOLDERS):
                     foreign.append(name)
+                elif is_dir and _INSIDE[entry.name] is not None:
+                    foreign.extend(_foreign_entries(entry.path, entry.name))
             elif not allowed.match(entry.name):
                 foreign.append(name)
             elif name == "checkpoints/steps":
@@ -84,15 +85,17 @@ def _foreign_entries(folder, relative=""):
 def not_a_run_folder(path):
     """Why ``path`` is not a folder `mkd train` may write into, or `None` when it may.
 
-    It may when it does not exist, is empty, or is a run folder: a real folder holding a ``config.yaml``
-    and nothing but what training writes (:data:`_RUN_FILES`, :data:`_RUN_FOLDERS` and their contents),
-    so that a run never deletes or overwrites a file it did not create.
+    It may when it does not exist, is empty, or is a run folder: a real folder holding a ``config.yaml`` and
+    the ``cache.json`` record written before it, where every name training writes, replaces or deletes
+    (:data:`_RUN_FILES`, :data:`_RUN_FOLDERS` and their contents) is what training wrote there, so that a
+    run never deletes or overwrites a file it did not create. A folder without ``config.yaml`` may hold
+    only what a run writes before it (its ``cache.json`` record and their temporaries).
     """
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return None
-    if path.is_symlink():
-        return "it is a symbolic link"
+    if not path.exists():
+        return "it is a broken symbolic link"
     if not path.is_dir():
         return "it is a file, not a folder"
     try:

@@ -296,3 +296,18 @@ def test_unsupervised_training_without_target_labels_still_runs(tmp_path, cache_
     outcome = _invoke_train(cache_path, run, "--method", "mkd", "--target-labelled", "0")
     assert outcome.exit_code == 0, outcome.output
     assert (run / "best" / "weights.index").exists()
+
+
+def test_a_run_folder_may_hold_other_files_training_never_touches(tmp_path, cache_path):
+    """metrics.* of `mkd evaluate RUN` (written into the run by default) or a user's notes do not make a
+    run foreign: training never writes, replaces or deletes those names."""
+    run = tmp_path / "run"
+    assert _invoke_train(cache_path, run).exit_code == 0
+    (run / "metrics.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    outcome = _invoke_train(cache_path, run)  # the finished run, as `mkd compare` calls it again
+    assert outcome.exit_code == 0, outcome.output
+    assert (run / "notes.txt").read_text() == "mine"
+    (run / "best" / "cat.jpg").write_text("meow")  # inside best/, which a better epoch replaces as a whole
+    assert "it holds best/cat.jpg, which a run folder does not" in one_line_error(_invoke_train(cache_path, run))
+    assert (run / "best" / "cat.jpg").read_text() == "meow"
