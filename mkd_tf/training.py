@@ -257,9 +257,6 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
             status.expect_partial().assert_existing_objects_matched()
         else:
             status.assert_consumed()
-    except IndexError as exc:  # TF's reader on a truncated data file: "Read less bytes than requested"
-        data = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
-        fail(data[0] if data else path, f"cannot read the checkpoint: truncated or corrupt weights file ({exc})")
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
         if status is not None:
             status.expect_partial()  # else TF logs every unmatched value when the checkpoint is collected
@@ -497,7 +494,14 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
         candidates.append((latest_step[1], latest_step[0], latest_step[2]))
     if candidates:
         done, path, progress = max(candidates, key=lambda c: c[0])
-        _restore(checkpoint, path, run, saved=True)
+        try:
+            _restore(checkpoint, path, run, saved=True)
+        except IndexError as exc:  # TF's reader on a truncated data file (as mkd_tf.inference.load_trained says)
+            data = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
+            fail(
+                data[0] if data else path,
+                f"cannot read the checkpoint to resume from: truncated or corrupt weights file ({exc})",
+            )
     if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state
         done_counter.assign(done)
         cluster.broadcast_from_chief(strategy, [*state.values(), done_counter])

@@ -267,7 +267,9 @@ def test_resuming_from_a_truncated_checkpoint_or_a_planted_link_is_one_line(tmp_
     (data,) = (run / "checkpoints").glob("ckpt-1.data-*")
     data.write_bytes(data.read_bytes()[:100])
     line = one_line_error(_invoke_train(cache_path, run))
-    assert line.startswith(f"error: {data}: cannot read the checkpoint: truncated or corrupt weights file")
+    assert line.startswith(
+        f"error: {data}: cannot read the checkpoint to resume from: truncated or corrupt weights file"
+    )
 
 
 def test_a_cache_without_target_training_slices_is_refused_before_anything_is_written(tmp_path, cache_path):
