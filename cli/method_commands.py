@@ -69,7 +69,12 @@ def shared_overrides(epochs, steps_per_epoch, batch_size, target_labelled, base_
 
 @main.command()
 @click.argument("cache", type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="Run folder (created; the same command resumes it).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Run folder (created; the same command resumes it; a folder that is not a run is refused).",
+)
 @click.option(
     "--method",
     type=click.Choice(METHODS),

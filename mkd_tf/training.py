@@ -32,7 +32,7 @@ from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder, read_json
 from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, phase_start_step
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
-from mkd_tf.run_folder import RunFolder
+from mkd_tf.run_folder import RunFolder, not_a_run_folder
 
 
 def make_strategy(name, worker_timeout=600.0):
@@ -369,28 +369,22 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         if run.exists() and not run.is_dir():
             fail(run, "exists and is not a folder")
         check_parent_is_folder(run, "create the run folder")
-        if (run / "config.yaml").exists():
-            previous, requested = (
-                resume_settings(load_config(run / "config.yaml", recorded=True)),
-                resume_settings(config),
-            )
-            if previous != requested:
-                changed = sorted(k for k in requested if requested[k] != previous.get(k))
-                fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
+        check_run_folder(run, config)
+    check_training_slices(cache)
     usable_target_volumes(cache, config)
     strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
     keras.utils.set_random_seed(int(config["seed"]))  # after the strategy: multi-worker resets TF's context
+    folder = RunFolder(run, chief)  # locked (chief) from its first write to the end of training
     with (
         precision_policy(config["precision"]),
         _xla_errors(config["jit_compile"]),
         deterministic_training(config["deterministic"]),
+        folder,  # releases the lock on leaving
     ):
         if tf_config is None:
-            return _train(cache, run, config, config_path, strategy, RunFolder(run), None, verbose)
+            return _train(cache, run, config, config_path, strategy, folder, None, verbose)
         try:
-            result = _train(
-                cache, run, config, config_path, strategy, RunFolder(run, chief), tf_config, verbose if chief else 0
-            )
+            result = _train(cache, run, config, config_path, strategy, folder, tf_config, verbose if chief else 0)
             cluster.discard_native_log()
             return result
         except (
@@ -402,6 +396,36 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             tf.errors.InternalError,
         ) as exc:
             raise MkdError(cluster.describe_failure(exc, tf_config, float(config["worker_timeout"]))) from None
+
+
+def check_run_folder(run, config, locked=False):
+    """Refuse, before anything is written, a ``run`` folder `mkd train` must not write into: one that is not
+    a run folder (:func:`~mkd_tf.run_folder.not_a_run_folder`: a user's files would be overwritten or
+    deleted), or a started run (:meth:`~mkd_tf.run_folder.RunFolder.started`) whose learning settings differ
+    from ``config``'s, or a run folder another `mkd train` is using (unless ``locked``: this process holds
+    the lock). A run that never reached its first checkpoint (e.g. diverged in epoch 1) holds no training
+    to resume: it may be started again with another config."""
+    problem = not_a_run_folder(run)
+    if problem is not None:
+        fail(run, f"not a run folder of mkd train ({problem}); choose another --out")
+    if not locked:
+        RunFolder(run).check_not_in_use()
+    if (run / "config.yaml").exists() and RunFolder(run).started():
+        previous, requested = (
+            resume_settings(load_config(run / "config.yaml", recorded=True)),
+            resume_settings(config),
+        )
+        if previous != requested:
+            changed = sorted(k for k in requested if requested[k] != previous.get(k))
+            fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
+
+
+def check_training_slices(cache):
+    """Every method trains on labelled assistant slices and target slices of the train split: refuse a cache
+    without them before anything is written (the data streams would refuse it only after the run folder)."""
+    for role, labelled, what in (("assistant", True, "labelled assistant"), ("target", None, "target")):
+        if pipeline.selected_rows(cache, role, "train", labelled).size == 0:
+            fail(cache.path, f"has no {what} slices in the train split; training needs them (prepare another split)")
 
 
 @contextlib.contextmanager
@@ -457,7 +481,7 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
 
     schedule = config["schedule"]
     epochs, steps = int(schedule["epochs"]), int(schedule["steps_per_epoch"])
-    folder.prepare(config, cache_record(cache))
+    folder.prepare(config, cache_record(cache), check=lambda: check_run_folder(run, config, locked=True))
     history = folder.load_history()
     # Resume from the furthest checkpoint: the last epoch's, or a step checkpoint inside the next epoch.
     done, progress = 0, None
@@ -470,7 +494,14 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
         candidates.append((latest_step[1], latest_step[0], latest_step[2]))
     if candidates:
         done, path, progress = max(candidates, key=lambda c: c[0])
-        _restore(checkpoint, path, run, saved=True)
+        try:
+            _restore(checkpoint, path, run, saved=True)
+        except IndexError as exc:  # TF's reader on a truncated data file (as mkd_tf.inference.load_trained says)
+            data = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
+            fail(
+                data[0] if data else path,
+                f"cannot read the checkpoint to resume from: truncated or corrupt weights file ({exc})",
+            )
     if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state
         done_counter.assign(done)
         cluster.broadcast_from_chief(strategy, [*state.values(), done_counter])

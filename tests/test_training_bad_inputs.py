@@ -149,3 +149,167 @@ def tiny_runs_history(run):
     import json
 
     return json.loads((Path(run) / "history.json").read_text())["epochs"]
+
+
+def _invoke_train(cache, run, *options):
+    settings = tiny_runs.tiny_overrides(method="target-only", schedule={"epochs": 1, "steps_per_epoch": 1})
+    config = tiny_runs.write_yaml(Path(run).parent / "tiny.yaml", settings)
+    with tiny_runs.eager():
+        return CliRunner().invoke(
+            cli, ["train", str(cache), "--out", str(run), "--config", str(config), "--quiet", *options]
+        )
+
+
+def _tree(folder):
+    """Every path under ``folder`` with the bytes of each file (symbolic links as their target)."""
+    return {
+        str(p.relative_to(folder)): (str(p.readlink()) if p.is_symlink() else p.read_bytes() if p.is_file() else None)
+        for p in sorted(Path(folder).rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    "files, problem",
+    [
+        ({"best/cat.jpg": b"meow", "cache.json": b"{}"}, "its cache.json is not a run's record of its slice cache"),
+        ({"best/cat.jpg": b"meow"}, "it holds best but no config.yaml"),
+        ({"config.yaml": b"method: mkd\n"}, "it holds config.yaml but no cache.json"),
+        ({"notes.txt": b"mine"}, "it holds notes.txt but no config.yaml"),
+    ],
+)
+def test_train_refuses_a_folder_that_is_not_a_run_and_touches_nothing(tmp_path, cache_path, files, problem):
+    run = tmp_path / "mine"
+    for name, content in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(content)
+    before = _tree(run)
+    outcome = _invoke_train(cache_path, run)
+    assert one_line_error(outcome) == f"error: {run}: not a run folder of mkd train ({problem}); choose another --out"
+    assert _tree(run) == before
+
+
+def test_train_refuses_a_run_folder_in_use_and_a_killed_holder_does_not_block(tmp_path, cache_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mkd_tf.files import lock_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    descriptor = lock_folder(run)  # what a running `mkd train` of this folder holds
+    try:
+        outcome = _invoke_train(cache_path, run)
+    finally:
+        os.close(descriptor)
+    assert one_line_error(outcome) == (
+        f"error: {run}: another mkd train is using this run folder (pid {os.getpid()}); "
+        "wait for it to finish or use another --out"
+    )
+    assert not list(run.iterdir())
+    # A holder killed with -9 leaves no stale lock: the kernel releases a flock with its process.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from mkd_tf.files import lock_folder; d = lock_folder({str(run)!r}); print(d, flush=True); import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() != "None"
+    assert "(pid " + str(holder.pid) + ")" in one_line_error(_invoke_train(cache_path, run))
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    outcome = _invoke_train(cache_path, run)
+    assert outcome.exit_code == 0, outcome.output
+    assert (run / "best" / "weights.index").exists()
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_restarts_with_another_config(
+    tmp_path, cache_path, monkeypatch
+):
+    run = tmp_path / "run"
+
+    def diverge(logs, epoch, step):
+        raise training.MkdError(f"training diverged: loss 'total' is nan at epoch {epoch + 1}, step {step + 1}")
+
+    monkeypatch.setattr(training, "_check_finite", diverge)
+    assert "training diverged" in one_line_error(_invoke_train(cache_path, run, "--seed", "1"))
+    assert sorted(p.name for p in run.iterdir()) == ["cache.json", "config.yaml"]
+    monkeypatch.undo()
+    outcome = _invoke_train(cache_path, run, "--seed", "2")  # the corrected command, same --out
+    assert outcome.exit_code == 0, outcome.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 2
+    # Once a checkpoint exists the run is resumable: another config is refused, the run untouched.
+    before = _tree(run)
+    assert "holds a run with a different config (differs in: seed)" in one_line_error(
+        _invoke_train(cache_path, run, "--seed", "3")
+    )
+    assert _tree(run) == before
+
+
+def test_resuming_from_a_truncated_checkpoint_or_a_planted_link_is_one_line(tmp_path, cache_path):
+    run = tmp_path / "run"
+    assert _invoke_train(cache_path, run).exit_code == 0
+    # A link named like TensorFlow's staging folder of a checkpoint: never followed into a deletion.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("mine")
+    (run / "checkpoints" / "ckpt-9_temp").symlink_to(precious, target_is_directory=True)
+    assert one_line_error(_invoke_train(cache_path, run)) == (
+        f"error: {run}: not a run folder of mkd train (it holds checkpoints/ckpt-9_temp, which a run folder "
+        "does not); choose another --out"
+    )
+    assert (precious / "data.txt").read_text() == "mine"
+    (run / "checkpoints" / "ckpt-9_temp").unlink()
+    (data,) = (run / "checkpoints").glob("ckpt-1.data-*")
+    data.write_bytes(data.read_bytes()[:100])
+    line = one_line_error(_invoke_train(cache_path, run))
+    assert line.startswith(
+        f"error: {data}: cannot read the checkpoint to resume from: truncated or corrupt weights file"
+    )
+
+
+def test_a_cache_without_target_training_slices_is_refused_before_anything_is_written(tmp_path, cache_path):
+    from mkd_tf.data.prepare import PrepareOptions, prepare_cache
+    from mkd_tf.data.preprocess import PreprocessConfig
+
+    split = tmp_path / "split.json"
+    split.write_text('{"target": {"val": ["ct_train_1001"], "test": ["ct_train_1002", "ct_train_1003"]}}')
+    phantom = Path(cache_path).parent / "phantom"
+    options = PrepareOptions(
+        split_file=str(split), preprocess=PreprocessConfig(spacing=tiny_runs.SPACING, size=tiny_runs.SIZE)
+    )
+    no_target_training = prepare_cache(phantom / "ct_train", phantom / "mr_train", tmp_path / "cache", options)
+    run = tmp_path / "run"
+    for labelled in ("1", "0"):  # the unsupervised setting needs target training slices too
+        outcome = _invoke_train(no_target_training, run, "--method", "mkd", "--target-labelled", labelled)
+        assert one_line_error(outcome) == (
+            f"error: {no_target_training}: has no target slices in the train split; training needs them "
+            "(prepare another split)"
+        )
+        assert not run.exists()
+
+
+def test_unsupervised_training_without_target_labels_still_runs(tmp_path, cache_path):
+    run = tmp_path / "run"
+    outcome = _invoke_train(cache_path, run, "--method", "mkd", "--target-labelled", "0")
+    assert outcome.exit_code == 0, outcome.output
+    assert (run / "best" / "weights.index").exists()
+
+
+def test_a_run_folder_may_hold_other_files_training_never_touches(tmp_path, cache_path):
+    """metrics.* of `mkd evaluate RUN` (written into the run by default) or a user's notes do not make a
+    run foreign: training never writes, replaces or deletes those names."""
+    run = tmp_path / "run"
+    assert _invoke_train(cache_path, run).exit_code == 0
+    (run / "metrics.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    outcome = _invoke_train(cache_path, run)  # the finished run, as `mkd compare` calls it again
+    assert outcome.exit_code == 0, outcome.output
+    assert (run / "notes.txt").read_text() == "mine"
+    (run / "best" / "cat.jpg").write_text("meow")  # inside best/, which a better epoch replaces as a whole
+    assert "it holds best/cat.jpg, which a run folder does not" in one_line_error(_invoke_train(cache_path, run))
+    assert (run / "best" / "cat.jpg").read_text() == "meow"

@@ -56,7 +56,8 @@ polls ``base_path`` for integer-named folders, never sees a half-written model.
 ``models.config`` gives every model an explicit ``model_version_policy { specific { versions: ... } }``
 listing each exported version (a folder with a ``saved_model.pb``), so exporting version N+1 never
 unloads version N, and keeps the ``version_labels`` of earlier exports (``--label stable`` moves the
-label ``stable`` to the new version).
+label ``stable`` to the new version). An export changes only its own model's entry: every other entry
+of an existing ``models.config`` (hand-written ones too) is kept as it was.
 """
 
 import json
@@ -69,7 +70,14 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import check_parent_is_folder, read_json, temporary_sibling, write_text_atomic
+from mkd_tf.files import (
+    check_parent_is_folder,
+    lock_folder,
+    read_json,
+    remove_stale_staging,
+    temporary_sibling,
+    write_text_atomic,
+)
 from mkd_tf.prediction_files import class_values
 from mkd_tf import __version__
 
@@ -317,48 +325,84 @@ def served_versions(model_dir):
     return [v for v in existing_versions(model_dir) if (Path(model_dir) / str(v) / "saved_model.pb").exists()]
 
 
-def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None):
-    """TF Serving ``--model_config_file`` text proto listing every exported model under ``saved_models``.
+def _check_editable(config, path):
+    """Refuse a ``models.config`` that mkd export cannot edit without losing what it holds."""
+    if config is not None and config.WhichOneof("config") == "custom_model_config":
+        fail(path, "uses custom_model_config, which mkd export cannot edit; list the models in model_config_list")
 
-    Each model gets ``model_version_policy { specific { versions: ... } }`` with every exported version
-    (TF Serving's default policy, ``latest { num_versions: 1 }``, would unload version N as soon as
-    N+1 appears), and ``version_labels``: those of the existing ``models.config`` whose version is still
-    exported, updated by ``new_labels`` (model name -> {label: version}).
+
+def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None, names=None):
+    """TF Serving ``--model_config_file`` text proto: the existing ``models.config`` with the entries of the
+    models ``names`` (default: every model folder under ``saved_models`` with an exported version) added or
+    updated; every other entry is kept exactly as it was (a hand-written one included).
+
+    An updated or added entry gets ``base_path`` ``SERVING_ROOT/NAME`` and, unless its existing policy is
+    another one (``latest``, ``all``: the user's choice, kept), ``model_version_policy { specific { versions:
+    ... } }`` with every exported version (TF Serving's default policy, ``latest { num_versions: 1 }``, would
+    unload version N as soon as N+1 appears), and ``version_labels``: its existing labels whose version is
+    still exported, updated by ``new_labels`` (model name -> {label: version}).
     """
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
     root = Path(saved_models)
     previous = read_models_config(root)
-    labels = {}
-    if previous is not None:
-        for entry in previous.model_config_list.config:
-            labels.setdefault(entry.name, {}).update({key: int(value) for key, value in entry.version_labels.items()})
-    for name, mapping in (new_labels or {}).items():
-        labels.setdefault(name, {}).update({key: int(value) for key, value in mapping.items()})
-    base = serving_root.rstrip("/") or ""
-    config = model_server_config_pb2.ModelServerConfig()
+    _check_editable(previous, root / MODELS_CONFIG)
+    config = previous if previous is not None else model_server_config_pb2.ModelServerConfig()
     models = config.model_config_list  # present (possibly empty) even with no model
     models.SetInParent()
-    for folder in sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
-    ):
-        versions = served_versions(folder)
+    if names is None:
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    base = serving_root.rstrip("/") or ""
+    for name in names:
+        versions = served_versions(root / name)
         if not versions:
             continue
-        entry = models.config.add(name=folder.name, base_path=f"{base}/{folder.name}", model_platform="tensorflow")
-        entry.model_version_policy.specific.versions.extend(versions)
-        for label, version in sorted(labels.get(folder.name, {}).items()):
+        entry = next((c for c in models.config if c.name == name), None)
+        if entry is None:
+            entry = models.config.add(name=name, model_platform="tensorflow")
+        entry.base_path = f"{base}/{name}"
+        if entry.model_version_policy.WhichOneof("policy_choice") in (None, "specific"):
+            del entry.model_version_policy.specific.versions[:]
+            entry.model_version_policy.specific.versions.extend(versions)
+        labels = {key: int(value) for key, value in entry.version_labels.items()}
+        labels.update({key: int(value) for key, value in (new_labels or {}).get(name, {}).items()})
+        entry.version_labels.clear()
+        for label, version in sorted(labels.items()):
             if version in versions:  # TF Serving refuses a label that points at a version it does not serve
                 entry.version_labels[label] = version
     return text_format.MessageToString(config)
 
 
-def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None):
-    """(Re)write ``saved_models/models.config`` atomically; returns its path."""
+def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None, names=None):
+    """Update ``saved_models/models.config`` atomically (:func:`models_config_text`); returns its path."""
     path = Path(saved_models) / MODELS_CONFIG
-    write_text_atomic(path, models_config_text(saved_models, serving_root, new_labels))
+    write_text_atomic(path, models_config_text(saved_models, serving_root, new_labels, names))
     return path
+
+
+#: what a SavedModel version folder holds (``tf.saved_model.save`` + this module's ``assets.extra``)
+_VERSION_ENTRIES = frozenset(["saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra"])
+_VERSION_STAGING = re.compile(r"^\.(\d+)\.tmp-[0-9a-f]{8}$")
+
+
+def _holds_only_export_files(folder):
+    return all(p.name in _VERSION_ENTRIES and not p.is_symlink() for p in Path(folder).iterdir())
+
+
+def remove_stale_version_staging(model_dir):
+    """Delete the ``.VERSION.tmp-<8 hex>`` staging folders a killed export left in ``model_dir``: only that
+    exact pattern, holding nothing but SavedModel files, and not locked by a running export
+    (:func:`mkd_tf.files.remove_stale_staging`). Returns the removed paths."""
+    model_dir = Path(model_dir)
+    try:
+        versions = sorted({m.group(1) for m in map(_VERSION_STAGING.match, os.listdir(model_dir)) if m})
+    except OSError:
+        return []
+    removed = []
+    for version in versions:
+        removed.extend(remove_stale_staging(model_dir / version, _holds_only_export_files))
+    return removed
 
 
 def export_run(
@@ -411,6 +455,7 @@ def export_run(
             "already exists; exported versions are never overwritten (omit --version for the next free one)",
         )
     previous = read_models_config(out.parent) if out.parent.is_dir() else None  # unreadable: fail now, not later
+    _check_editable(previous, out.parent / MODELS_CONFIG)
     model, config, record = load_trained(run_dir, checkpoint)
     which = resolve_predictor(model, which)
     size = int(record["preprocess"]["size"])
@@ -467,8 +512,10 @@ def export_run(
         "signatures": SIGNATURE_DOCS,
     }
     staging = temporary_sibling(out / str(version), folder=True)
-    published = False
+    published, lock = False, None
     try:
+        staging.mkdir()
+        lock = lock_folder(staging)  # a concurrent export's clean-up of stale staging must leave it alone
         archive.write_out(str(staging), verbose=False)
         extra = staging / "assets.extra"
         extra.mkdir()
@@ -480,6 +527,8 @@ def export_run(
             fail(target, f"cannot publish the export ({exc.strerror}); versions are never overwritten")
         published = True
     finally:
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(staging, ignore_errors=True)
         if not published:
             for folder in created:  # innermost first; only if still empty
@@ -492,7 +541,8 @@ def export_run(
         for entry in previous.model_config_list.config:
             if entry.name == name:
                 before = {key: int(value) for key, value in entry.version_labels.items()}
-    config_path = write_models_config(out.parent, serving_root, {name: {label: version for label in labels}})
+    remove_stale_version_staging(out)  # what a killed export left behind
+    config_path = write_models_config(out.parent, serving_root, {name: {label: version for label in labels}}, [name])
     after = {label: version for label, version in before.items() if version in served_versions(out)}
     after.update({label: version for label in labels})
     moved = {label: before[label] for label in labels if label in before and before[label] != version}

@@ -534,3 +534,84 @@ def test_export_bad_outputs_and_labels_are_one_line(mkd_run, tmp_path):
     result = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart")])
     _assert_one_line_error(result, f"error: {root / 'models.config'}: is a folder")
     assert _files_under(root) == ["models.config"]
+
+
+_HAND_WRITTEN = """model_config_list {
+  config {
+    name: "lungs"
+    base_path: "/srv/elsewhere/lungs"
+    model_platform: "tensorflow"
+    model_version_policy { latest { num_versions: 2 } }
+  }
+  config {
+    name: "heart"
+    base_path: "/old/heart"
+    model_platform: "tensorflow"
+    model_version_policy { specific { versions: 1 } }
+    version_labels { key: "stable" value: 1 }
+    version_labels { key: "gone" value: 7 }
+  }
+}
+"""
+
+
+def test_models_config_update_keeps_every_entry_it_did_not_create(tmp_path):
+    root = tmp_path / "saved_models"
+    for version in (1, 2):
+        (root / "heart" / str(version)).mkdir(parents=True)
+        (root / "heart" / str(version) / "saved_model.pb").write_bytes(b"")
+    (root / "lungs" / "5").mkdir(parents=True)  # served by the hand-written entry, not by an mkd export
+    (root / "models.config").write_text(_HAND_WRITTEN)
+    config = _parse_text(serving.models_config_text(root, "/models", {"heart": {"canary": 2}}, names=["heart"]))
+    by_name = {c.name: c for c in config.model_config_list.config}
+    assert by_name["lungs"] == _parse_text(_HAND_WRITTEN).model_config_list.config[0]  # untouched
+    heart = by_name["heart"]
+    assert heart.base_path == "/models/heart"
+    assert list(heart.model_version_policy.specific.versions) == [1, 2]
+    assert dict(heart.version_labels) == {"stable": 1, "canary": 2}  # 'gone' pointed at no exported version
+
+
+def test_cli_export_keeps_hand_written_entries_and_removes_only_its_own_stale_staging(mkd_run, tmp_path):
+    import os
+
+    from mkd_tf.files import lock_folder
+
+    root = tmp_path / "saved_models"
+    (root / "heart").mkdir(parents=True)
+    (root / "models.config").write_text(_HAND_WRITTEN)
+    stale = root / "heart" / ".1.tmp-0123abcd"  # a killed export's staging: removed
+    (stale / "variables").mkdir(parents=True)
+    (stale / "saved_model.pb").write_bytes(b"half")
+    mine = root / "heart" / ".2.tmp-89abcdef"  # the pattern, but a file we never write: kept
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    running = root / "heart" / ".3.tmp-00000000"  # a running export's staging (locked): kept
+    running.mkdir()
+    (running / "saved_model.pb").write_bytes(b"writing")
+    other = root / "heart" / ".1.tmp-0123abcd.bak"  # not the exact pattern: kept
+    other.mkdir()
+    descriptor = lock_folder(running)
+    try:
+        result = CliRunner().invoke(main, ["export", str(mkd_run), "--out", str(root / "heart"), "--label", "canary"])
+    finally:
+        os.close(descriptor)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (root / "heart").iterdir()) == [
+        ".1.tmp-0123abcd.bak",
+        ".2.tmp-89abcdef",
+        ".3.tmp-00000000",
+        "1",
+    ]
+    config = _parse_models_config(root / "models.config")
+    hand_written = {c.name: c for c in _parse_text(_HAND_WRITTEN).model_config_list.config}
+    by_name = {c.name: c for c in config.model_config_list.config}
+    assert by_name["lungs"] == hand_written["lungs"]
+    assert by_name["heart"].base_path == "/models/heart"
+    assert list(by_name["heart"].model_version_policy.specific.versions) == [1]
+    assert dict(by_name["heart"].version_labels) == {"stable": 1, "canary": 1}
+
+    (root / "models.config").write_text('custom_model_config { type_url: "example.org/x" value: "" }\n')
+    before = (root / "models.config").read_text()
+    result = CliRunner().invoke(main, ["export", str(mkd_run), "--out", str(root / "heart")])
+    _assert_one_line_error(result, f"error: {root / 'models.config'}: uses custom_model_config")
+    assert not (root / "heart" / "2").exists() and (root / "models.config").read_text() == before
