@@ -29,9 +29,10 @@ from mkd_tf.config import STRATEGIES, learning_settings, load_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import check_parent_is_folder, read_json
+from mkd_tf.files import check_parent_is_folder
 from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, phase_start_step
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
+from mkd_tf.run_files import read_cache_record
 from mkd_tf.run_folder import RunFolder
 
 
@@ -608,7 +609,7 @@ def load_run(run_dir, which="best"):
     if not (run / "config.yaml").exists():
         fail(run, "not a training run (no config.yaml)")
     config = load_config(run / "config.yaml", recorded=True)
-    record = read_json(run / "cache.json", "missing: the run folder is incomplete")
+    record = read_cache_record(run)
     model = build_method(config, len(record["classes"]))
     size = int(record["preprocess"]["size"])
     model.build_for((size, size, 1))
