@@ -32,7 +32,7 @@ from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder
 from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, phase_start_step
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
-from mkd_tf.run_files import read_cache_record
+from mkd_tf.run_files import read_cache_record, read_history
 from mkd_tf.run_folder import RunFolder
 
 
@@ -378,6 +378,8 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             if previous != requested:
                 changed = sorted(k for k in requested if requested[k] != previous.get(k))
                 fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
+            if (run / "history.json").exists():  # resumed: a damaged history is refused before any write
+                read_history(run / "history.json")
     usable_target_volumes(cache, config)
     strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
     keras.utils.set_random_seed(int(config["seed"]))  # after the strategy: multi-worker resets TF's context

@@ -392,12 +392,23 @@ def check_intensity(path, intensity, key):
         fail(path, f"key '{found[0]}' {found[1]}")
 
 
-def _check_manifest(path, manifest):
+def check_manifest(path, manifest):
     """Fail with one line on the first key of ``manifest`` that :data:`MANIFEST` or a cross-check refuses.
 
     Checked before any array is opened, so that a hand-edited manifest is one line, not a traceback
     from a memory map of the wrong shape (and so that `files` cannot point outside the cache).
+
+    Args:
+        path: the manifest file (for the message).
+        manifest: its parsed content.
     """
+    if not isinstance(manifest, dict):
+        fail(path, f"not an {FORMAT} manifest")
+    schema.validate(path, manifest, {"format": MANIFEST["format"], "version": MANIFEST["version"]})
+    if manifest["format"] != FORMAT:
+        fail(path, f"not an {FORMAT} manifest")
+    if manifest["version"] != VERSION:  # no older version exists: a newer one needs a newer mkd-tf
+        fail(path, f"cache format version {manifest['version']}, expected {VERSION}")
     schema.validate(path, manifest, MANIFEST)
     size, classes, files = manifest["size"], manifest["classes"], manifest["files"]
     if manifest["preprocess"]["size"] != size:
@@ -478,11 +489,7 @@ class SliceCache:
             fail(manifest_path, f"corrupt manifest ({exc})")
         except OSError as exc:
             fail(manifest_path, f"cannot read the manifest ({exc.strerror or exc})")
-        if not isinstance(self.manifest, dict) or self.manifest.get("format", FORMAT) != FORMAT:
-            fail(manifest_path, f"not an {FORMAT} manifest")
-        if self.manifest.get("version", VERSION) != VERSION:  # a missing one: the schema names the key
-            fail(manifest_path, f"cache format version {self.manifest.get('version')}, expected {VERSION}")
-        _check_manifest(manifest_path, self.manifest)
+        check_manifest(manifest_path, self.manifest)
         for relative, expected in self.manifest["files"].items():
             file = self.path / relative
             if not file.exists():
