@@ -251,6 +251,7 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
     ``saved``: ``path`` was written by `CheckpointManager.save` (which also stores the checkpoint's
     ``save_counter``: `restore` consumes it, `read` would leave it unmatched), not by `write`.
     """
+    check_checkpoint_files(path)
     status = None
     try:
         status = checkpoint.restore(path) if saved else checkpoint.read(path)
@@ -262,6 +263,25 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
         if status is not None:
             status.expect_partial()  # else TF logs every unmatched value when the checkpoint is collected
         fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:160]})")
+    except IndexError as exc:  # TF's reader: "Read less bytes than requested" for a truncated data file
+        fail(path, f"cannot read the checkpoint: truncated or corrupt weights file ({exc})")
+
+
+def check_checkpoint_files(prefix):
+    """Fail with one line naming the file when a checkpoint's ``.index`` or one of its ``.data-*`` shards is
+    missing or empty (what a killed copy or a full disk leaves), before TensorFlow reads it."""
+    prefix = Path(prefix)
+    index = prefix.with_name(prefix.name + ".index")
+    if not index.is_file() or index.stat().st_size == 0:
+        fail(index, "missing or empty: the checkpoint is incomplete")
+    shards = sorted(prefix.parent.glob(prefix.name + ".data-*-of-*"))
+    if not shards:
+        fail(prefix, "the checkpoint has no .data-* file: it is incomplete")
+    expected = int(shards[0].name.rsplit("-of-", 1)[1])
+    for number in range(expected):
+        shard = prefix.with_name(f"{prefix.name}.data-{number:05d}-of-{expected:05d}")
+        if not shard.is_file():
+            fail(shard, "missing: the checkpoint is incomplete")
 
 
 def _best_weights(run):
@@ -460,7 +480,6 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
 
     schedule = config["schedule"]
     epochs, steps = int(schedule["epochs"]), int(schedule["steps_per_epoch"])
-    folder.prepare(config, cache_record(cache))
     history = folder.load_history()
     # Resume from the furthest checkpoint: the last epoch's, or a step checkpoint inside the next epoch.
     done, progress = 0, None
@@ -474,6 +493,7 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
     if candidates:
         done, path, progress = max(candidates, key=lambda c: c[0])
         _restore(checkpoint, path, run, saved=True)
+    folder.prepare(config, cache_record(cache))  # after the checkpoint is read: an unreadable one changes nothing
     if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state
         done_counter.assign(done)
         cluster.broadcast_from_chief(strategy, [*state.values(), done_counter])

@@ -472,6 +472,26 @@ def test_resuming_on_a_garbage_history_writes_nothing(run, tiny, tmp_path):
     assert one_line_error(outcome).startswith(f"error: {folder / 'history.json'}: invalid JSON")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_resuming_from_a_damaged_checkpoint_writes_nothing(run, tiny, tmp_path, damage):
+    folder = _copy_run(run, tmp_path)
+    (data,) = (folder / "checkpoints").glob("ckpt-1.data-*")
+    if damage == "truncated":
+        data.write_bytes(data.read_bytes()[:-1])
+    else:
+        data.unlink()
+    config = tiny_runs.write_yaml(tmp_path / "tiny.yaml", tiny_runs.tiny_overrides(method="target-only"))
+    before = _snapshot(folder)
+    outcome = CliRunner().invoke(cli, ["train", str(tiny[1]), "--out", str(folder), "--config", str(config), "--quiet"])
+    expected = (
+        f"error: {folder / 'checkpoints' / 'ckpt-1'}: cannot read the checkpoint: truncated or corrupt weights file"
+        if damage == "truncated"
+        else f"error: {folder / 'checkpoints' / 'ckpt-1'}: the checkpoint has no .data-* file: it is incomplete"
+    )
+    assert one_line_error(outcome).startswith(expected)
+    assert _snapshot(folder) == before
+
+
 def test_prepare_refuses_a_dataset_json_whose_channel_names_is_a_list(tiny, tmp_path):
     from tests.conftest import write_nnunet
 
