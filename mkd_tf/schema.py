@@ -120,11 +120,9 @@ def strings(**options):
     return Spec("list", items=Spec("str"), **options)
 
 
-def numbers(length=None, low=None, **options):
-    """A list of ``length`` finite numbers, each >= ``low``."""
-    return Spec(
-        "list", items=Spec("number", low=low, low_open=options.pop("low_open", False)), length=length, **options
-    )
+def numbers(length=None, low=None, low_open=False, **options):
+    """A list of ``length`` finite numbers, each >= ``low`` (``low_open``: > ``low``)."""
+    return Spec("list", items=Spec("number", low=low, low_open=low_open), length=length, **options)
 
 
 def mapping(keys=None, values=None, **options):

@@ -264,6 +264,8 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
             status.expect_partial()  # else TF logs every unmatched value when the checkpoint is collected
         fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:160]})")
     except IndexError as exc:  # TF's reader: "Read less bytes than requested" for a truncated data file
+        if not saved:
+            raise  # load_run's callers name the best/last checkpoint themselves (mkd_tf.inference.load_trained)
         fail(path, f"cannot read the checkpoint: truncated or corrupt weights file ({exc})")
 
 

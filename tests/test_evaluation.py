@@ -162,9 +162,7 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path_factory, tmp_path, data):
     outcome = CliRunner().invoke(cli, ["evaluate", str(run)])
     assert outcome.exit_code == 2, outcome.output
     assert outcome.stderr.startswith("error: ") and outcome.stderr.count("\n") == 1
-    assert (
-        f"{run / 'best' / 'weights'}: cannot read the checkpoint: truncated or corrupt weights file" in outcome.stderr
-    )
+    assert f"{run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file" in outcome.stderr
     assert not any((run / name).exists() for name in ("metrics.json", "metrics.csv", "metrics.md"))
 
 

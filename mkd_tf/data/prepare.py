@@ -4,6 +4,8 @@ Decisions:
 - The patient-level split (`fractions` or an explicit split file) applies to the **target** modality.
   Every labelled assistant case goes to `train`: the assistant modality is there to teach, and the
   method is evaluated on target patients only. An explicit split file may still place assistant cases.
+- A split file lists every case of each role it names, in train, val, test or ``exclude`` (left out of the
+  cache); a case it does not list is refused by name rather than silently dropped.
 - Target cases without a label file are training cases without labels. `target_labelled=N` keeps the
   labels of only the first N target training cases (in seeded order); the rest stay, unlabelled.
 - Every option, the output path and the split are checked before anything is written. The crop window
