@@ -404,9 +404,10 @@ def check_manifest(path, manifest):
     """
     if not isinstance(manifest, dict):
         fail(path, f"not an {FORMAT} manifest")
-    schema.validate(path, manifest, {"format": MANIFEST["format"], "version": MANIFEST["version"]})
-    if manifest["format"] != FORMAT:
+    schema.validate(path, manifest, {"format": MANIFEST["format"]})
+    if manifest["format"] != FORMAT:  # another tool's file: its other keys mean nothing here
         fail(path, f"not an {FORMAT} manifest")
+    schema.validate(path, manifest, {"version": MANIFEST["version"]})
     if manifest["version"] != VERSION:  # no older version exists: a newer one needs a newer mkd-tf
         fail(path, f"cache format version {manifest['version']}, expected {VERSION}")
     schema.validate(path, manifest, MANIFEST)
