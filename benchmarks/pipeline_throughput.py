@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from mkd_tf.data.cache import CacheWriter, SliceCache  # noqa: E402
 from mkd_tf.data.pipeline import slice_dataset  # noqa: E402
+from tests.conftest import cache_entry, cache_manifest  # noqa: E402  (a manifest as prepare writes it)
 
 VOLUME_SLICES = 100
 
@@ -36,8 +37,10 @@ def build_cache(path, slices, size, seed=0):
             images = rng.normal(size=(count, size, size)).astype(np.float32)
             labels = rng.integers(0, 8, size=(count, size // 16, size // 16), dtype=np.uint8)
             labels = labels.repeat(16, axis=1).repeat(16, axis=2)
-            writer.add_volume("target", images, labels, "train", volume % 2 == 0, {"case": f"synthetic{volume}"})
-        writer.finish({"classes": [f"class{i}" for i in range(8)]})
+            writer.add_volume(
+                "target", images, labels, "train", volume % 2 == 0, cache_entry(f"synthetic{volume}", size)
+            )
+        writer.finish(cache_manifest(size, [f"class{i}" for i in range(8)]))
     return SliceCache(path, verify=False)
 
 

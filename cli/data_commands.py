@@ -172,7 +172,8 @@ def phantom(out, anatomy, n_ct, n_mr, shape, seed):
     "--split-file",
     type=click.Path(),
     default=None,
-    help='JSON {"target": {"train": [...], "val": [...], "test": [...]}, "assistant": {...}} (overrides --split).',
+    help='JSON {"target": {"train": [...], "val": [...], "test": [...], "exclude": [...]}, "assistant": {...}} '
+    "(overrides --split); a role it names must list each of its cases, under exclude to leave one out.",
 )
 @click.option(
     "--target-labelled",

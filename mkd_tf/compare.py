@@ -31,6 +31,7 @@ from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.evaluation import evaluate_run
 from mkd_tf.files import atomic_path, write_text_atomic
+from mkd_tf.run_files import read_history
 from mkd_tf.training import train, usable_target_volumes
 
 
@@ -258,8 +259,8 @@ def _paired_differences(data):
 def learning_curve(run):
     """`(steps, validation Dice, test Dice)` after each epoch of a run (mean over structures of its
     main predictor; NaN where the split has no labelled slices)."""
-    history = json.loads((Path(run) / "history.json").read_text())
-    steps_per_epoch = yaml.safe_load((Path(run) / "config.yaml").read_text())["schedule"]["steps_per_epoch"]
+    history = read_history(Path(run) / "history.json")
+    steps_per_epoch = load_config(Path(run) / "config.yaml", recorded=True)["schedule"]["steps_per_epoch"]
     steps, curves = [], {"val_dice": [], "test_dice": []}
     for record in history["epochs"]:
         steps.append(record["epoch"] * steps_per_epoch)

@@ -43,6 +43,22 @@ ADDED_SINCE = {
     ("loss", "pseudo_label_threshold"): 0.9,
     ("optimizer", "lr_schedule"): "constant",
 }
+#: settings added since runs were first written that an older run's config.yaml lacks and that take today's
+#: default; a run's config.yaml must hold every other setting (and those of :data:`ADDED_SINCE` may be missing)
+DEFAULTED_SINCE = {
+    (None, "precision"),
+    (None, "jit_compile"),
+    (None, "deterministic"),
+    (None, "checkpoint_every"),
+    (None, "worker_timeout"),
+    ("schedule", "mkd_pretrain"),
+    ("schedule", "select_by"),
+    ("alignment", "residual"),
+    ("loss", "real_on_aligned"),
+    ("loss", "lambda_s2r_target"),
+    ("optimizer", "ema"),
+    ("optimizer", "ema_momentum"),
+}
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
 #: the checkpoints, so a run resumes only in the precision it started with.
@@ -328,6 +344,32 @@ def check_config(config, where, rules=None, prefix="", sources=None):
             fail((sources or {}).get(f"{prefix}{key}", where), f"setting '{prefix}{key}' {problem}")
 
 
+def check_recorded(values, where):
+    """Fail with one line naming ``where`` and the first setting a run's ``config.yaml`` lacks.
+
+    A run's file is the resolved config, written whole: a missing setting is a damaged file, not a
+    default, except the settings added since (:data:`ADDED_SINCE`, :data:`DEFAULTED_SINCE`), which an
+    older run's file does not hold. A setting under its old name (:data:`RENAMED`) counts.
+    """
+    for key, rule in RULES.items():
+        if isinstance(rule, dict):
+            section = values.get(key)
+            if section is None:
+                fail(where, f"setting '{key}' is missing")
+            if not isinstance(section, dict):
+                continue  # _merge names it: "setting 'KEY' must be a mapping"
+            present = {RENAMED.get((key, name), name) for name in section}
+            names = list(rule)
+            if key == "segmentor":  # the architecture's own settings too (a run records them all)
+                kind = registry.SEGMENTORS.get(section.get("kind", ADDED_SINCE[("segmentor", "kind")]))
+                names += list(kind.defaults) if kind else []
+            for name in names:
+                if name not in present and (key, name) not in ADDED_SINCE and (key, name) not in DEFAULTED_SINCE:
+                    fail(where, f"setting '{key}.{name}' is missing")
+        elif key not in values and (None, key) not in DEFAULTED_SINCE:
+            fail(where, f"setting '{key}' is missing")
+
+
 def _merge(base, update, where, section=None):
     for key, value in update.items():
         key = RENAMED.get((section, key), key)
@@ -374,7 +416,10 @@ def load_config(path=None, overrides=None, recorded=False):
             fail(path, f"invalid YAML ({str(exc).splitlines()[0]})")
         if not isinstance(values, dict):
             fail(path, "config must be a mapping")
+        if values.get("method", METHODS[0]) not in METHODS:  # named in the file: the file is to blame
+            fail(path, f"setting 'method' must be one of {', '.join(METHODS)}, got {values['method']!r}")
         if recorded:
+            check_recorded(values, path)
             for (section, key), before in ADDED_SINCE.items():
                 if isinstance(values.get(section), dict) and key not in values[section]:
                     values[section] = {**values[section], key: before}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf import metrics
-from mkd_tf.data.cache import SliceCache
+from mkd_tf.data.cache import SliceCache, file_record
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import load_label
 from mkd_tf.data.preprocess import labels_to_original, map_label_values
@@ -43,10 +43,12 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     """
     model, config, record = load_trained(run_dir, which)
     cache = SliceCache(cache_path or record["path"])
-    if cache.classes != record["classes"]:
-        fail(cache.path, f"classes {cache.classes} differ from the run's {record['classes']}")
+    check_same_preparation(cache, record, run_dir)
     if not any(v["label"] for v in cache.volumes("target", split)):
         fail(cache.path, f"no labelled target volumes in split '{split}'")
+    for volume in cache.volumes("target", split):  # before the first prediction, not after some
+        if volume["label"]:
+            check_label_file(volume)
     structures = structure_indices(cache)
     predictors = model.predictor_names()
     cases = {name: {} for name in predictors}
@@ -69,6 +71,45 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     write_text_atomic(out / "metrics.md", table)
     result["table"] = table
     return result
+
+
+def check_same_preparation(cache, record, run_dir):
+    """Refuse a cache prepared otherwise than the one the run was trained on (``record``: its cache.json).
+
+    The classes, the target's label values and every preprocessing parameter (spacing, size, axis, CT
+    window, percentiles) must be the same: a model scores slices of another spacing or size without an
+    error, and the numbers would mean nothing.
+    """
+    where = f"the run {run_dir} was trained on"
+    if cache.classes != record["classes"]:
+        fail(cache.path, f"classes {cache.classes} differ from the run's {record['classes']}")
+    if cache.modality("target")["label_values"] != record["target"]["label_values"]:
+        fail(
+            cache.path,
+            f"target label values {cache.modality('target')['label_values']} differ from the ones {where} "
+            f"({record['target']['label_values']})",
+        )
+    prepared, trained = cache.manifest["preprocess"], record["preprocess"]
+    for key in sorted(set(prepared) | set(trained)):
+        if prepared.get(key) != trained.get(key):
+            fail(
+                cache.path,
+                f"prepared with preprocess.{key} {prepared.get(key)}, but {where} {trained.get(key)}; "
+                "evaluate on a cache prepared with the run's settings",
+            )
+
+
+def check_label_file(volume):
+    """Refuse a label file that is not the one ``mkd prepare`` cached (its size and SHA-256 are in the
+    manifest). A cache written before that record existed cannot tell, and its label file is scored as is."""
+    recorded = volume.get("label_file")
+    if recorded is None:
+        return
+    path = Path(volume["label"])
+    if not path.exists():
+        fail(path, "label file not found (it was there when the cache was prepared)")
+    if path.stat().st_size != recorded["bytes"] or file_record(path)["sha256"] != recorded["sha256"]:
+        fail(path, "label file changed since `mkd prepare` cached it; prepare the cache again to score it")
 
 
 def structure_indices(cache):

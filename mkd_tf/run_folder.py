@@ -26,6 +26,7 @@ import tensorflow as tf
 from mkd_tf.config import save_config
 from mkd_tf.errors import fail
 from mkd_tf.files import lock_folder, write_text_atomic
+from mkd_tf.run_files import read_history
 
 
 def _write_json(path, value):
@@ -242,7 +243,7 @@ class RunFolder:
 
     def load_history(self):
         if self.chief and self.history_path.exists():
-            return json.loads(self.history_path.read_text())
+            return read_history(self.history_path)  # a garbage file is one line, before any training
         return {"epochs": [], "best": None}
 
     def write_history(self, history):

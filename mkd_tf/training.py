@@ -29,9 +29,10 @@ from mkd_tf.config import STRATEGIES, learning_settings, load_config
 from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
-from mkd_tf.files import check_parent_is_folder, read_json
+from mkd_tf.files import check_parent_is_folder
 from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, phase_start_step
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
+from mkd_tf.run_files import read_cache_record, read_history
 from mkd_tf.run_folder import RunFolder, not_a_run_folder
 
 
@@ -250,6 +251,7 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
     ``saved``: ``path`` was written by `CheckpointManager.save` (which also stores the checkpoint's
     ``save_counter``: `restore` consumes it, `read` would leave it unmatched), not by `write`.
     """
+    check_checkpoint_files(path)
     status = None
     try:
         status = checkpoint.restore(path) if saved else checkpoint.read(path)
@@ -261,6 +263,27 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
         if status is not None:
             status.expect_partial()  # else TF logs every unmatched value when the checkpoint is collected
         fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:160]})")
+    except IndexError as exc:  # TF's reader: "Read less bytes than requested" for a truncated data file
+        if not saved:
+            raise  # load_run's callers name the best/last checkpoint themselves (mkd_tf.inference.load_trained)
+        fail(path, f"cannot read the checkpoint: truncated or corrupt weights file ({exc})")
+
+
+def check_checkpoint_files(prefix):
+    """Fail with one line naming the file when a checkpoint's ``.index`` or one of its ``.data-*`` shards is
+    missing or empty (what a killed copy or a full disk leaves), before TensorFlow reads it."""
+    prefix = Path(prefix)
+    index = prefix.with_name(prefix.name + ".index")
+    if not index.is_file() or index.stat().st_size == 0:
+        fail(index, "missing or empty: the checkpoint is incomplete")
+    shards = sorted(prefix.parent.glob(prefix.name + ".data-*-of-*"))
+    if not shards:
+        fail(prefix, "the checkpoint has no .data-* file: it is incomplete")
+    expected = int(shards[0].name.rsplit("-of-", 1)[1])
+    for number in range(expected):
+        shard = prefix.with_name(f"{prefix.name}.data-{number:05d}-of-{expected:05d}")
+        if not shard.is_file():
+            fail(shard, "missing: the checkpoint is incomplete")
 
 
 def _best_weights(run):
@@ -370,6 +393,8 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             fail(run, "exists and is not a folder")
         check_parent_is_folder(run, "create the run folder")
         check_run_folder(run, config)
+        if (run / "history.json").exists():  # resumed: a damaged history is refused before any write
+            read_history(run / "history.json")
     check_training_slices(cache)
     usable_target_volumes(cache, config)
     strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
@@ -481,7 +506,6 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
 
     schedule = config["schedule"]
     epochs, steps = int(schedule["epochs"]), int(schedule["steps_per_epoch"])
-    folder.prepare(config, cache_record(cache), check=lambda: check_run_folder(run, config, locked=True))
     history = folder.load_history()
     # Resume from the furthest checkpoint: the last epoch's, or a step checkpoint inside the next epoch.
     done, progress = 0, None
@@ -502,6 +526,8 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
                 data[0] if data else path,
                 f"cannot read the checkpoint to resume from: truncated or corrupt weights file ({exc})",
             )
+    # after the checkpoint is read (an unreadable one changes nothing); the lock is held from here to the end
+    folder.prepare(config, cache_record(cache), check=lambda: check_run_folder(run, config, locked=True))
     if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state
         done_counter.assign(done)
         cluster.broadcast_from_chief(strategy, [*state.values(), done_counter])
@@ -639,7 +665,7 @@ def load_run(run_dir, which="best"):
     if not (run / "config.yaml").exists():
         fail(run, "not a training run (no config.yaml)")
     config = load_config(run / "config.yaml", recorded=True)
-    record = read_json(run / "cache.json", "missing: the run folder is incomplete")
+    record = read_cache_record(run)
     model = build_method(config, len(record["classes"]))
     size = int(record["preprocess"]["size"])
     model.build_for((size, size, 1))

@@ -122,6 +122,45 @@ def write_nnunet(folder, mmwhs_folder, labels, channel, drop_label_of=()):
     return folder, sources
 
 
+def cache_entry(case_id, size):
+    """A per-volume record as `mkd prepare` writes it (file paths and the inverse of preprocessing), for a
+    cache written by hand with :class:`~mkd_tf.data.cache.CacheWriter`."""
+    inverse = {
+        "original_shape": [size, size, 4],
+        "original_affine": np.eye(4).tolist(),
+        "ornt": [[0, 1], [1, 1], [2, 1]],
+        "canonical_shape": [size, size, 4],
+        "canonical_spacing": [1.0, 1.0, 1.0],
+        "spacing": [1.0, 1.0, 1.0],
+        "resampled_shape": [size, size, 4],
+        "axis": 2,
+        "plane_axes": [0, 1],
+        "crop_start": [0, 0],
+        "size": size,
+        "intensity": {"kind": "ct", "window": [-200.0, 800.0]},
+    }
+    return {
+        "case_id": case_id,
+        "image": f"{case_id}_image.nii.gz",
+        "label": f"{case_id}_label.nii.gz",
+        "inverse": inverse,
+    }
+
+
+def cache_manifest(size, classes, **extra):
+    """A manifest as `mkd prepare` starts it (the writer adds files, slice counts and volumes)."""
+    preprocess = {
+        "spacing": [1.0, 1.0, 1.0],
+        "size": size,
+        "axis": 2,
+        "ct_window": [-200.0, 800.0],
+        "percentiles": [0.5, 99.5],
+    }
+    label_values = {name: value for value, name in enumerate(classes)}
+    modalities = {role: {"name": role, "label_values": label_values} for role in ("target", "assistant")}
+    return {"classes": classes, "preprocess": preprocess, "modalities": modalities, **extra}
+
+
 def leftovers(out):
     """Hidden staging/retired siblings of a cache folder `out` (`.NAME.tmp-*`, `.NAME.old-*`)."""
     out = Path(out)

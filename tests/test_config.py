@@ -194,6 +194,21 @@ def test_the_resolved_config_is_saved_in_the_run(tmp_path_factory):
     assert saved["ablation"]["iam"] is False and saved["segmentor"]["base_filters"] == 4
 
 
+def _old_run_config(tmp_path, **changes):
+    """A run's config.yaml as the first version wrote it: every setting of then, none added since."""
+    from mkd_tf.config import ADDED_SINCE, DEFAULTED_SINCE
+
+    values = copy.deepcopy(DEFAULTS)
+    for section, key in (*ADDED_SINCE, *DEFAULTED_SINCE):
+        (values if section is None else values[section]).pop(key)
+    values["data"]["target_labeled"] = values["data"].pop("target_labelled")
+    for section, settings in changes.items():
+        values[section].update(settings)
+    path = tmp_path / "run_config.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
 def test_old_spellings_and_settings_added_since_load(tmp_path):
     from mkd_tf.config import load_config
 
@@ -201,16 +216,17 @@ def test_old_spellings_and_settings_added_since_load(tmp_path):
     old.write_text("method: mkd\ndata: {target_labeled: 1}\nsegmentor: {base_filters: 4, depth: 2}\n")
     # a user's file: the renamed key is read, domain_norm takes the method's registered default
     config = load_config(old)
+    old = _old_run_config(tmp_path, data={"target_labeled": 1}, segmentor={"base_filters": 4, "depth": 2})
     assert config["data"]["target_labelled"] == 1 and "target_labeled" not in config["data"]
     assert config["segmentor"]["domain_norm"] is True and config["segmentor"]["kind"] == "unet"
     # a run written before domain_norm existed trained without it
     assert load_config(old, recorded=True)["segmentor"]["domain_norm"] is False
     # ... and one written before loss.syn_on_target existed without S_syn's target supervision
-    old.write_text("method: mkd\nloss: {temperature: 2.0}\n")
+    old = _old_run_config(tmp_path)
     assert load_config(old, recorded=True)["loss"]["syn_on_target"] == 0.0
     assert load_config(old)["loss"]["syn_on_target"] == 1.0
     # a run written before syn_domain_norm existed kept per-domain sets in S_syn too
-    old.write_text("method: mkd\nsegmentor: {domain_norm: true}\n")
+    old = _old_run_config(tmp_path, segmentor={"domain_norm": True})
     assert load_config(old, recorded=True)["segmentor"]["syn_domain_norm"] is True
     # only mkd reads syn_domain_norm, only with domain_norm: any other run records what its segmentors do
     for method, domain_norm in (("joint", True), ("finetune", False), ("mkd", False)):

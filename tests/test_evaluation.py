@@ -164,3 +164,66 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path_factory, tmp_path, data):
     assert outcome.stderr.startswith("error: ") and outcome.stderr.count("\n") == 1
     assert f"{run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file" in outcome.stderr
     assert not any((run / name).exists() for name in ("metrics.json", "metrics.csv", "metrics.md"))
+
+
+def _run_copy(tmp_path_factory, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    run = Path(shutil.copytree(tiny_runs.main_mkd_run(tmp_path_factory).path, tmp_path / "run"))
+    for stale in ("metrics.json", "metrics.csv", "metrics.md"):
+        (run / stale).unlink(missing_ok=True)
+    return run
+
+
+def test_a_cache_prepared_at_another_spacing_is_refused(tmp_path_factory, tmp_path, data):
+    run = _run_copy(tmp_path_factory, tmp_path)
+    phantom, _ = data
+    other = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        tmp_path / "other",
+        PrepareOptions(preprocess=PreprocessConfig(spacing=(4.8, 4.8, 7.5), size=tiny_runs.SIZE)),
+    )
+    outcome = CliRunner().invoke(cli, ["evaluate", str(run), "--cache", str(other)])
+    assert outcome.exit_code == 2 and outcome.stderr.count("\n") == 1, outcome.output
+    assert outcome.stderr == (
+        f"error: {other}: prepared with preprocess.spacing [4.8, 4.8, 7.5], but the run {run} was trained on "
+        "[6.4, 6.4, 10.0]; evaluate on a cache prepared with the run's settings\n"
+    )
+    assert not any((run / name).exists() for name in ("metrics.json", "metrics.csv", "metrics.md"))
+
+
+def test_a_label_file_changed_since_prepare_is_refused(tmp_path_factory, tmp_path):
+    from tests.conftest import copy_phantom
+
+    run = _run_copy(tmp_path_factory, tmp_path)
+    phantom = copy_phantom(tiny_runs.tiny_cache(tmp_path_factory)[0], tmp_path / "phantom")
+    cache = prepare_cache(
+        phantom / "ct_train",
+        phantom / "mr_train",
+        tmp_path / "cache",
+        PrepareOptions(preprocess=PreprocessConfig(spacing=tiny_runs.SPACING, size=tiny_runs.SIZE)),
+    )
+    (volume,) = SliceCache(cache).volumes("target", "test")
+    label = load_label(volume["label"])
+    assert volume["label_file"]["bytes"] == len(open(volume["label"], "rb").read())
+    changed = np.array(label.data)
+    changed[changed == 205] = 0  # the myocardium is gone from the reference
+    from mkd_tf.data.nifti import save_volume
+
+    save_volume(volume["label"], changed, label.affine, changed.dtype)
+    outcome = CliRunner().invoke(cli, ["evaluate", str(run), "--cache", str(cache)])
+    assert outcome.exit_code == 2 and outcome.stderr.count("\n") == 1, outcome.output
+    assert outcome.stderr == (
+        f"error: {volume['label']}: label file changed since `mkd prepare` cached it; prepare the cache again "
+        "to score it\n"
+    )
+    assert not any((run / name).exists() for name in ("metrics.json", "metrics.csv", "metrics.md"))
+    # A cache written before the label files were recorded cannot tell: its label file is scored as is.
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for record in manifest["modalities"]["target"]["volumes"]:
+        record.pop("label_file", None)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    result = evaluate_run(run, "test", cache_path=cache)
+    assert list(result["cases"]["ensemble"]) == [volume["case_id"]]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mkd_tf import schema
 from mkd_tf.errors import fail
 from mkd_tf.files import check_parent_is_folder, lock_folder, remove_stale_staging, temporary_sibling
 
@@ -304,75 +305,156 @@ class CacheWriter:
         return self.out
 
 
-def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+#: ``preprocess`` of a manifest and of a run's cache.json (:class:`mkd_tf.data.preprocess.PreprocessConfig`)
+PREPROCESS = {
+    "spacing": schema.numbers(3, low=0, low_open=True),
+    "size": schema.integer(1),
+    "axis": schema.integer(0, 2),
+    "ct_window": schema.numbers(2),
+    "percentiles": schema.numbers(2, low=0),
+}
+#: a volume's intensity rule (``inverse.intensity``; a run's ``target_intensity``), by its kind
+INTENSITY = {
+    "ct": {"kind": schema.text(), "window": schema.numbers(2)},
+    "zscore": {"kind": schema.text(), "clip": schema.numbers(2), "mean": schema.number(), "std": schema.number()},
+}
+_INTENSITY = schema.mapping({"kind": schema.text(choices=tuple(INTENSITY))})
+#: a volume's inverse-preprocessing record (:func:`mkd_tf.data.preprocess.preprocess_volume`)
+INVERSE = {
+    "original_shape": schema.listing(schema.integer(1), length=3),
+    "original_affine": schema.listing(schema.numbers(4), length=4),
+    "ornt": schema.listing(schema.numbers(2), length=3),
+    "canonical_shape": schema.listing(schema.integer(1), length=3),
+    "canonical_spacing": schema.numbers(3, low=0, low_open=True),
+    "spacing": schema.numbers(3, low=0, low_open=True),
+    "resampled_shape": schema.listing(schema.integer(1), length=3),
+    "axis": schema.integer(0, 2),
+    "plane_axes": schema.listing(schema.integer(0, 2), length=2),
+    "crop_start": schema.listing(schema.integer(), length=2),
+    "size": schema.integer(1),
+    "intensity": _INTENSITY,
+}
+#: class name -> the value it has in the dataset's label files
+LABEL_VALUES = schema.mapping(values=schema.integer(0))
+_VOLUME = schema.mapping(
+    {
+        "case_id": schema.text(),
+        "image": schema.text(),
+        "label": schema.text(nullable=True),
+        "inverse": schema.mapping(INVERSE),
+        "split": schema.text(choices=SPLITS),
+        "labelled": schema.boolean(),
+        "slices": schema.listing(schema.integer(0), length=2),
+        # what the label file was when it was cached (caches written before it existed lack it)
+        "label_file": schema.mapping({"bytes": schema.integer(0), "sha256": schema.text()}, required=False),
+    }
+)
+_MODALITY = schema.mapping(
+    {
+        "name": schema.text(),
+        "layout": schema.text(required=False),  # `mkd info` shows "?" without it
+        "root": schema.text(required=False),
+        "label_values": LABEL_VALUES,
+        "label_source": schema.text(required=False),
+        "slices": schema.integer(0),
+        "volumes": schema.listing(_VOLUME),
+    }
+)
+#: the manifest of a slice cache of this format and version (``format`` and ``version`` are checked first)
+MANIFEST = {
+    "format": schema.text(),
+    "version": schema.integer(),
+    "size": schema.integer(1),
+    "classes": schema.strings(min_length=2),
+    "preprocess": schema.mapping(PREPROCESS),
+    "split": schema.mapping(required=False),  # informative only (`mkd info`)
+    "crop": schema.mapping(required=False),  # written since --allow-crop exists
+    "files": schema.mapping(values=schema.mapping({"bytes": schema.integer(0), "sha256": schema.text()})),
+    "modalities": schema.mapping({role: _MODALITY for role in ROLES}),
+}
 
 
-def _manifest_problem(manifest):
-    """What is structurally wrong with a manifest of this format and version (`None` when nothing).
+def check_label_values(path, classes, label_values, key):
+    """Fail unless ``label_values`` (name -> value) names exactly ``classes`` with distinct values."""
+    if list(label_values) != list(classes):
+        fail(path, f"key '{key}' names {list(label_values)}, but the classes are {list(classes)}")
+    seen = {}
+    for name, value in label_values.items():
+        if value in seen:
+            fail(path, f"key '{key}' gives {seen[value]} and {name} the same value {value}")
+        seen[value] = name
+
+
+def check_intensity(path, intensity, key):
+    """Fail unless an intensity rule has the keys of its kind (:data:`INTENSITY`)."""
+    found = schema.schema_problem(intensity, INTENSITY[intensity["kind"]], key)
+    if found:
+        fail(path, f"key '{found[0]}' {found[1]}")
+
+
+def check_manifest(path, manifest):
+    """Fail with one line on the first key of ``manifest`` that :data:`MANIFEST` or a cross-check refuses.
 
     Checked before any array is opened, so that a hand-edited manifest is one line, not a traceback
     from a memory map of the wrong shape (and so that `files` cannot point outside the cache).
+
+    Args:
+        path: the manifest file (for the message).
+        manifest: its parsed content.
     """
-    size = manifest.get("size")
-    if not _is_count(size) or size < 1:
-        return f'"size" is {size!r}'
-    classes = manifest.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        return '"classes" is not a list of names'
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return '"files" is not a mapping'
-    for relative, record in files.items():
+    if not isinstance(manifest, dict):
+        fail(path, f"not an {FORMAT} manifest")
+    schema.validate(path, manifest, {"format": MANIFEST["format"]})
+    if manifest["format"] != FORMAT:  # another tool's file: its other keys mean nothing here
+        fail(path, f"not an {FORMAT} manifest")
+    schema.validate(path, manifest, {"version": MANIFEST["version"]})
+    if manifest["version"] != VERSION:  # no older version exists: a newer one needs a newer mkd-tf
+        fail(path, f"cache format version {manifest['version']}, expected {VERSION}")
+    schema.validate(path, manifest, MANIFEST)
+    size, classes, files = manifest["size"], manifest["classes"], manifest["files"]
+    if manifest["preprocess"]["size"] != size:
+        fail(path, f"key 'preprocess.size' is {manifest['preprocess']['size']}, but key 'size' is {size}")
+    for relative in files:
         if relative not in _CACHE_ENTRIES or relative in ROLES or relative == "manifest.json":
-            return f'"files" lists {relative!r}, which is not a slice cache file'
-        if (
-            not isinstance(record, dict)
-            or not _is_count(record.get("bytes"))
-            or not isinstance(record.get("sha256"), str)
-        ):
-            return f'"files" record of {relative} is not {{"bytes": int, "sha256": str}}'
-    modalities = manifest.get("modalities")
-    if not isinstance(modalities, dict):
-        return '"modalities" is not a mapping'
+            fail(path, f"key 'files' lists {relative!r}, which is not a slice cache file")
     for role in ROLES:
-        record = modalities.get(role)
-        if (
-            not isinstance(record, dict)
-            or not _is_count(record.get("slices"))
-            or not isinstance(record.get("volumes"), list)
-        ):
-            return f'"modalities" has no valid "{role}" record (slices, volumes)'
+        record = manifest["modalities"][role]
+        check_label_values(path, classes, record["label_values"], f"modalities.{role}.label_values")
         count = record["slices"]
         for key, (name, dtype) in _FILES.items():
             relative = f"{role}/{name}"
             per_slice = 4 * np.dtype(dtype).itemsize if key == "slices" else size * size * np.dtype(dtype).itemsize
             if relative not in files:
-                return f'"files" does not list {relative}'
+                fail(path, f"key 'files.{relative}' is missing")
             if files[relative]["bytes"] != count * per_slice:
-                return (
-                    f"{relative} is listed with {files[relative]['bytes']} bytes, but {count} slices need "
-                    f"{count * per_slice}"
+                fail(
+                    path,
+                    f"key 'files.{relative}': {files[relative]['bytes']} bytes, but "
+                    f"'modalities.{role}.slices' ({count}) of {size}x{size} need {count * per_slice}",
                 )
-        for volume in record["volumes"]:
-            bounds = volume.get("slices") if isinstance(volume, dict) else None
-            if (
-                not isinstance(bounds, list)
-                or len(bounds) != 2
-                or not all(_is_count(b) for b in bounds)
-                or not bounds[0] <= bounds[1] <= count
-                or volume.get("split") not in SPLITS
-                or not isinstance(volume.get("labelled"), bool)
-            ):
-                return f'a "{role}" volume record is malformed ({str(volume)[:80]})'
-    return None
+        for index, volume in enumerate(record["volumes"]):
+            key = f"modalities.{role}.volumes[{index}]"
+            start, stop = volume["slices"]
+            if not start <= stop <= count:
+                fail(path, f"key '{key}.slices' must be a range within [0, {count}], got {[start, stop]}")
+            if volume["labelled"] and volume["label"] is None:
+                fail(path, f"key '{key}.label' is null, but the volume is labelled")
+            check_intensity(path, volume["inverse"]["intensity"], f"{key}.inverse.intensity")
 
 
-def _sha256(path, chunk=1 << 22):
+def file_record(path):
+    """``{"bytes": size, "sha256": checksum}`` of a file (what a manifest records of a label file)."""
+    return {"bytes": Path(path).stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path, chunk=1 << 22, largest=None):
+    """SHA-256 of a file; with ``largest`` (a one-element list) also the largest byte, read in the same pass."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
+            if largest is not None:
+                largest[0] = max(largest[0], int(np.frombuffer(block, np.uint8).max()))
     return digest.hexdigest()
 
 
@@ -408,13 +490,7 @@ class SliceCache:
             fail(manifest_path, f"corrupt manifest ({exc})")
         except OSError as exc:
             fail(manifest_path, f"cannot read the manifest ({exc.strerror or exc})")
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
-            fail(manifest_path, f"not an {FORMAT} manifest")
-        if self.manifest.get("version") != VERSION:
-            fail(manifest_path, f"cache format version {self.manifest.get('version')}, expected {VERSION}")
-        problem = _manifest_problem(self.manifest)
-        if problem:
-            fail(manifest_path, f"altered or incomplete manifest: {problem}")
+        check_manifest(manifest_path, self.manifest)
         for relative, expected in self.manifest["files"].items():
             file = self.path / relative
             if not file.exists():
@@ -422,8 +498,16 @@ class SliceCache:
             actual = file.stat().st_size
             if actual != expected["bytes"]:
                 fail(file, f"truncated or altered: {actual} bytes, manifest says {expected['bytes']}")
-            if verify and _sha256(file) != expected["sha256"]:
+            largest = [0] if relative.endswith("/labels.u8") else None
+            if verify and _sha256(file, largest=largest) != expected["sha256"]:
                 fail(file, "checksum mismatch: the file changed since `mkd prepare` wrote it")
+            if verify and largest is not None and largest[0] >= len(self.manifest["classes"]):
+                # a class index the manifest does not name: scoring it would count voxels of no class
+                fail(
+                    file,
+                    f"holds class index {largest[0]}, but key 'classes' of {manifest_path} lists "
+                    f"{len(self.manifest['classes'])} classes ({', '.join(self.manifest['classes'])})",
+                )
         self._arrays = {}
 
     @property

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mkd_tf import schema
 from mkd_tf.errors import fail
 from mkd_tf.files import read_json
 
@@ -130,19 +131,44 @@ def _mmwhs_folder(folder):
     return Dataset(folder, "mmwhs", modalities.pop(), cases, dict(MMWHS_LABELS), "MM-WHS 2017 label values")
 
 
+_CHANNELS = schema.mapping(values=schema.text(), required=False)  # channel number ("0") -> modality name
+#: what this package reads of an nnU-Net v2 ``dataset.json`` (other keys are nnU-Net's own and ignored)
+DATASET_JSON = {
+    "labels": schema.mapping(values=schema.integer(0)),
+    "channel_names": _CHANNELS,
+    "modality": _CHANNELS,  # nnU-Net v1's name of channel_names
+    "file_ending": schema.text(required=False),
+    "numTraining": schema.integer(0, required=False),
+}
+
+
+def check_dataset_json(path, spec):
+    """Fail with one line naming ``path`` and the key unless ``spec`` fits :data:`DATASET_JSON`, its labels
+    include background 0 and no two labels share a value (one of them would silently get no voxels)."""
+    if isinstance(spec, dict) and isinstance(spec.get("labels"), dict):
+        for name, value in spec["labels"].items():
+            if isinstance(value, list):
+                fail(path, f"key 'labels.{name}' is a region {value!r}; only integer labels are supported")
+    schema.validate(path, spec, DATASET_JSON)
+    labels = spec["labels"]
+    if not labels:
+        fail(path, 'key \'labels\' is empty (expected {"background": 0, "name": 1, ...})')
+    seen = {}
+    for name, value in labels.items():
+        if value in seen:
+            fail(path, f"key 'labels' gives {seen[value]} and {name} the same value {value}")
+        seen[value] = name
+    if 0 not in seen:
+        fail(path, "key 'labels' has no background (value 0)")
+
+
 def _nnunet(root):
     spec_path = root / "dataset.json"
     if not spec_path.exists():
         fail(root, "nnU-Net folder has no dataset.json")
     spec = read_json(spec_path)
-    labels = spec.get("labels") if isinstance(spec, dict) else None
-    if not isinstance(labels, dict) or not labels:
-        fail(spec_path, 'no "labels" mapping (expected {"background": 0, "name": 1, ...})')
-    for name, value in labels.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            fail(spec_path, f'label "{name}" has value {value!r}; only integer labels are supported (no regions)')
-    if 0 not in labels.values():
-        fail(spec_path, "labels have no background (value 0)")
+    check_dataset_json(spec_path, spec)
+    labels = spec["labels"]
     channels = spec.get("channel_names") or spec.get("modality") or {"0": "unknown"}
     modality = str(channels.get("0", "unknown")).lower()
     ending = spec.get("file_ending", ".nii.gz")

@@ -4,6 +4,8 @@ Decisions:
 - The patient-level split (`fractions` or an explicit split file) applies to the **target** modality.
   Every labelled assistant case goes to `train`: the assistant modality is there to teach, and the
   method is evaluated on target patients only. An explicit split file may still place assistant cases.
+- A split file lists every case of each role it names, in train, val, test or ``exclude`` (left out of the
+  cache); a case it does not list is refused by name rather than silently dropped.
 - Target cases without a label file are training cases without labels. `target_labelled=N` keeps the
   labels of only the first N target training cases (in seeded order); the rest stay, unlabelled.
 - Every option, the output path and the split are checked before anything is written. The crop window
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mkd_tf import __version__
-from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter, check_output
+from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter, check_output, file_record
 from mkd_tf.data.layouts import discover, match_labels
 from mkd_tf.data.nifti import check_same_grid, load_image, load_label
 from mkd_tf.data.preprocess import PreprocessConfig, preprocess_volume
@@ -117,8 +119,8 @@ def _read_split_file(path, datasets):
         if not isinstance(section, dict):
             fail(path, f'"{role}" must map train/val/test to lists of case ids')
         for split, cases in section.items():
-            if split not in SPLITS:
-                fail(path, f'unknown split "{split}" for {role} (use train, val, test)')
+            if split not in (*SPLITS, "exclude"):
+                fail(path, f'unknown split "{split}" for {role} (use train, val, test, exclude)')
             if not isinstance(cases, list) or not all(isinstance(case, str) for case in cases):
                 fail(path, f'{role} "{split}" must be a list of case ids')
             for case in cases:
@@ -127,7 +129,17 @@ def _read_split_file(path, datasets):
                 if case in assignment:
                     fail(path, f'{role} case "{case}" is listed in both {assignment[case]} and {split}')
                 assignment[case] = split
-        assignments[role] = assignment
+        missing = sorted(known - set(assignment))
+        if section and missing:  # a case left out must be left out on purpose
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            fail(
+                path,
+                f"{role} cases {', '.join(missing[:3])}{more} are in none of train, val, test; "
+                f'list each, or under "exclude" to leave it out',
+            )
+        assignments[role] = (
+            {case: split for case, split in assignment.items() if split != "exclude"} if section else None
+        )
     return assignments
 
 
@@ -136,7 +148,7 @@ def plan_splits(datasets, options):
     if options.split_file:
         plans = _read_split_file(options.split_file, datasets)
         for role, dataset in datasets.items():
-            if not plans[role]:  # a role missing from the file: all its labelled cases train
+            if plans[role] is None:  # a role missing from the file: all its labelled cases train
                 plans[role] = {case.case_id: "train" for case in dataset.cases}
         return plans
     target = datasets["target"]
@@ -240,6 +252,8 @@ def prepare_cache(target_path, assistant_path, out, options=None, progress=None)
                     "label": str(Path(case.label).resolve()) if case.label is not None else None,
                     "inverse": params,
                 }
+                if case.label is not None:  # `mkd evaluate` scores this file: it must still be this one
+                    entry["label_file"] = file_record(case.label)
                 if options.allow_crop or not any(cropped.values()):  # once refused, only count
                     writer.add_volume(role, slices, label_slices, split, has_label, entry)
                 progress(

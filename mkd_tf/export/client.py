@@ -45,8 +45,9 @@ from mkd_tf.data.nifti import load_image
 from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.export.serving import read_model_asset
-from mkd_tf.files import read_json, write_files_atomic
+from mkd_tf.files import write_files_atomic
 from mkd_tf.prediction_files import check_intensities, check_output_paths, class_values, label_dtype, prediction_outputs
+from mkd_tf.run_files import read_cache_record
 
 SIGNATURE = "serving_default"
 #: the signature the clients call when the export has it: serving_default without the probabilities
@@ -77,7 +78,7 @@ def model_info(model_dir=None, run=None):
     record_path = Path(run) / "cache.json"
     if not record_path.exists():
         fail(run, "not a training run (no cache.json); pass a run folder or --model-dir")
-    record = read_json(record_path)
+    record = read_cache_record(run)
     return {
         "classes": record["classes"],
         "class_values": class_values(record),

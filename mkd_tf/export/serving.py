@@ -309,15 +309,45 @@ def read_models_config(saved_models):
     if not path.exists():
         return None
     try:
-        return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+        text = path.read_text()
+        config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         fail(
             path,
-            f"not a TF Serving model config ({str(exc).splitlines()[0]}); fix or delete it "
+            f"not a TF Serving model config ({_parse_problem(exc, locals().get('text', ''))}); fix or delete it "
             "(mkd export rewrites it from the model folders)",
         )
     except (IsADirectoryError, PermissionError) as exc:
         fail(path, f"cannot read ({exc.strerror})")
+    _check_models_config(path, config)
+    return config
+
+
+#: what every entry of models.config must set for TF Serving to load it
+_MODEL_CONFIG_REQUIRED = ("name", "base_path")
+
+
+def _check_models_config(path, config):
+    """Fail with one line naming ``path`` and the key when an entry lacks what TF Serving needs."""
+    if config.WhichOneof("config") == "custom_model_config":
+        return  # not a list of models: the server's own business; export refuses to merge into it later
+    for index, entry in enumerate(config.model_config_list.config):
+        for key in _MODEL_CONFIG_REQUIRED:
+            if not getattr(entry, key):
+                fail(path, f"key 'model_config_list.config[{index}].{key}' is missing")
+
+
+def _parse_problem(exc, text):
+    """A text-format parse error as ``key 'K' (line N): problem``, naming the key of the offending line."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    line, column = (exc.GetLine(), exc.GetColumn()) if hasattr(exc, "GetLine") else (None, None)
+    if not line or not column or line > len(text.splitlines()):
+        return first
+    problem = first.rsplit("': ", 1)[-1] if "': " in first else first.split(" : ", 1)[-1]
+    before = text.splitlines()[line - 1][: column - 1]
+    match = re.search(r'has no field named "(\w+)"', problem) or re.search(r"(\w+)\s*:?\s*\{?\s*[^\s{}:]*\s*$", before)
+    key = f"key '{match.group(1)}' " if match else ""
+    return f"{key}(line {line}): {problem}"
 
 
 def served_versions(model_dir):

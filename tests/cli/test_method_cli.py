@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mkd_cli.main import main as cli
 from mkd_tf import compare
-from mkd_tf.config import DEFAULTS, load_config
+from mkd_tf.config import DEFAULTS, load_config, save_config
 from tests.scripts import tiny_runs
 
 MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
@@ -197,9 +197,18 @@ def test_learning_curves_of_more_than_ten_methods_stay_distinguishable(tmp_path,
     for number in range(12):
         run = tmp_path / f"method{number}" / "seed0"
         run.mkdir(parents=True)
-        (run / "config.yaml").write_text("schedule: {steps_per_epoch: 5}\n")
-        epochs = [{"epoch": e, "val_dice": {"ensemble": [0.1 * e]}, "test_dice": {"ensemble": [0.1]}} for e in (1, 2)]
-        (run / "history.json").write_text(json.dumps({"epochs": epochs}))
+        save_config(load_config(overrides={"schedule": {"steps_per_epoch": 5}}), run / "config.yaml")
+        epochs = [
+            {
+                "epoch": e,
+                "losses": {"seg": 1.0},
+                "steps_per_second": 10.0,
+                "val_dice": {"ensemble": [0.1 * e]},
+                "test_dice": {"ensemble": [0.1]},
+            }
+            for e in (1, 2)
+        ]
+        (run / "history.json").write_text(json.dumps({"epochs": epochs, "best": None}))
         runs[f"method{number}"] = [run]
     drawn = {}
 

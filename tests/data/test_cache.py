@@ -8,7 +8,7 @@ import pytest
 
 from mkd_tf.data.cache import FORMAT, HAS_LABEL, SLICE, SPLIT, VERSION, VOLUME, CacheWriter, SliceCache
 from mkd_tf.errors import MkdError
-from tests.conftest import leftovers
+from tests.conftest import cache_entry, cache_manifest, leftovers
 
 SIZE = 8
 
@@ -26,11 +26,11 @@ def _labels(count, value):
 
 def _write(out, overwrite=False, shift=0.0):
     with CacheWriter(out, SIZE, overwrite=overwrite) as writer:
-        writer.add_volume("target", _slices(3, 0 + shift), _labels(3, 1), "train", True, {"case_id": "t1"})
-        writer.add_volume("target", _slices(2, 10 + shift), _labels(2, 2), "train", False, {"case_id": "t2"})
-        writer.add_volume("target", _slices(4, 20 + shift), _labels(4, 2), "test", True, {"case_id": "t3"})
-        writer.add_volume("assistant", _slices(5, 100 + shift), _labels(5, 1), "train", True, {"case_id": "a1"})
-        return writer.finish({"classes": ["background", "myocardium", "left_ventricle"], "note": "hand-made"})
+        writer.add_volume("target", _slices(3, 0 + shift), _labels(3, 1), "train", True, cache_entry("t1", SIZE))
+        writer.add_volume("target", _slices(2, 10 + shift), _labels(2, 2), "train", False, cache_entry("t2", SIZE))
+        writer.add_volume("target", _slices(4, 20 + shift), _labels(4, 2), "test", True, cache_entry("t3", SIZE))
+        writer.add_volume("assistant", _slices(5, 100 + shift), _labels(5, 1), "train", True, cache_entry("a1", SIZE))
+        return writer.finish(cache_manifest(SIZE, ["background", "myocardium", "left_ventricle"], note="hand-made"))
 
 
 @pytest.fixture
@@ -93,8 +93,8 @@ def test_indices(cache_path):
 
 def test_empty_role_reads_as_zero_slices(tmp_path):
     with CacheWriter(tmp_path / "cache", SIZE) as writer:
-        writer.add_volume("target", _slices(2, 0), None, "train", False, {"case_id": "t1"})
-        writer.finish({"classes": ["background", "x"]})
+        writer.add_volume("target", _slices(2, 0), None, "train", False, cache_entry("t1", SIZE))
+        writer.finish(cache_manifest(SIZE, ["background", "x"]))
     cache = SliceCache(tmp_path / "cache")
     assert cache.images("assistant").shape == (0, SIZE, SIZE)
     assert cache.slice_table("assistant").shape == (0, 4)
@@ -112,7 +112,7 @@ def test_exception_before_finish_leaves_nothing(tmp_path):
     out = tmp_path / "cache"
     with pytest.raises(RuntimeError):
         with CacheWriter(out, SIZE) as writer:
-            writer.add_volume("target", _slices(3, 0), _labels(3, 1), "train", True, {"case_id": "t1"})
+            writer.add_volume("target", _slices(3, 0), _labels(3, 1), "train", True, cache_entry("t1", SIZE))
             assert leftovers(out)  # the staging folder exists while writing, hidden
             raise RuntimeError("killed")
     assert not out.exists()
@@ -126,7 +126,7 @@ def test_existing_cache_needs_overwrite_and_survives_a_failed_rewrite(cache_path
     assert str(info.value) == f"{cache_path}: already exists (use --overwrite to replace it)"
     with pytest.raises(RuntimeError):
         with CacheWriter(cache_path, SIZE, overwrite=True) as writer:
-            writer.add_volume("target", _slices(1, 50), None, "train", False, {"case_id": "new"})
+            writer.add_volume("target", _slices(1, 50), None, "train", False, cache_entry("new", SIZE))
             raise RuntimeError("killed")
     # The old cache is untouched and still verifies.
     cache = SliceCache(cache_path)
@@ -210,10 +210,10 @@ def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
     out = tmp_path / "cache"
     with pytest.raises(MkdError) as info:
         with CacheWriter(out, SIZE) as writer:
-            writer.add_volume("target", _slices(1, 0), None, "train", False, {"case_id": "t1"})
+            writer.add_volume("target", _slices(1, 0), None, "train", False, cache_entry("t1", SIZE))
             out.mkdir()
             (out / "thesis.txt").write_text("mine")
-            writer.finish({"classes": ["background", "x"]})
+            writer.finish(cache_manifest(SIZE, ["background", "x"]))
     assert str(info.value).startswith(
         f"{out}: already exists (it appeared or changed while preparing) and is not a slice cache"
     )
@@ -223,7 +223,7 @@ def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
 def test_a_running_writers_staging_folder_is_not_removed_as_stale(tmp_path):
     out = tmp_path / "cache"
     running = CacheWriter(out, SIZE)  # another prepare of the same output, still writing
-    running.add_volume("target", _slices(1, 0), None, "train", False, {"case_id": "t1"})
+    running.add_volume("target", _slices(1, 0), None, "train", False, cache_entry("t1", SIZE))
     _write(out)
     assert leftovers(out) == [running.staging.name]
     running.__exit__(None, None, None)

@@ -104,9 +104,19 @@ def test_nnunet_folder(phantom_root, tmp_path):
     "spec, problem",
     [
         ("{not json", "invalid JSON"),
-        ({"channel_names": {"0": "CT"}}, 'no "labels" mapping'),
-        ({"labels": {"background": 0, "heart": [1, 2]}}, 'label "heart" has value [1, 2]; only integer labels'),
-        ({"labels": {"heart": 1}}, "labels have no background (value 0)"),
+        ({"channel_names": {"0": "CT"}}, "key 'labels' is missing"),
+        ({"labels": {"background": 0, "heart": [1, 2]}}, "key 'labels.heart' is a region [1, 2]; only integer labels"),
+        ({"labels": {"heart": 1}}, "key 'labels' has no background (value 0)"),
+        ({"labels": {}}, "key 'labels' is empty"),
+        ({"labels": {"background": 0, "heart": 1.5}}, "key 'labels.heart' must be a whole number, got 1.5"),
+        (
+            {"labels": {"background": 0, "heart": 1, "aorta": 1}},
+            "key 'labels' gives heart and aorta the same value 1",
+        ),
+        (
+            {"labels": {"background": 0, "heart": 1}, "channel_names": ["CT"]},
+            "key 'channel_names' must be a mapping, got list",
+        ),
     ],
 )
 def test_nnunet_bad_dataset_json(tmp_path, spec, problem):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from mkd_tf.data.cache import CacheWriter, SliceCache
 from mkd_tf.data.pipeline import AugmentConfig, augment_slice, slice_dataset, training_dataset
 from mkd_tf.errors import MkdError
+from tests.conftest import cache_entry, cache_manifest
 
 SIZE = 32
 SLICES = 5
@@ -44,11 +45,11 @@ def cache(tmp_path_factory):
     with CacheWriter(path, size=SIZE) as writer:
         for volume, (split, labelled) in enumerate([("train", True), ("train", False), ("test", True)]):
             images, labels = _volume(100 * volume, labelled)
-            writer.add_volume("target", images, labels, split, labelled, {"case": f"ct{volume}"})
+            writer.add_volume("target", images, labels, split, labelled, cache_entry(f"ct{volume}", SIZE))
         for volume, (split, labelled) in enumerate([("train", True), ("train", False)]):
             images, labels = _volume(1000 + 100 * volume, labelled)
-            writer.add_volume("assistant", images, labels, split, labelled, {"case": f"mr{volume}"})
-        writer.finish({"classes": ["background", "myocardium", "left_ventricle"]})
+            writer.add_volume("assistant", images, labels, split, labelled, cache_entry(f"mr{volume}", SIZE))
+        writer.finish(cache_manifest(SIZE, ["background", "myocardium", "left_ventricle"]))
     return SliceCache(path)
 
 

@@ -310,12 +310,12 @@ def test_split_file(phantom_root, tmp_path):
     split_file = _split_file(
         tmp_path,
         {
-            "target": {"train": ["ct_train_1003"], "val": [], "test": ["ct_train_1001"]},
-            "assistant": {"train": ["mr_train_1002"]},
+            "target": {"train": ["ct_train_1003"], "val": [], "test": ["ct_train_1001"], "exclude": ["ct_train_1002"]},
+            "assistant": {"train": ["mr_train_1002"], "exclude": ["mr_train_1001"]},
         },
     )
     cache = _prepare(phantom_root, tmp_path / "cache", split_file=split_file)
-    # Cases the file does not list are left out.
+    # Cases the file excludes are left out.
     assert [(v["case_id"], v["split"]) for v in cache.volumes("target")] == [
         ("ct_train_1001", "test"),
         ("ct_train_1003", "train"),
@@ -343,8 +343,19 @@ def test_split_file_without_assistant_puts_every_assistant_case_in_train(phantom
         ),
         ({"target": {"training": ["ct_train_1001"]}}, 'unknown split "training" for target'),
         (
-            {"target": {"train": ["ct_train_1001"]}, "assistant": {"train": ["ct_train_1002"]}},
+            {
+                "target": {"train": ["ct_train_1001"], "exclude": ["ct_train_1002", "ct_train_1003"]},
+                "assistant": {"train": ["ct_train_1002"]},
+            },
             'assistant case "ct_train_1002" is not in',
+        ),
+        (
+            {"target": {"train": ["ct_train_1001"], "test": ["ct_train_1003"]}},
+            'target cases ct_train_1002 are in none of train, val, test; list each, or under "exclude" to leave it out',
+        ),
+        (
+            {"target": {"train": ["ct_train_1001", "ct_train_1002", "ct_train_1003"]}, "assistant": {"train": []}},
+            "assistant cases mr_train_1001, mr_train_1002 are in none of train, val, test",
         ),
         ("{not json", "invalid JSON"),
     ],
@@ -384,7 +395,9 @@ def test_test_case_without_label_is_refused(phantom_root, tmp_path):
     root = copy_phantom(phantom_root, tmp_path / "data")
     image, label = case_files(root, "ct", 1003)
     label.unlink()
-    split_file = _split_file(tmp_path, {"target": {"train": ["ct_train_1001"], "test": ["ct_train_1003"]}})
+    split_file = _split_file(
+        tmp_path, {"target": {"train": ["ct_train_1001", "ct_train_1002"], "test": ["ct_train_1003"]}}
+    )
     with pytest.raises(MkdError) as info:
         _prepare(root, tmp_path / "cache", split_file=split_file)
     assert str(info.value) == f"{image}: test case has no label file"

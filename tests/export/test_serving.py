@@ -528,6 +528,12 @@ def test_export_bad_outputs_and_labels_are_one_line(mkd_run, tmp_path):
     result = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart")])
     _assert_one_line_error(result, f"error: {root / 'models.config'}: not a TF Serving model config")
     assert _files_under(root) == ["models.config"]
+    (root / "models.config").write_text("model_config_list { config { base_path: '/models/x' } }\n")
+    result = runner.invoke(main, ["export", str(mkd_run), "--out", str(root / "heart")])
+    _assert_one_line_error(
+        result, f"error: {root / 'models.config'}: key 'model_config_list.config[0].name' is missing"
+    )
+    assert _files_under(root) == ["models.config"]
 
     (root / "models.config").unlink()
     (root / "models.config").mkdir()
