@@ -266,7 +266,11 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
     except IndexError as exc:  # TF's reader: "Read less bytes than requested" for a truncated data file
         if not saved:
             raise  # load_run's callers name the best/last checkpoint themselves (mkd_tf.inference.load_trained)
-        fail(path, f"cannot read the checkpoint: truncated or corrupt weights file ({exc})")
+        data = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
+        fail(
+            data[0] if data else path,
+            f"cannot read the checkpoint to resume from: truncated or corrupt weights file ({exc})",
+        )
 
 
 def check_checkpoint_files(prefix):
@@ -518,14 +522,7 @@ def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose
         candidates.append((latest_step[1], latest_step[0], latest_step[2]))
     if candidates:
         done, path, progress = max(candidates, key=lambda c: c[0])
-        try:
-            _restore(checkpoint, path, run, saved=True)
-        except IndexError as exc:  # TF's reader on a truncated data file (as mkd_tf.inference.load_trained says)
-            data = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
-            fail(
-                data[0] if data else path,
-                f"cannot read the checkpoint to resume from: truncated or corrupt weights file ({exc})",
-            )
+        _restore(checkpoint, path, run, saved=True)
     # after the checkpoint is read (an unreadable one changes nothing); the lock is held from here to the end
     folder.prepare(config, cache_record(cache), check=lambda: check_run_folder(run, config, locked=True))
     if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state

@@ -484,7 +484,7 @@ def test_resuming_from_a_damaged_checkpoint_writes_nothing(run, tiny, tmp_path, 
     before = _snapshot(folder)
     outcome = CliRunner().invoke(cli, ["train", str(tiny[1]), "--out", str(folder), "--config", str(config), "--quiet"])
     expected = (
-        f"error: {folder / 'checkpoints' / 'ckpt-1'}: cannot read the checkpoint: truncated or corrupt weights file"
+        f"error: {data}: cannot read the checkpoint to resume from: truncated or corrupt weights file"
         if damage == "truncated"
         else f"error: {folder / 'checkpoints' / 'ckpt-1'}: the checkpoint has no .data-* file: it is incomplete"
     )
