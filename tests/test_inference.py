@@ -260,3 +260,39 @@ def test_a_truncated_checkpoint_is_one_line(trained, unseen_case, tmp_path):
         f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file",
     )
     assert not out.parent.exists()
+
+
+# --- the uncertainty map -------------------------------------------------------------------------------
+def test_uncertainty_is_high_where_the_segmentors_disagree(trained):
+    """Constructed: S_syn says background everywhere, S_real says background in air and class 1 in the body,
+    both with certainty; the ensemble's uncertainty must be ~0 in air and ~ln 2 in the body, on the grid."""
+    import tensorflow as tf
+
+    from mkd_tf.models.cross_modality import CrossModalityModel
+
+    _, _, record, phantom = trained
+    classes = len(record["classes"])
+
+    def certain(class_index):
+        return 20.0 * tf.one_hot(class_index, classes)  # logits: softmax ~ one-hot
+
+    class TwoSegmentors(CrossModalityModel):
+        def segmentors(self):
+            return {
+                "syn": lambda images, training=False: certain(tf.zeros(tf.shape(images)[:-1], tf.int32)),
+                "real": lambda images, training=False: certain(tf.cast(images[..., 0] > -0.99, tf.int32)),
+            }
+
+    model = TwoSegmentors(classes, 1)
+    image = load_image(phantom / "ct_train" / "ct_train_1003_image.nii.gz")
+    labels, uncertainty = predict_volume(model, image, record, "ensemble", uncertainty=True)
+    assert uncertainty.shape == labels.shape == image.data.shape and uncertainty.dtype == np.float32
+    assert np.all(np.isfinite(uncertainty)) and uncertainty.min() >= 0
+    low = record["target_intensity"]["window"][0]
+    air, body = image.data <= low - 100, image.data >= low + 100
+    assert air.sum() > 100 and body.sum() > 100
+    assert float(uncertainty[air].mean()) < 0.1 and float(uncertainty[body].mean()) > 0.5
+    assert float(uncertainty.max()) <= np.log(2) + 1e-4  # two certain votes: at most ln 2
+    # Each segmentor alone is certain: its own entropy is ~0 everywhere (a baseline's fallback measure).
+    _, alone = predict_volume(model, image, record, "real", uncertainty=True)
+    assert float(alone.max()) < 1e-3
