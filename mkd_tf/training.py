@@ -602,6 +602,10 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
     if verbose:
         shown = f", val Dice ({shown_predictor}) {record['shown']['val_dice_mean']:.3f}" if dice is not None else ""
         print(f"epoch {epoch + 1}{f' [{phase}]' if phase else ''}: {steps / seconds:.2f} steps/s{shown}")
+        if phase and (len(history["epochs"]) < 2 or history["epochs"][-2].get("phase") != phase):
+            note = model.phase_note(phase)  # once, when the phase first shows
+            if note:
+                print(note)
 
 
 def load_run(run_dir, which="best"):

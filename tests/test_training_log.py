@@ -43,10 +43,13 @@ def epoch_lines(model, cache, tmp_path, capsys, epochs, steps):
     schedule = {"validation_batch": 32, "select_by": None}
     model.image_panels = lambda batch: {}  # no panels: nothing here looks at them
     lines = []
+    notes = []
     for epoch in range(epochs):
         _finish_epoch(model, cache, folder, history, None, epoch, {"total": 1.0}, steps, 1.0, schedule, 1)
-        lines.append(capsys.readouterr().out.strip())
-    return lines, history
+        printed = capsys.readouterr().out.strip().splitlines()
+        lines.append(printed[0])
+        notes.append(printed[1:])
+    return lines, notes, history
 
 
 def test_no_warm_start_epoch_reports_a_predictor_that_is_not_training(mkd_model_and_cache, tmp_path, capsys):
@@ -54,7 +57,7 @@ def test_no_warm_start_epoch_reports_a_predictor_that_is_not_training(mkd_model_
     saved = model.pretrain_steps
     model.pretrain_steps = 20  # 4 epochs x 10 steps: the warm start is epochs 1-2
     try:
-        lines, history = epoch_lines(model, cache, tmp_path, capsys, epochs=4, steps=10)
+        lines, notes, history = epoch_lines(model, cache, tmp_path, capsys, epochs=4, steps=10)
     finally:
         model.pretrain_steps = saved
         del model.image_panels
@@ -62,6 +65,9 @@ def test_no_warm_start_epoch_reports_a_predictor_that_is_not_training(mkd_model_
     parsed = [pattern.match(line) for line in lines]
     assert all(parsed), lines
     assert [m.group(2) for m in parsed] == ["warm start", "warm start", "distillation", "distillation"]
+    # The first warm-start epoch says once why its target Dice is near 0.
+    assert len(notes[0]) == 1 and notes[0][0].startswith("(warm start, steps 1-20: both segmentors learn")
+    assert notes[1:] == [[], [], []]
     for match in parsed:
         phase, predictor = match.group(2), match.group(3)
         _, training = model.training_phase(int(match.group(1)) * 10)
@@ -89,5 +95,7 @@ def test_finetune_says_which_modality_it_trains_on():
     assert model.training_phase(10) == ("assistant", ["finetune"])
     assert model.training_phase(14) == ("assistant", ["finetune"])
     assert model.training_phase(15) == ("target", ["finetune"])
+    assert model.phase_note("assistant").startswith("(steps 1-14 train on the assistant only")
+    assert model.phase_note("target") is None
     model.switch_step = 0
     assert model.training_phase(10) == ("target", ["finetune"])

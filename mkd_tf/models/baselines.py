@@ -153,6 +153,11 @@ class FinetuneModel(SingleSegmentorModel):
             self.predictor_names()
         )
 
+    def phase_note(self, phase):
+        if phase != "assistant":
+            return None
+        return f"(steps 1-{self.switch_step} train on the assistant only: the target Dice is expected low until then)"
+
     def loss_terms(self, batch):
         on_assistant = self.step_counter < self.switch_step
         loss = tf.cond(

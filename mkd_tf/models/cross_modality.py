@@ -93,6 +93,11 @@ class CrossModalityModel(keras.Model):
         """
         return None, self.predictor_names()
 
+    def phase_note(self, phase):
+        """One sentence the epoch log prints when ``phase`` (of :meth:`training_phase`) is first reported, or
+        `None`."""
+        return None
+
     # --- building ------------------------------------------------------------------------------
     def build_for(self, image_shape):
         """Create every variable for slices of `image_shape = (height, width, 1)`."""

@@ -444,6 +444,14 @@ class MKDModel(CrossModalityModel):
             return "warm start", ["syn"]
         return "distillation", self.predictor_names()
 
+    def phase_note(self, phase):
+        if phase != "warm start":
+            return None
+        return (
+            f"(warm start, steps 1-{self.pretrain_steps}: both segmentors learn the assistant's labels only, so "
+            "the target Dice of S_syn shown is expected near 0; S_real and the ensemble follow from distillation)"
+        )
+
     def end_pretraining(self):
         """With ``domain_norm`` a warm start on the assistant alone trained only the assistant's batch-norm
         set: start the target's from it (the kernels were learnt with those scales and statistics), not
