@@ -12,7 +12,7 @@ voxels are split at the 90th percentile of the uncertainty (pooled over the spli
 error rate (prediction != reference) is printed for the top decile and for the rest, with the share
 of all errors the top decile holds. Three measures are compared: the one `--uncertainty` writes
 (entropy of the ensemble's mean softmax), the segmentors' disagreement alone (Jensen-Shannon
-divergence between S_syn and S_real) and S_real's own entropy.
+divergence between S_syn and S_real) and S_real's own entropy. ``--whole-volume`` counts every voxel.
 """
 
 import argparse
@@ -50,7 +50,8 @@ def main():
     parser.add_argument("--cache", default=None, help="slice cache [default: the run's]")
     parser.add_argument("--split", default="test")
     parser.add_argument("--checkpoint", default="best")
-    parser.add_argument("--margin", type=int, default=2, help="dilation of the foreground, in voxels")
+    parser.add_argument("--margin", type=int, default=2, help="dilation of the foreground, in voxels (>= 0)")
+    parser.add_argument("--whole-volume", action="store_true", help="count every voxel instead")
     args = parser.parse_args()
     model, _, record = load_trained(args.run, args.checkpoint)
     cache = SliceCache(args.cache or read_json(Path(args.run) / "cache.json")["path"])
@@ -67,9 +68,11 @@ def main():
         if volumes == 0:  # the measure shipped is exactly what `mkd predict --uncertainty` writes
             _, written = predict_volume(model, image, record, "ensemble", uncertainty=True)
             np.testing.assert_allclose(written, on_grid[0], atol=1e-5)
-        region = ndimage.binary_dilation(
-            (reference > 0) | (prediction > 0), structure=np.ones((3, 3, 3)), iterations=args.margin
-        )
+        region = (reference > 0) | (prediction > 0)
+        if args.whole_volume:
+            region = np.ones_like(region)
+        elif args.margin > 0:  # (scipy dilates until nothing changes with iterations=0)
+            region = ndimage.binary_dilation(region, structure=np.ones((3, 3, 3)), iterations=args.margin)
         errors.append((prediction != reference)[region])
         for name, values in zip(names, on_grid):
             pooled[name].append(values[region])

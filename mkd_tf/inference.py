@@ -140,7 +140,7 @@ def predict_folder(cases, predict_case, report_error, verbose=1):
     from mkd_tf.errors import MkdError
 
     progress_bar = (
-        keras.utils.Progbar(len(cases), verbose=verbose, unit_name="volume", stateful_metrics=["failed"])
+        keras.utils.Progbar(len(cases), verbose=verbose, unit_name="volume")
         if verbose
         else None
     )
@@ -158,5 +158,5 @@ def predict_folder(cases, predict_case, report_error, verbose=1):
             first = str(exc).splitlines()[0] if str(exc) else ""
             report_error(f"{image}: cannot segment ({type(exc).__name__}: {first})")
         if progress_bar:
-            progress_bar.update(number, [("failed", len(failed))], finalize=number == len(cases))
+            progress_bar.update(number, finalize=number == len(cases))
     return written, failed
