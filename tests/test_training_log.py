@@ -49,6 +49,8 @@ def epoch_lines(model, cache, tmp_path, capsys, epochs, steps):
         printed = capsys.readouterr().out.strip().splitlines()
         lines.append(printed[0])
         notes.append(printed[1:])
+    for writer in folder.writers.values():
+        writer.flush()
     return lines, notes, history
 
 
@@ -86,6 +88,24 @@ def test_no_warm_start_epoch_reports_a_predictor_that_is_not_training(mkd_model_
             < 1e-9
         )
     assert history["best"]["predictor"] == "ensemble"
+    # TensorBoard: the same phase and predictor per epoch (a text) and that predictor's Dice (a scalar).
+    import tensorflow as tf
+
+    texts, shown = {}, {}
+    for event_file in (tmp_path / "validation").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                if value.tag == "phase":
+                    texts[event.step] = tf.make_ndarray(value.tensor).item().decode()
+                if value.tag == "dice_training_predictor/mean":
+                    shown[event.step] = float(tf.make_ndarray(value.tensor))
+    assert texts == {
+        10: "warm start: val Dice of syn",
+        20: "warm start: val Dice of syn",
+        30: "distillation: val Dice of ensemble",
+        40: "distillation: val Dice of ensemble",
+    }
+    assert [shown[step] for step in (10, 20, 30, 40)] == pytest.approx([r["shown"]["val_dice_mean"] for r in records])
 
 
 def test_finetune_says_which_modality_it_trains_on():
