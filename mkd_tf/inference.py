@@ -139,11 +139,7 @@ def predict_folder(cases, predict_case, report_error, verbose=1):
 
     from mkd_tf.errors import MkdError
 
-    progress_bar = (
-        keras.utils.Progbar(len(cases), verbose=verbose, unit_name="volume")
-        if verbose
-        else None
-    )
+    progress_bar = keras.utils.Progbar(len(cases), verbose=verbose, unit_name="volume") if verbose else None
     written, failed = [], []
     for number, (image, out, overlay, uncertainty) in enumerate(cases, start=1):
         try:
