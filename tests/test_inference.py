@@ -296,3 +296,24 @@ def test_uncertainty_is_high_where_the_segmentors_disagree(trained):
     # Each segmentor alone is certain: its own entropy is ~0 everywhere (a baseline's fallback measure).
     _, alone = predict_volume(model, image, record, "real", uncertainty=True)
     assert float(alone.max()) < 1e-3
+
+
+def test_a_one_segmentor_run_writes_its_own_entropy_as_uncertainty(tmp_path_factory, unseen_case, tmp_path):
+    """A baseline has no second segmentor to disagree with: the map is its softmax entropy, on the input grid."""
+    from mkd_tf.inference import predictive_entropy
+
+    run = tiny_runs.shared_run(tmp_path_factory, "target-only")
+    out, uncertainty = tmp_path / "labels.nii.gz", tmp_path / "uncertainty.nii.gz"
+    assert predict_cli(run.path, unseen_case, "-o", out, "--uncertainty", uncertainty).exit_code == 0
+    model, _, record = load_run(run.path)
+    image = load_image(unseen_case)
+    slices, params = preprocess_image(
+        image, record["target_intensity"], PreprocessConfig.from_dict(record["preprocess"])
+    )
+    probabilities = model.predict_probabilities(slices[..., None], model.predictor_names()[0]).numpy()
+    expected = labels_to_original(predictive_entropy(probabilities), params)
+    written = nib.load(uncertainty)
+    assert written.shape == image.data.shape
+    np.testing.assert_array_equal(written.affine, nib.load(unseen_case).affine)
+    np.testing.assert_allclose(np.asarray(written.dataobj), expected, atol=1e-5)
+    assert float(expected.max()) > 0
