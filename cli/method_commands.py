@@ -202,10 +202,24 @@ def evaluate(run, split, checkpoint, cache):
     "--out",
     required=True,
     type=click.Path(),
-    help="Label map to write (.nii or .nii.gz): input's shape, affine, qform/sform codes, label values.",
+    help="Label map to write (.nii or .nii.gz): input's shape, affine, qform/sform codes, label values. "
+    "With a folder IMAGE: the folder for CASE.nii.gz per input (created if missing).",
 )
 @click.option(
-    "--overlay", type=click.Path(), default=None, help="Also write a PNG (.png) with contours on a few slices."
+    "--overlay",
+    type=click.Path(),
+    default=None,
+    help="Also write a PNG (.png) with contours on a few slices (with --uncertainty: the most uncertain "
+    "10% of voxels shaded). With a folder IMAGE: a folder for CASE.png per input.",
+)
+@click.option(
+    "--uncertainty",
+    type=click.Path(),
+    default=None,
+    help="Also write a float32 per-voxel uncertainty map (.nii/.nii.gz) on the input's grid: the entropy "
+    "(nats) of the predictor's softmax. For MKD's ensemble that is S_syn's and S_real's own entropy plus "
+    "their disagreement (Jensen-Shannon divergence); for a one-segmentor method its entropy. "
+    "With a folder IMAGE: a folder for CASE.nii.gz per input. Local prediction only.",
 )
 @click.option("--which", default="ensemble", help="Predictor: ensemble, real, syn (or the baseline's name).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", help="Which weights to use.")
@@ -215,6 +229,13 @@ def evaluate(run, split, checkpoint, cache):
     help="Segment even if the image's intensities do not look like the modality the run was trained on "
     "(e.g. no air near -1000 HU for a CT run).",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="With a folder IMAGE: replace outputs that already exist in the output folders (without it, an "
+    "existing CASE output is refused before any work).",
+)
+@click.option("--quiet", is_flag=True, help="With a folder IMAGE: no progress bar.")
 @click.option("--server", default=None, help="Predict on TF Serving over REST: http://HOST:8501/v1/models/NAME.")
 @click.option("--grpc", "grpc_target", default=None, help="Predict on TF Serving over gRPC: HOST:8500 (with --model).")
 @click.option("--model", "model_name", default=None, help="Model name on the server (--grpc, or a bare --server URL).")
@@ -238,14 +259,19 @@ def evaluate(run, split, checkpoint, cache):
     help="Remote: local copy of the export (saved_models/NAME/<version>) giving preprocessing and labels instead of RUN.",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Remote: slices per request.")
+@click.pass_context
 def predict(
+    ctx,
     run,
     image,
     out,
     overlay,
+    uncertainty,
     which,
     checkpoint,
     force,
+    overwrite,
+    quiet,
     server,
     grpc_target,
     model_name,
@@ -254,42 +280,66 @@ def predict(
     model_dir,
     batch_size,
 ):
-    """Segment a target-modality NIfTI IMAGE with a trained RUN.
+    """Segment a target-modality NIfTI IMAGE, or every .nii/.nii.gz in a folder IMAGE, with a trained RUN.
+
+    Folder: `mkd predict RUN FOLDER -o OUT_FOLDER` loads the model once and writes OUT_FOLDER/CASE.nii.gz
+    per input, CASE being the file name without .nii.gz/.nii and without nnU-Net's channel-0 suffix
+    (CASE_0000.nii.gz -> CASE.nii.gz, as nnU-Net names its predictions); a file that fails is reported
+    on one `error:` line and skipped, the others go on, and the exit status is 2 if any failed.
+    OUT_FOLDER may not be the input folder or inside it; existing outputs need --overwrite. (A single
+    IMAGE's -o names its file explicitly and is replaced.)
 
     Remote: `mkd predict [RUN] IMAGE --server URL | --grpc HOST:PORT --model NAME`; the preprocessing and
-    label values come from RUN or from --model-dir (then RUN is omitted). The outputs are written only
-    when everything succeeded.
+    label values come from RUN or from --model-dir (then RUN is omitted). The outputs of a volume are
+    written only when everything succeeded, and together or not at all; an output that is (or links
+    to) the input is refused.
     """
-    from mkd_tf.inference import check_output_paths
+    from pathlib import Path
 
-    if image is None and not (server or grpc_target):
+    from mkd_tf.errors import MkdError
+    from mkd_tf.prediction_files import check_output_paths, folder_cases
+
+    remote = bool(server or grpc_target)
+    if image is None and not remote:
         raise click.UsageError("Missing argument 'IMAGE'.")
-    check_output_paths(out, overlay)  # before loading anything
-    if server or grpc_target:
-        from mkd_tf.export.client import predict_file_remote
-
-        if image is None:  # `mkd predict IMAGE --server ... --model-dir ...`: the one argument is the image
-            run, image = None, run
-        labels = predict_file_remote(
-            image,
-            out,
-            server=server,
-            grpc_target=grpc_target,
-            model=model_name,
-            version=model_version,
-            model_dir=model_dir,
-            run=run,
-            batch_size=batch_size,
-            overlay=overlay,
-            label=model_label,
-            force=force,
+    if remote and image is None:  # `mkd predict IMAGE --server ... --model-dir ...`: the one argument is the image
+        run, image = None, run
+    if remote and uncertainty is not None:
+        raise MkdError(
+            f"--uncertainty {uncertainty}: needs the segmentors' probabilities, which a served model does not "
+            "return; predict locally with the RUN"
         )
-        click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
-        return
-    if model_label is not None:
-        from mkd_tf.errors import MkdError
-
+    if model_label is not None and not remote:
         raise MkdError(f"--label {model_label}: selects a model version on a server; use it with --server or --grpc")
+    # Every output is checked before anything is loaded.
+    folder = Path(image).is_dir()
+    if folder:
+        cases = folder_cases(image, out, overlay, uncertainty, overwrite)
+    else:
+        check_output_paths(out, overlay, uncertainty, inputs=[image])
+
+    if remote:
+        from mkd_tf.export.client import GrpcClient, check_remote, open_remote, predict_case_remote
+
+        client, info = open_remote(server, grpc_target, model_name, model_version, model_dir, run, label=model_label)
+        try:
+            if not folder:
+                labels = predict_case_remote(client, info, image, out, overlay, force, batch_size)
+                click.echo(
+                    f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else "")
+                )
+                return
+            check_remote(client, info)  # an unreachable server or a wrong model: one line, before any case
+
+            def predict_case(case_image, case_out, case_overlay, _):
+                predict_case_remote(client, info, case_image, case_out, case_overlay, force, batch_size)
+
+            _predict_folder(ctx, cases, predict_case, image, out, quiet)
+        finally:
+            if isinstance(client, GrpcClient):
+                client.close()
+        return
+
     from mkd_tf.inference import load_trained, predict_file
 
     model, _, record = load_trained(run, checkpoint)
@@ -297,8 +347,31 @@ def predict(
         which = model.predictor_names()[-1] if which == "ensemble" else which
     if which not in model.predictor_names():
         raise click.BadParameter(f"'{which}' (this run has {', '.join(model.predictor_names())})", param_hint="--which")
-    labels = predict_file(model, record, image, out, which, overlay, force)
-    click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
+    if folder:
+
+        def predict_case(case_image, case_out, case_overlay, case_uncertainty):
+            predict_file(model, record, case_image, case_out, which, case_overlay, force, case_uncertainty)
+
+        _predict_folder(ctx, cases, predict_case, image, out, quiet)
+        return
+    labels = predict_file(model, record, image, out, which, overlay, force, uncertainty)
+    also = [path for path in (overlay, uncertainty) if path]
+    click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {' and '.join(also)}" if also else ""))
+
+
+def _predict_folder(ctx, cases, predict_case, folder, out, quiet):
+    """Run a folder's cases, one `error:` line per failing file, a summary; exit status 2 if any failed."""
+    from mkd_tf.inference import predict_folder
+
+    written, failed = predict_folder(
+        cases, predict_case, lambda line: click.echo(f"error: {line}", err=True), verbose=0 if quiet else 1
+    )
+    click.echo(
+        f"segmented {len(written)} of {len(cases)} volumes in {folder} into {out}"
+        + (f"; {len(failed)} failed (see the error lines)" if failed else "")
+    )
+    if failed:
+        ctx.exit(2)
 
 
 def _method_names(ctx, param, text):

@@ -61,11 +61,15 @@ def write_text_atomic(path, text):
 def write_files_atomic(files):
     """Write ``[(path, bytes), ...]`` all or nothing.
 
-    Missing folders are created, each file goes to a temporary sibling, and only when every temporary
-    is complete are they renamed into place. On failure the temporaries and the folders this call
-    created are removed and :class:`~mkd_tf.errors.MkdError` names the file.
+    Missing folders are created, each file goes to a temporary sibling (held under an exclusive ``flock``
+    while it is staged, so :func:`remove_stale_staged_files` of a concurrent command leaves it alone), and
+    only when every temporary is complete are they renamed into place, one after the other. If a later
+    rename fails, the files this call already published are taken back: a path that did not exist before
+    is removed, a path that held a file gets its previous content back (kept as a hard link
+    ``.NAME.old-<8 hex>`` until the end). On failure the temporaries and the folders this call created are
+    removed and :class:`~mkd_tf.errors.MkdError` names the file.
     """
-    created, temporaries, done = [], [], False
+    created, temporaries, locks, published, backups, done = [], [], [], [], [], False
     try:
         for path, content in files:
             path = Path(path)
@@ -78,26 +82,111 @@ def write_files_atomic(files):
                     folder.mkdir()
                     created.append(folder)
                 temporary = temporary_sibling(path)
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 temporaries.append(temporary)
-                temporary.write_bytes(content)
+                locks.append(descriptor)
+                if fcntl is not None:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with os.fdopen(os.dup(descriptor), "wb") as handle:
+                    handle.write(content)
             except OSError as exc:
                 fail(path, f"cannot write ({exc.strerror or exc})")
         for (path, _), temporary in zip(files, temporaries):
+            path = Path(path)
             try:
+                backup = _keep_previous(path) if len(files) > 1 else None
+                backups.append((path, backup))
+                if backup is not None:  # locked: not a stale one for a concurrent clean-up
+                    locks.append(os.open(backup, os.O_RDONLY))
+                    with contextlib.suppress(OSError):
+                        if fcntl is not None:
+                            fcntl.flock(locks[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.replace(temporary, path)
+                published.append(path)
             except OSError as exc:
                 fail(path, f"cannot write ({exc.strerror or exc})")
         done = True
     finally:
+        if not done:
+            # Take back what this call published: the set of outputs appears together or not at all.
+            previous = dict(backups)
+            for path in reversed(published):
+                try:
+                    if previous.get(path) is not None:
+                        os.replace(previous[path], path)
+                    else:
+                        path.unlink()
+                except OSError:
+                    pass
+        for _, backup in backups:
+            if backup is not None and backup.exists():
+                backup.unlink()
         for temporary in temporaries:
             if temporary.exists():
                 temporary.unlink()
+        for descriptor in locks:
+            os.close(descriptor)
         if not done:
             for folder in reversed(created):
                 try:
                     folder.rmdir()
                 except OSError:
                     pass
+
+
+def _keep_previous(path):
+    """A hard link ``.NAME.old-<8 hex>`` to the file at ``path`` (`None` if there is none), so that a failed
+    all-or-nothing write can put it back; a copy where the file system has no hard links."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    stem, dot, suffixes = path.name.partition(".")
+    backup = path.with_name(f".{stem}.old-{uuid.uuid4().hex[:8]}{dot}{suffixes}")
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+    return backup
+
+
+def remove_stale_staged_files(path, kinds=("tmp", "old")):
+    """Delete the hidden files a killed all-or-nothing write of the file ``path`` left next to it.
+
+    Only regular files (not links, not folders) named exactly ``.STEM.tmp-<8 hex>SUFFIXES`` (the
+    temporaries of :func:`temporary_sibling`) or ``.STEM.old-<8 hex>SUFFIXES`` (the previous content kept by
+    :func:`write_files_atomic`) for ``path``'s own name, that no running writer holds locked, are removed.
+    Returns the removed paths.
+
+    Example:
+        >>> stale = temporary_sibling("labels.nii.gz")
+        >>> _ = stale.write_bytes(b"half a file")
+        >>> [p.name == stale.name for p in remove_stale_staged_files("labels.nii.gz")]
+        [True]
+    """
+    path = Path(path)
+    stem, dot, suffixes = path.name.partition(".")
+    pattern = re.compile(rf"^\.{re.escape(stem)}\.({'|'.join(kinds)})-[0-9a-f]{{8}}{re.escape(dot + suffixes)}$")
+    removed = []
+    try:
+        candidates = sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        if candidate.is_symlink() or not candidate.is_file():
+            continue
+        try:
+            descriptor = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:  # locked: a running writer's temporary
+            continue
+        finally:
+            os.close(descriptor)
+    return removed
 
 
 def lock_folder(folder):

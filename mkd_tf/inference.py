@@ -16,8 +16,14 @@ import tensorflow as tf
 from mkd_tf.data.nifti import load_image
 from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
 from mkd_tf.errors import fail
-from mkd_tf.files import write_files_atomic
-from mkd_tf.prediction_files import check_intensities, check_output_paths, class_values, label_dtype, prediction_outputs
+from mkd_tf.prediction_files import (
+    check_intensities,
+    check_output_paths,
+    class_values,
+    label_dtype,
+    prediction_outputs,
+    write_outputs,
+)
 from mkd_tf.training import load_run
 
 
@@ -34,26 +40,43 @@ def load_trained(run_dir, which="best"):
         fail(where, f"cannot read the {which} checkpoint: truncated or corrupt weights file ({exc})")
 
 
-def predict_slices(predict_probabilities, slices, batch_size=16):
-    """Class indices for preprocessed slices.
+def predictive_entropy(probabilities):
+    """Per-pixel entropy (nats) of softmax ``probabilities`` `(..., classes)`: 0 when one class has all the
+    probability, ln(classes) when all are equal.
+
+    For the MKD ensemble (the mean of S_syn's and S_real's softmax) it is the two segmentors' own mean
+    entropy plus the Jensen-Shannon divergence between them, so it rises both where each segmentor is
+    unsure (boundaries) and where they disagree; for a single segmentor it is that segmentor's entropy.
+    """
+    probabilities = np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)
+    return np.maximum(-np.sum(probabilities * np.log(probabilities), axis=-1), 0.0).astype(np.float32)
+
+
+def predict_slices(predict_probabilities, slices, batch_size=16, uncertainty=False):
+    """Class indices (and optionally the uncertainty) for preprocessed slices.
 
     Args:
         predict_probabilities: `callable(images (batch, H, W, 1)) -> (batch, H, W, classes)`.
         slices: `(slices, H, W)` float32.
         batch_size: slices per forward pass.
+        uncertainty: also return :func:`predictive_entropy` of the same probabilities.
 
     Returns:
-        `(slices, H, W)` uint8 class indices.
+        `(slices, H, W)` uint8 class indices, or `(indices, entropy float32 (slices, H, W))`.
     """
     slices = np.asarray(slices, np.float32)
     out = np.zeros(slices.shape, np.uint8)
+    entropy = np.zeros(slices.shape, np.float32) if uncertainty else None
     for start in range(0, len(slices), batch_size):
         batch = tf.constant(slices[start : start + batch_size, ..., None])
-        out[start : start + batch_size] = np.argmax(np.asarray(predict_probabilities(batch)), axis=-1)
-    return out
+        probabilities = np.asarray(predict_probabilities(batch))
+        out[start : start + batch_size] = np.argmax(probabilities, axis=-1)
+        if uncertainty:
+            entropy[start : start + batch_size] = predictive_entropy(probabilities)
+    return (out, entropy) if uncertainty else out
 
 
-def predict_volume(model, image, record, which="ensemble", batch_size=16):
+def predict_volume(model, image, record, which="ensemble", batch_size=16, uncertainty=False):
     """Segment one target-modality volume never seen by `prepare`.
 
     Args:
@@ -61,26 +84,75 @@ def predict_volume(model, image, record, which="ensemble", batch_size=16):
         image: :class:`mkd_tf.data.nifti.Volume` in the modality's own units (e.g. HU).
         record: the run's `cache.json` (classes, label values, preprocessing).
         which: predictor name (`"ensemble"`, `"real"`, `"syn"`, ...).
+        uncertainty: also return the per-voxel :func:`predictive_entropy` of ``which`` on the input's grid,
+            mapped back exactly as the labels are (voxels outside the preprocessing's crop, which are
+            background by construction, get 0).
 
     Returns:
-        `(x, y, z)` label volume on the input's grid with the dataset's label values.
+        `(x, y, z)` label volume on the input's grid with the dataset's label values, or
+        `(labels, uncertainty float32 (x, y, z))`.
     """
     config = PreprocessConfig.from_dict(record["preprocess"])
     slices, params = preprocess_image(image, record["target_intensity"], config)
-    indices = predict_slices(lambda batch: model.predict_probabilities(batch, which), slices, batch_size)
+    predicted = predict_slices(lambda batch: model.predict_probabilities(batch, which), slices, batch_size, uncertainty)
+    indices, entropy = predicted if uncertainty else (predicted, None)
     values = class_values(record)
-    return labels_to_original(indices, params, values).astype(label_dtype(values))
+    labels = labels_to_original(indices, params, values).astype(label_dtype(values))
+    if not uncertainty:
+        return labels
+    return labels, labels_to_original(entropy, params).astype(np.float32)
 
 
-# --- checks before the work --------------------------------------------------------------------------
-def predict_file(model, record, image_path, out_path, which="ensemble", overlay=None, force=False):
-    """`mkd predict`: read a NIfTI, segment it, write the label map (and optionally a PNG overlay).
+def predict_file(
+    model, record, image_path, out_path, which="ensemble", overlay=None, force=False, uncertainty_path=None
+):
+    """`mkd predict`: read a NIfTI, segment it, write the label map (and optionally a PNG overlay and the
+    uncertainty map, see :func:`predict_volume`).
 
-    Nothing is written unless every step succeeded (see :func:`mkd_tf.files.write_files_atomic`).
+    Nothing is written unless every step succeeded, and the outputs appear together or not at all (see
+    :func:`mkd_tf.files.write_files_atomic`); an output that is (or links to) the input is refused first.
     """
-    check_output_paths(out_path, overlay)
+    check_output_paths(out_path, overlay, uncertainty_path, inputs=[image_path])
     image = load_image(image_path)
     check_intensities(image, record["target_intensity"], record["target"]["name"], force)
-    labels = predict_volume(model, image, record, which)
-    write_files_atomic(prediction_outputs(labels, image, out_path, overlay, record))
+    predicted = predict_volume(model, image, record, which, uncertainty=uncertainty_path is not None)
+    labels, uncertainty = predicted if uncertainty_path is not None else (predicted, None)
+    write_outputs(prediction_outputs(labels, image, out_path, overlay, record, uncertainty, uncertainty_path))
     return labels
+
+
+def predict_folder(cases, predict_case, report_error, verbose=1):
+    """`mkd predict RUN FOLDER -o OUT`: one process, one model, every case; a failing case is reported and
+    skipped, the others go on.
+
+    Args:
+        cases: :func:`mkd_tf.prediction_files.folder_cases`.
+        predict_case: `callable(image, out, overlay, uncertainty)` that predicts and writes one case (all or
+            nothing) or raises.
+        report_error: `callable(line)` for each failing case's ``<file>: <problem>``.
+        verbose: 1 = a progress bar (the one `mkd train` shows), 0 = none.
+
+    Returns:
+        `(written, failed)`: lists of the input paths.
+    """
+    import keras
+
+    from mkd_tf.errors import MkdError
+
+    progress_bar = keras.utils.Progbar(len(cases), verbose=verbose, unit_name="volume") if verbose else None
+    written, failed = [], []
+    for number, (image, out, overlay, uncertainty) in enumerate(cases, start=1):
+        try:
+            predict_case(image, out, overlay, uncertainty)
+            written.append(image)
+        except MkdError as exc:
+            failed.append(image)
+            message = str(exc)
+            report_error(message if message.startswith(str(image)) else f"{image}: {message}")
+        except Exception as exc:  # a file nibabel or the preprocessing chokes on: skip it, keep going
+            failed.append(image)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            report_error(f"{image}: cannot segment ({type(exc).__name__}: {first})")
+        if progress_bar:
+            progress_bar.update(number, finalize=number == len(cases))
+    return written, failed

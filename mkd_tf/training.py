@@ -624,13 +624,23 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
         for name, images in model.image_panels(panel_batch).items():
             tf.summary.image(f"panels/{name}", images, step=global_step, max_outputs=4)
     main = schedule.get("select_by") or model.predictor_names()[-1]
+    # The log shows a predictor that trains in the epoch's phase (MKD's warm start: S_syn, not the
+    # ensemble, whose S_real target statistics are set only when the warm start ends); `best/` is still
+    # chosen by `main`.
+    phase, training = model.training_phase(global_step)
+    shown_predictor = main if main in training else training[0]
+    if phase is not None:
+        record["phase"] = phase
     if dice is not None:
         record["val_dice_mean"] = float(np.mean(dice[main]))
+        record["shown"] = {"predictor": shown_predictor, "val_dice_mean": float(np.mean(dice[shown_predictor]))}
         with folder.summary_writer("validation").as_default():
             for name, values in dice.items():
                 for structure, value in zip(cache.classes[1:], values):
                     tf.summary.scalar(f"dice_{name}/{structure}", value, step=global_step)
                 tf.summary.scalar(f"dice_{name}/mean", float(np.mean(values)), step=global_step)
+            tf.summary.scalar("dice_training_predictor/mean", record["shown"]["val_dice_mean"], step=global_step)
+            tf.summary.text("phase", f"{phase or 'training'}: val Dice of {shown_predictor}", step=global_step)
     folder.flush()
     # Without validation data the last epoch is "best": a negative score (no Dice to show) that
     # grows with the epoch (-epoch would keep the first epoch and score it 0, i.e. a Dice).
@@ -644,8 +654,12 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
     history["epochs"].append(record)
     folder.write_history(history)
     if verbose:
-        shown = f", val Dice ({main}) {record['val_dice_mean']:.3f}" if dice is not None else ""
-        print(f"epoch {epoch + 1}: {steps / seconds:.2f} steps/s{shown}")
+        shown = f", val Dice ({shown_predictor}) {record['shown']['val_dice_mean']:.3f}" if dice is not None else ""
+        print(f"epoch {epoch + 1}{f' [{phase}]' if phase else ''}: {steps / seconds:.2f} steps/s{shown}")
+        if phase and (len(history["epochs"]) < 2 or history["epochs"][-2].get("phase") != phase):
+            note = model.phase_note(phase)  # once, when the phase first shows
+            if note:
+                print(note)
 
 
 def load_run(run_dir, which="best"):

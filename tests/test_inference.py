@@ -260,3 +260,60 @@ def test_a_truncated_checkpoint_is_one_line(trained, unseen_case, tmp_path):
         f"error: {run / 'best'}: cannot read the best checkpoint: truncated or corrupt weights file",
     )
     assert not out.parent.exists()
+
+
+# --- the uncertainty map -------------------------------------------------------------------------------
+def test_uncertainty_is_high_where_the_segmentors_disagree(trained):
+    """Constructed: S_syn says background everywhere, S_real says background in air and class 1 in the body,
+    both with certainty; the ensemble's uncertainty must be ~0 in air and ~ln 2 in the body, on the grid."""
+    import tensorflow as tf
+
+    from mkd_tf.models.cross_modality import CrossModalityModel
+
+    _, _, record, phantom = trained
+    classes = len(record["classes"])
+
+    def certain(class_index):
+        return 20.0 * tf.one_hot(class_index, classes)  # logits: softmax ~ one-hot
+
+    class TwoSegmentors(CrossModalityModel):
+        def segmentors(self):
+            return {
+                "syn": lambda images, training=False: certain(tf.zeros(tf.shape(images)[:-1], tf.int32)),
+                "real": lambda images, training=False: certain(tf.cast(images[..., 0] > -0.99, tf.int32)),
+            }
+
+    model = TwoSegmentors(classes, 1)
+    image = load_image(phantom / "ct_train" / "ct_train_1003_image.nii.gz")
+    labels, uncertainty = predict_volume(model, image, record, "ensemble", uncertainty=True)
+    assert uncertainty.shape == labels.shape == image.data.shape and uncertainty.dtype == np.float32
+    assert np.all(np.isfinite(uncertainty)) and uncertainty.min() >= 0
+    low = record["target_intensity"]["window"][0]
+    air, body = image.data <= low - 100, image.data >= low + 100
+    assert air.sum() > 100 and body.sum() > 100
+    assert float(uncertainty[air].mean()) < 0.1 and float(uncertainty[body].mean()) > 0.5
+    assert float(uncertainty.max()) <= np.log(2) + 1e-4  # two certain votes: at most ln 2
+    # Each segmentor alone is certain: its own entropy is ~0 everywhere (a baseline's fallback measure).
+    _, alone = predict_volume(model, image, record, "real", uncertainty=True)
+    assert float(alone.max()) < 1e-3
+
+
+def test_a_one_segmentor_run_writes_its_own_entropy_as_uncertainty(tmp_path_factory, unseen_case, tmp_path):
+    """A baseline has no second segmentor to disagree with: the map is its softmax entropy, on the input grid."""
+    from mkd_tf.inference import predictive_entropy
+
+    run = tiny_runs.shared_run(tmp_path_factory, "target-only")
+    out, uncertainty = tmp_path / "labels.nii.gz", tmp_path / "uncertainty.nii.gz"
+    assert predict_cli(run.path, unseen_case, "-o", out, "--uncertainty", uncertainty).exit_code == 0
+    model, _, record = load_run(run.path)
+    image = load_image(unseen_case)
+    slices, params = preprocess_image(
+        image, record["target_intensity"], PreprocessConfig.from_dict(record["preprocess"])
+    )
+    probabilities = model.predict_probabilities(slices[..., None], model.predictor_names()[0]).numpy()
+    expected = labels_to_original(predictive_entropy(probabilities), params)
+    written = nib.load(uncertainty)
+    assert written.shape == image.data.shape
+    np.testing.assert_array_equal(written.affine, nib.load(unseen_case).affine)
+    np.testing.assert_allclose(np.asarray(written.dataobj), expected, atol=1e-5)
+    assert float(expected.max()) > 0

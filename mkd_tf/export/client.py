@@ -8,7 +8,7 @@ The client does what local `mkd predict` does around the network call, with the 
 and the class-index -> label-value table. So a remote prediction equals the local one for the same
 weights. The checks and the all-or-nothing writing of local `mkd predict` apply too
 (:func:`mkd_tf.prediction_files.check_output_paths`, :func:`~mkd_tf.prediction_files.check_intensities`,
-:func:`~mkd_tf.files.write_files_atomic`).
+:func:`~mkd_tf.prediction_files.write_outputs`).
 
 Where the preprocessing comes from: a remote client cannot read files on the server, and TF
 Serving's metadata only describes signatures. So the client takes classes, label values and
@@ -45,8 +45,14 @@ from mkd_tf.data.nifti import load_image
 from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.export.serving import read_model_asset
-from mkd_tf.files import write_files_atomic
-from mkd_tf.prediction_files import check_intensities, check_output_paths, class_values, label_dtype, prediction_outputs
+from mkd_tf.prediction_files import (
+    check_intensities,
+    check_output_paths,
+    class_values,
+    label_dtype,
+    prediction_outputs,
+    write_outputs,
+)
 from mkd_tf.run_files import read_cache_record
 
 SIGNATURE = "serving_default"
@@ -379,9 +385,11 @@ def predict_volume_remote(client, image, info, batch_size=16):
     """
 
     where = getattr(client, "url", None) or client.where
-    name, signature = choose_signature(client.signatures(), where)
-    check_signature(signature, info["size"], where, name)
-    client.signature_name = name
+    if getattr(client, "checked_size", None) != info["size"]:  # once per client (a folder: once for all cases)
+        name, signature = choose_signature(client.signatures(), where)
+        check_signature(signature, info["size"], where, name)
+        client.signature_name = name
+        client.checked_size = info["size"]
     slices, params = preprocess_image(image, info["target_intensity"], PreprocessConfig.from_dict(info["preprocess"]))
     indices = np.zeros(slices.shape, np.uint8)
     for start in range(0, len(slices), batch_size):
@@ -394,6 +402,43 @@ def predict_volume_remote(client, image, info, batch_size=16):
         indices[start : start + batch_size] = labels
     values = info["class_values"]
     return labels_to_original(indices, params, values).astype(label_dtype(values))
+
+
+def open_remote(
+    server=None, grpc_target=None, model=None, version=None, model_dir=None, run=None, timeout=120, label=None
+):
+    """`(client, info)` for remote prediction: :func:`model_info` and a :class:`RestClient` or
+    :class:`GrpcClient` (see :func:`predict_file_remote` for the arguments); close a gRPC client after use."""
+    if (server is None) == (grpc_target is None):
+        raise MkdError("pass exactly one of --server (REST) or --grpc")
+    info = model_info(model_dir, run)
+    client = (
+        RestClient(server, model, version, timeout, label)
+        if server
+        else GrpcClient(grpc_target, model, version, timeout, label)
+    )
+    return client, info
+
+
+def check_remote(client, info):
+    """Fetch the served model's metadata once and refuse a signature that does not fit ``info``
+    (before a folder's first case)."""
+    where = getattr(client, "url", None) or client.where
+    name, signature = choose_signature(client.signatures(), where)
+    check_signature(signature, info["size"], where, name)
+    client.signature_name = name
+    client.checked_size = info["size"]
+
+
+def predict_case_remote(client, info, image_path, out_path, overlay=None, force=False, batch_size=16):
+    """One volume on an open ``client`` (:func:`open_remote`): read, check, segment, write all or nothing."""
+    check_output_paths(out_path, overlay, inputs=[image_path])
+    image = load_image(image_path)
+    check_intensities(image, info["target_intensity"], info["target_modality"], force)
+    labels = predict_volume_remote(client, image, info, batch_size)
+    record = {"classes": info["classes"], "target": {"label_values": dict(zip(info["classes"], info["class_values"]))}}
+    write_outputs(prediction_outputs(labels, image, out_path, overlay, record))
+    return labels
 
 
 def predict_file_remote(
@@ -435,20 +480,10 @@ def predict_file_remote(
 
     if (server is None) == (grpc_target is None):
         raise MkdError("pass exactly one of --server (REST) or --grpc")
-    check_output_paths(out_path, overlay)
-    info = model_info(model_dir, run)
-    image = load_image(image_path)
-    check_intensities(image, info["target_intensity"], info["target_modality"], force)
-    client = (
-        RestClient(server, model, version, timeout, label)
-        if server
-        else GrpcClient(grpc_target, model, version, timeout, label)
-    )
+    check_output_paths(out_path, overlay, inputs=[image_path])
+    client, info = open_remote(server, grpc_target, model, version, model_dir, run, timeout, label)
     try:
-        labels = predict_volume_remote(client, image, info, batch_size)
+        return predict_case_remote(client, info, image_path, out_path, overlay, force, batch_size)
     finally:
         if isinstance(client, GrpcClient):
             client.close()
-    record = {"classes": info["classes"], "target": {"label_values": dict(zip(info["classes"], info["class_values"]))}}
-    write_files_atomic(prediction_outputs(labels, image, out_path, overlay, record))
-    return labels

@@ -147,6 +147,17 @@ class FinetuneModel(SingleSegmentorModel):
         model.switch_step = phase_start_step(config["schedule"], "finetune_switch")
         return model
 
+    def training_phase(self, steps_done):
+        """Its one segmentor learns the assistant until ``switch_step``, then the target."""
+        return ("assistant" if steps_done <= self.switch_step and self.switch_step > 0 else "target"), (
+            self.predictor_names()
+        )
+
+    def phase_note(self, phase):
+        if phase != "assistant":
+            return None
+        return f"(steps 1-{self.switch_step} train on the assistant only: the target Dice is expected low until then)"
+
     def loss_terms(self, batch):
         on_assistant = self.step_counter < self.switch_step
         loss = tf.cond(

@@ -84,6 +84,20 @@ class CrossModalityModel(keras.Model):
         names = list(self.segmentors())
         return names + ["ensemble"] if len(names) > 1 else names
 
+    def training_phase(self, steps_done):
+        """`(phase name or None, predictors that train on the target task then)` after ``steps_done`` steps.
+
+        Methods with phases (MKD's warm start, finetune's assistant-then-target) override it so that the
+        epoch log and TensorBoard say which phase an epoch ended in and report a predictor that is
+        training in it; one-phase methods return `(None, all predictors)`.
+        """
+        return None, self.predictor_names()
+
+    def phase_note(self, phase):
+        """One sentence the epoch log prints when ``phase`` (of :meth:`training_phase`) is first reported, or
+        `None`."""
+        return None
+
     # --- building ------------------------------------------------------------------------------
     def build_for(self, image_shape):
         """Create every variable for slices of `image_shape = (height, width, 1)`."""

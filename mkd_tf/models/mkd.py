@@ -436,6 +436,22 @@ class MKDModel(CrossModalityModel):
                 generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
         return self.finish_step(tape, segmentor_loss, generator_loss, logs)
 
+    def training_phase(self, steps_done):
+        """The warm start reports S_syn: there both segmentors learn the assistant's labels only, and S_real's
+        target batch-norm set (with ``domain_norm``), hence the ensemble, is set only when the warm start
+        ends, so their target Dice stays near 0 until distillation starts."""
+        if steps_done <= self.pretrain_steps and self.pretrain_steps > 0:
+            return "warm start", ["syn"]
+        return "distillation", self.predictor_names()
+
+    def phase_note(self, phase):
+        if phase != "warm start":
+            return None
+        return (
+            f"(warm start, steps 1-{self.pretrain_steps}: both segmentors learn the assistant's labels only, so "
+            "the target Dice of S_syn shown is expected near 0; S_real and the ensemble follow from distillation)"
+        )
+
     def end_pretraining(self):
         """With ``domain_norm`` a warm start on the assistant alone trained only the assistant's batch-norm
         set: start the target's from it (the kernels were learnt with those scales and statistics), not

@@ -402,3 +402,25 @@ def test_double_rest_formats(server):
     assert [d["size"] for d in inputs["image"]["tensor_shape"]["dim"]] == ["-1", "32", "32", "1"]
     status, model_status = _http(url)
     assert model_status["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def test_remote_folder_prediction(server, mkd_export, ct_image, local_labels, tmp_path):
+    """A folder over REST: metadata checked once, one line per failing file, the others written, exit 2."""
+    import shutil
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(ct_image, scans / "case_a_0000.nii.gz")
+    (scans / "case_b.nii.gz").write_bytes(ct_image.read_bytes()[:200])
+    rest = ["--server", server.rest_url("heart"), "--model-dir", mkd_export["path"]]
+    out = tmp_path / "labels"
+    result = CliRunner().invoke(main, ["predict", str(scans), *rest, "-o", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {scans / 'case_b.nii.gz'}: ")
+    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "case_a.nii.gz").dataobj), local_labels)
+    _assert_one_line_error(
+        CliRunner().invoke(main, ["predict", str(scans), *rest, "-o", str(out), "--uncertainty", str(tmp_path / "u")]),
+        "--uncertainty",
+        "predict locally",
+    )
