@@ -218,7 +218,7 @@ register_variant(
     "mkd-warm-start-0.5",
     "mkd",
     {"schedule": {"mkd_pretrain": 0.5}},
-    "MKD with the warm start over half the steps (the default before 2026-11-29, 0.7 since)",
+    "MKD with the warm start over half the steps (an earlier default; 0.7 now)",
 )
 register_variant(
     "mkd-plain-iam",
@@ -237,13 +237,13 @@ register_variant(
     "mkd-syn-domain-norm",
     "mkd",
     {"segmentor": {"syn_domain_norm": True}},
-    "MKD with one batch-norm set per domain in S_syn too (the default before 2026-11-29)",
+    "MKD with one batch-norm set per domain in S_syn too (an earlier default)",
 )
 register_variant(
     "mkd-cyclegan-iam",
     "mkd",
     {"alignment": {"skip_kernel": 1}, "loss": {"cycle": 10.0, "structure": 0.0}},
-    "MKD with CycleGAN's IAM losses (cycle 10, no structure loss) and G(x) = x + r(x) (before 2026-11-29)",
+    "MKD with CycleGAN's IAM losses (cycle 10, no structure loss) and G(x) = x + r(x) (the earlier IAM)",
 )
 register_variant(
     "mkd-real-on-aligned",
@@ -286,7 +286,7 @@ register_variant(
     "finetune-switch-0.5",
     "finetune",
     {"schedule": {"finetune_switch": 0.5}},
-    "finetune switching to the target half-way (the default before 2026-11-29, 0.7 since)",
+    "finetune switching to the target half-way (an earlier default; 0.7 now)",
 )
 register_variant("target-only-no-ema", "target-only", {"optimizer": {"ema": False}}, "target-only with raw weights")
 
