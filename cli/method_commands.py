@@ -5,6 +5,7 @@ import click
 from mkd_cli.main import FiniteFloatRange, main
 from mkd_tf import registry
 from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
+from mkd_tf.errors import MkdError
 
 
 def shared_training_options(command):
@@ -260,7 +261,7 @@ def predict(
     label values come from RUN or from --model-dir (then RUN is omitted). The outputs are written only
     when everything succeeded.
     """
-    from mkd_tf.inference import check_output_paths
+    from mkd_tf.prediction_files import check_output_paths
 
     if image is None and not (server or grpc_target):
         raise click.UsageError("Missing argument 'IMAGE'.")
@@ -287,17 +288,10 @@ def predict(
         click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
         return
     if model_label is not None:
-        from mkd_tf.errors import MkdError
-
         raise MkdError(f"--label {model_label}: selects a model version on a server; use it with --server or --grpc")
-    from mkd_tf.inference import load_trained, predict_file
+    from mkd_tf.inference import predict as predict_image
 
-    model, _, record = load_trained(run, checkpoint)
-    if which not in model.predictor_names():
-        which = model.predictor_names()[-1] if which == "ensemble" else which
-    if which not in model.predictor_names():
-        raise click.BadParameter(f"'{which}' (this run has {', '.join(model.predictor_names())})", param_hint="--which")
-    labels = predict_file(model, record, image, out, which, overlay, force)
+    labels = predict_image(run, image, out, which, checkpoint, overlay, force).labels
     click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {overlay}" if overlay else ""))
 
 
