@@ -1,5 +1,6 @@
 """The public Python API: `from mkd_tf import ...` and docs/python-api.md's example, run as written."""
 
+import ast
 import inspect
 import re
 import subprocess
@@ -80,5 +81,49 @@ def test_the_documented_example_runs(tmp_path, monkeypatch):
     source = nib.load(tmp_path / "phantom" / "ct_train" / "ct_train_1003_image.nii.gz")
     np.testing.assert_array_equal(prediction.affine, source.affine)
     assert set(np.unique(prediction.labels)) <= {0, 205, 420, 500, 550, 600, 820, 850}
+    in_memory = mkd_tf.predict("runs/mkd", source.get_filename())  # no output path: nothing written
+    assert in_memory.path is None
+    np.testing.assert_array_equal(in_memory.labels, prediction.labels)
+    np.testing.assert_array_equal(in_memory.affine, prediction.affine)
+    assert sorted(p.name for p in tmp_path.glob("*.nii.gz")) == ["ct_1003_seg.nii.gz"]
     assert (tmp_path / "saved_models" / "heart" / "1" / "saved_model.pb").is_file()
     assert namespace["converted"]["agreement"] >= 0.999
+
+
+API_MODULES = [
+    "mkd_tf/data/prepare.py",
+    "mkd_tf/training.py",
+    "mkd_tf/evaluation.py",
+    "mkd_tf/inference.py",
+    "mkd_tf/export/serving.py",
+    "mkd_tf/export/tflite.py",
+    "mkd_tf/data/cache.py",
+    "mkd_tf/data/phantom.py",
+]
+
+
+def unannotated(tree):
+    """Names of public functions and methods of public classes lacking a parameter or return annotation."""
+    missing = []
+
+    def visit(body, owner=""):
+        for node in body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                visit(node.body, f"{node.name}.")
+            elif isinstance(node, ast.FunctionDef) and (node.name == "__init__" or not node.name.startswith("_")):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                typed = all(a.annotation is not None for a in arguments if a.arg not in ("self", "cls"))
+                if not typed or node.returns is None:
+                    missing.append(owner + node.name)
+
+    visit(tree.body)
+    return missing
+
+
+def test_public_functions_of_the_api_modules_have_type_hints():
+    root = Path(__file__).resolve().parents[1]
+    missing = {path: unannotated(ast.parse((root / path).read_text(encoding="utf-8"))) for path in API_MODULES}
+    assert not {path: names for path, names in missing.items() if names}
+    assert unannotated(ast.parse("def f(x: int):\n    pass\nclass C:\n    def g(self) -> None:\n        pass\n")) == [
+        "f"
+    ]
