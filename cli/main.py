@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from mkd_tf.errors import MkdError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -133,8 +135,6 @@ class MkdGroup(click.Group):
             _usage_error_exit(exc)
 
     def invoke(self, ctx):
-        from mkd_tf.errors import MkdError
-
         try:
             return super().invoke(ctx)
         except click.exceptions.NoArgsIsHelpError:

@@ -5,6 +5,7 @@ import click
 from mkd_cli.main import FiniteFloatRange, main
 from mkd_tf import registry
 from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
+from mkd_tf.errors import MkdError
 
 
 def shared_training_options(command):
@@ -296,7 +297,6 @@ def predict(
     """
     from pathlib import Path
 
-    from mkd_tf.errors import MkdError
     from mkd_tf.prediction_files import check_output_paths, folder_cases
 
     remote = bool(server or grpc_target)
@@ -340,23 +340,22 @@ def predict(
                 client.close()
         return
 
-    from mkd_tf.inference import load_trained, predict_file
+    from mkd_tf.inference import load_trained, predict, predict_file, predictor_name
 
-    model, _, record = load_trained(run, checkpoint)
-    if which not in model.predictor_names():
-        which = model.predictor_names()[-1] if which == "ensemble" else which
-    if which not in model.predictor_names():
-        raise click.BadParameter(f"'{which}' (this run has {', '.join(model.predictor_names())})", param_hint="--which")
-    if folder:
-
-        def predict_case(case_image, case_out, case_overlay, case_uncertainty):
-            predict_file(model, record, case_image, case_out, which, case_overlay, force, case_uncertainty)
-
-        _predict_folder(ctx, cases, predict_case, image, out, quiet)
+    if not folder:  # the library's one-volume predict (mkd_tf.predict), as a notebook calls it
+        labels = predict(run, image, out, which, checkpoint, overlay, force, uncertainty).labels
+        also = [path for path in (overlay, uncertainty) if path]
+        click.echo(
+            f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {' and '.join(also)}" if also else "")
+        )
         return
-    labels = predict_file(model, record, image, out, which, overlay, force, uncertainty)
-    also = [path for path in (overlay, uncertainty) if path]
-    click.echo(f"wrote {out} ({labels.dtype}, shape {labels.shape})" + (f" and {' and '.join(also)}" if also else ""))
+    model, _, record = load_trained(run, checkpoint)
+    which = predictor_name(model, which)
+
+    def predict_case(case_image, case_out, case_overlay, case_uncertainty):
+        predict_file(model, record, case_image, case_out, which, case_overlay, force, case_uncertainty)
+
+    _predict_folder(ctx, cases, predict_case, image, out, quiet)
 
 
 def _predict_folder(ctx, cases, predict_case, folder, out, quiet):

@@ -10,10 +10,15 @@ Writes `metrics.json` (per case and summary), `metrics.csv` (one row per predict
 structure) and `metrics.md` (one mean ± std table per predictor) into the run folder.
 """
 
+from __future__ import annotations
+
 import csv
 import io
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +32,13 @@ from mkd_tf.files import read_json, write_text_atomic
 from mkd_tf.inference import load_trained, predict_slices
 
 
-def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=None):
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    split: str = "test",
+    which: str = "best",
+    cache_path: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Evaluate every predictor of a run on one split of its cache.
 
     Args:
@@ -40,6 +51,11 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     Returns:
         dict `{"cases": {predictor: {case_id: {structure: {dice, assd, hd95}}}},
         "summary": {predictor: summary}, "table": markdown}`.
+
+    Example:
+        >>> result = evaluate_run("runs/mkd", split="test")  # doctest: +SKIP
+        >>> result["summary"]["ensemble"]["overall"]["dice"]["mean"]  # doctest: +SKIP
+        0.83
     """
     model, config, record = load_trained(run_dir, which)
     cache = SliceCache(cache_path or record["path"])
@@ -73,7 +89,7 @@ def evaluate_run(run_dir, split="test", which="best", cache_path=None, out_dir=N
     return result
 
 
-def check_same_preparation(cache, record, run_dir):
+def check_same_preparation(cache: SliceCache, record: dict, run_dir: str | os.PathLike) -> None:
     """Refuse a cache prepared otherwise than the one the run was trained on (``record``: its cache.json).
 
     The classes, the target's label values and every preprocessing parameter (spacing, size, axis, CT
@@ -99,7 +115,7 @@ def check_same_preparation(cache, record, run_dir):
             )
 
 
-def check_label_file(volume):
+def check_label_file(volume: dict) -> None:
     """Refuse a label file that is not the one ``mkd prepare`` cached (its size and SHA-256 are in the
     manifest). A cache written before that record existed cannot tell, and its label file is scored as is."""
     recorded = volume.get("label_file")
@@ -112,12 +128,14 @@ def check_label_file(volume):
         fail(path, "label file changed since `mkd prepare` cached it; prepare the cache again to score it")
 
 
-def structure_indices(cache):
+def structure_indices(cache: SliceCache) -> dict[str, int]:
     """`{structure name: class index}` of the cache's classes, background excluded."""
     return {name: index for index, name in enumerate(cache.classes) if index > 0}
 
 
-def labelled_volumes(cache, split):
+def labelled_volumes(
+    cache: SliceCache, split: str
+) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray, tuple[float, float, float]]]:
     """Each labelled target volume of ``split`` as ``(volume, slices, reference, spacing)``: its cache
     record, its cached slices `(slices, height, width)`, its label file read again from disk with the
     values mapped to the cache's class indices (structures the cache does not keep -> background) on the

@@ -8,8 +8,15 @@ The checks and files around a prediction, shared with the remote client, are in
 :mod:`mkd_tf.prediction_files` (each problem a one-line :class:`MkdError`, exit status 2 in the CLI).
 """
 
-from pathlib import Path
+from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
@@ -26,8 +33,14 @@ from mkd_tf.prediction_files import (
 )
 from mkd_tf.training import load_run
 
+if TYPE_CHECKING:  # annotations only
+    from mkd_tf.data.nifti import Volume
+    from mkd_tf.models.cross_modality import CrossModalityModel
 
-def load_trained(run_dir, which="best"):
+
+def load_trained(
+    run_dir: str | os.PathLike, which: str = "best"
+) -> tuple[CrossModalityModel, dict[str, Any], dict[str, Any]]:
     """:func:`mkd_tf.training.load_run`, with unreadable checkpoint files as a one-line :class:`MkdError`.
 
     TensorFlow's checkpoint reader raises a bare ``IndexError("Read less bytes than requested")`` for a
@@ -40,7 +53,7 @@ def load_trained(run_dir, which="best"):
         fail(where, f"cannot read the {which} checkpoint: truncated or corrupt weights file ({exc})")
 
 
-def predictive_entropy(probabilities):
+def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
     """Per-pixel entropy (nats) of softmax ``probabilities`` `(..., classes)`: 0 when one class has all the
     probability, ln(classes) when all are equal.
 
@@ -52,7 +65,12 @@ def predictive_entropy(probabilities):
     return np.maximum(-np.sum(probabilities * np.log(probabilities), axis=-1), 0.0).astype(np.float32)
 
 
-def predict_slices(predict_probabilities, slices, batch_size=16, uncertainty=False):
+def predict_slices(
+    predict_probabilities: Callable[[tf.Tensor], tf.Tensor],
+    slices: np.ndarray,
+    batch_size: int = 16,
+    uncertainty: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Class indices (and optionally the uncertainty) for preprocessed slices.
 
     Args:
@@ -76,7 +94,14 @@ def predict_slices(predict_probabilities, slices, batch_size=16, uncertainty=Fal
     return (out, entropy) if uncertainty else out
 
 
-def predict_volume(model, image, record, which="ensemble", batch_size=16, uncertainty=False):
+def predict_volume(
+    model: CrossModalityModel,
+    image: Volume,
+    record: dict[str, Any],
+    which: str = "ensemble",
+    batch_size: int = 16,
+    uncertainty: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment one target-modality volume never seen by `prepare`.
 
     Args:
@@ -103,9 +128,17 @@ def predict_volume(model, image, record, which="ensemble", batch_size=16, uncert
     return labels, labels_to_original(entropy, params).astype(np.float32)
 
 
+# --- checks before the work --------------------------------------------------------------------------
 def predict_file(
-    model, record, image_path, out_path, which="ensemble", overlay=None, force=False, uncertainty_path=None
-):
+    model: CrossModalityModel,
+    record: dict[str, Any],
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    which: str = "ensemble",
+    overlay: str | os.PathLike | None = None,
+    force: bool = False,
+    uncertainty_path: str | os.PathLike | None = None,
+) -> np.ndarray:
     """`mkd predict`: read a NIfTI, segment it, write the label map (and optionally a PNG overlay and the
     uncertainty map, see :func:`predict_volume`).
 
@@ -121,7 +154,9 @@ def predict_file(
     return labels
 
 
-def predict_folder(cases, predict_case, report_error, verbose=1):
+def predict_folder(
+    cases: list, predict_case: Callable, report_error: Callable[[str], None], verbose: int = 1
+) -> tuple[list, list]:
     """`mkd predict RUN FOLDER -o OUT`: one process, one model, every case; a failing case is reported and
     skipped, the others go on.
 
@@ -156,3 +191,80 @@ def predict_folder(cases, predict_case, report_error, verbose=1):
         if progress_bar:
             progress_bar.update(number, finalize=number == len(cases))
     return written, failed
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict` returns.
+
+    Attributes:
+        labels: `(x, y, z)` label map on the input's grid with the dataset's label values.
+        affine: the input's 4x4 voxel-to-world affine (the label map's too).
+        path: the written label map, or `None` when nothing was written.
+    """
+
+    labels: np.ndarray
+    affine: np.ndarray
+    path: Path | None
+
+
+def predictor_name(model: CrossModalityModel, which: str) -> str:
+    """The predictor ``which`` names in ``model``: ``ensemble`` of a one-segmentor baseline is its segmentor
+    (as :func:`mkd_tf.export.serving.resolve_predictor`, with `mkd predict`'s message).
+
+    Raises:
+        MkdError: ``--which: 'NAME' (this run has ...)`` for a name the run does not have.
+    """
+    names = model.predictor_names()
+    if which == "ensemble" and which not in names:
+        which = names[-1]
+    if which not in names:
+        fail("--which", f"'{which}' (this run has {', '.join(names)})")
+    return which
+
+
+def predict(
+    run_dir: str | os.PathLike,
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    which: str = "ensemble",
+    checkpoint: str = "best",
+    overlay: str | os.PathLike | None = None,
+    force: bool = False,
+    uncertainty: str | os.PathLike | None = None,
+) -> Prediction:
+    """Segment one target-modality NIfTI volume with a trained run (`mkd predict RUN IMAGE -o OUT`).
+
+    Args:
+        run_dir: run folder written by :func:`mkd_tf.training.train`.
+        image_path: the NIfTI volume (.nii or .nii.gz) in the modality's own units (e.g. HU).
+        out_path: label map to write (.nii or .nii.gz; input's shape, affine and header codes), or `None`
+            to only return it.
+        which: predictor: ``ensemble``, ``real``, ``syn`` (a baseline's ``ensemble`` is its one segmentor).
+        checkpoint: ``best`` or ``last`` weights.
+        overlay: optional PNG with contours on a few slices (needs ``out_path``).
+        force: segment even if the intensities do not look like the run's target modality.
+        uncertainty: optional per-voxel uncertainty map to write (.nii/.nii.gz; needs ``out_path``),
+            see :func:`predictive_entropy`.
+
+    Returns:
+        :class:`Prediction`: the label array, the input's affine and the written path.
+
+    Example:
+        >>> result = predict("runs/mkd", "CT.nii.gz", "CT_seg.nii.gz")  # doctest: +SKIP
+        >>> result.labels.shape, result.path  # doctest: +SKIP
+        ((96, 96, 48), PosixPath('CT_seg.nii.gz'))
+    """
+    for option, value in (("--overlay", overlay), ("--uncertainty", uncertainty)):
+        if value is not None and out_path is None:
+            fail(option, "needs a label map to write (-o/--out)")
+    if out_path is not None:
+        check_output_paths(out_path, overlay, uncertainty, inputs=[image_path])  # before loading anything
+    model, _, record = load_trained(run_dir, checkpoint)
+    which = predictor_name(model, which)
+    if out_path is not None:
+        labels = predict_file(model, record, image_path, out_path, which, overlay, force, uncertainty)
+        return Prediction(labels, nib.load(out_path).affine, Path(out_path))  # the header only
+    image = load_image(image_path)
+    check_intensities(image, record["target_intensity"], record["target"]["name"], force)
+    return Prediction(predict_volume(model, image, record, which), image.affine, None)

@@ -14,11 +14,15 @@ minutes inside an epoch; the batches after resume are the ones the uninterrupted
 (:func:`mkd_tf.data.pipeline.slice_dataset`'s ``start``). A finished run is left as it is.
 """
 
+from __future__ import annotations
+
 import contextlib
 import math
 import os  # noqa: F401  (tests replace os.replace through this module to simulate a kill)
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -30,13 +34,13 @@ from mkd_tf.data import pipeline
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder
-from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, phase_start_step
+from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, CrossModalityModel, phase_start_step
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
 from mkd_tf.run_files import read_cache_record, read_history
 from mkd_tf.run_folder import RunFolder, not_a_run_folder
 
 
-def make_strategy(name, worker_timeout=600.0):
+def make_strategy(name: str, worker_timeout: float = 600.0) -> tuple[tf.distribute.Strategy, dict | None]:
     """`auto`: MultiWorkerMirroredStrategy when `TF_CONFIG` names more than one worker, else
     MirroredStrategy over all visible GPUs (default strategy without GPUs);
     `mirrored`: MirroredStrategy over all GPUs, or over all logical CPUs when there is no GPU;
@@ -63,7 +67,7 @@ def make_strategy(name, worker_timeout=600.0):
     return tf.distribute.MirroredStrategy(devices), None
 
 
-def resume_settings(config):
+def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The settings a run folder's training must share with a command that resumes it, flattened to
     ``section.key``: :func:`~mkd_tf.config.learning_settings` without the ``loss`` settings the method
     does not read, nor another method's ``schedule`` settings, nor the ``alignment`` settings of a method
@@ -88,7 +92,7 @@ def resume_settings(config):
     return flat
 
 
-def labelled_target_volumes(cache, count, seed):
+def labelled_target_volumes(cache: SliceCache, count: int | None, seed: int) -> list[int]:
     """Indices of the target training volumes whose labels training may use (`count=None`: all)."""
     volumes = [i for i, v in enumerate(cache.volumes("target")) if v["split"] == "train" and v["labelled"]]
     if count is None:
@@ -100,7 +104,7 @@ def labelled_target_volumes(cache, count, seed):
     return sorted(order[:count])
 
 
-def usable_target_volumes(cache, config):
+def usable_target_volumes(cache: SliceCache, config: dict[str, Any]) -> list[int]:
     """:func:`labelled_target_volumes` of the config; fails when the method needs them and there are none."""
     keep = labelled_target_volumes(cache, config["data"]["target_labelled"], config["seed"])
     if not keep and registry.METHODS[config["method"]].needs_labelled_target:
@@ -112,7 +116,9 @@ def usable_target_volumes(cache, config):
     return keep
 
 
-def training_streams(cache, config, epoch, shard=(0, 1), start=0):
+def training_streams(
+    cache: SliceCache, config: dict[str, Any], epoch: int, shard: tuple[int, int] = (0, 1), start: int = 0
+) -> tf.data.Dataset:
     """The batch dict stream of one epoch (see :mod:`mkd_tf.models.cross_modality`).
 
     ``shard=(index, count)``: this input pipeline's block of every global batch; ``start``: the first
@@ -132,7 +138,9 @@ def training_streams(cache, config, epoch, shard=(0, 1), start=0):
     )
 
 
-def distributed_streams(strategy, cache, config, epoch, start=0):
+def distributed_streams(
+    strategy: tf.distribute.Strategy, cache: SliceCache, config: dict[str, Any], epoch: int, start: int = 0
+) -> tf.distribute.DistributedDataset:
     """The epoch's stream for a strategy with several replicas: each input pipeline (one per worker)
     reads its own block of every global batch and splits it into its replicas' batches; all replicas of
     a step together see exactly the single-process batch of that step."""
@@ -152,7 +160,7 @@ def distributed_streams(strategy, cache, config, epoch, start=0):
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def build_method(config, num_classes):
+def build_method(config: dict[str, Any], num_classes: int) -> CrossModalityModel:
     """The model of ``config["method"]`` (a registered method, :mod:`mkd_tf.registry`), not yet built.
 
     Every optimizer is Adam; the segmentors' keeps an exponential moving average of the weights when
@@ -177,7 +185,7 @@ def build_method(config, num_classes):
     return model_class.from_settings(config, num_classes, optimizer)
 
 
-def segmentor_learning_rate(config, model_class):
+def segmentor_learning_rate(config: dict[str, Any], model_class: type) -> float | PhasedCosineDecay:
     """The segmentors' learning rate: ``optimizer.segmentor_lr``, or with ``optimizer.lr_schedule: cosine``
     a :class:`~mkd_tf.phased_cosine_decay.PhasedCosineDecay` from it whose phases are the method's own
     (each of its ``schedule_settings`` is the fraction of the steps at which a phase starts: MKD's
@@ -191,7 +199,9 @@ def segmentor_learning_rate(config, model_class):
     return PhasedCosineDecay(settings["segmentor_lr"], starts, total)
 
 
-def validation_dice(model, cache, batch_size=32, split="val"):
+def validation_dice(
+    model: CrossModalityModel, cache: SliceCache, batch_size: int = 32, split: str = "val"
+) -> dict[str, list[float]] | None:
     """Dice per predictor and foreground class over all labelled target slices of ``split``.
 
     The overlaps are accumulated over the whole split (so it is the Dice of the split's volumes stacked
@@ -215,7 +225,7 @@ def validation_dice(model, cache, batch_size=32, split="val"):
     return {name: metrics.dice_of_overlaps(counts)[1:].tolist() for name, counts in overlaps.items()}
 
 
-def model_state(model):
+def model_state(model: keras.Model) -> dict[str, tf.Variable]:
     """Every variable of the model, keyed by its stable Keras path, for `tf.train.Checkpoint`.
 
     `tf.train.Checkpoint(model=keras3_model)` silently misses layers kept in Python lists (Keras 3
@@ -228,7 +238,7 @@ def model_state(model):
     return state
 
 
-def training_state(model, epoch_counter):
+def training_state(model: CrossModalityModel, epoch_counter: tf.Variable) -> dict[str, Any]:
     """:func:`model_state` + every optimizer's variables (moments, iterations) + the epoch."""
     state = model_state(model)
     state["epoch"] = epoch_counter
@@ -307,7 +317,7 @@ def _check_finite(logs, epoch, step):
             )
 
 
-def cache_record(cache):
+def cache_record(cache: SliceCache) -> dict[str, Any]:
     """What predict/export need from the cache without reading its arrays."""
     return {
         "path": str(Path(cache.path).resolve()),
@@ -319,7 +329,7 @@ def cache_record(cache):
     }
 
 
-def float32_outputs(model):
+def float32_outputs(model: keras.Model) -> None:
     """Under a mixed-precision policy keep what the losses see in float32: every segmentor's logits,
     every generator's output (its residual ``x + r(x)`` too) and every discriminator's scores. The
     networks' containers run in float32 (their inputs are not rounded to 16 bits); the layers inside
@@ -333,7 +343,7 @@ def float32_outputs(model):
 
 
 @contextlib.contextmanager
-def precision_policy(name):
+def precision_policy(name: str) -> Iterator[None]:
     """Keras' global dtype policy ``name`` inside the block (the previous one is restored after)."""
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(name)
@@ -347,7 +357,9 @@ def precision_policy(name):
 _SAVE_NOW = "__save_checkpoint__"
 
 
-def step_functions(strategy, model, jit_compile=False):
+def step_functions(
+    strategy: tf.distribute.Strategy, model: CrossModalityModel, jit_compile: bool = False
+) -> tuple[Callable, Callable]:
     """`(pretrain_step, train_step)`: each runs one distributed step and returns the losses summed over
     replicas (each replica divides by the global batch) plus :data:`_SAVE_NOW`, the sum over replicas
     of the flag each worker passed (so every worker learns that the chief asked for a checkpoint)."""
@@ -370,7 +382,13 @@ def step_functions(strategy, model, jit_compile=False):
     return distributed(model.pretrain_step), distributed(model.train_step)
 
 
-def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
+def train(
+    cache_path: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config_path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    verbose: int = 1,
+) -> dict[str, Any]:
     """Train one method on a slice cache into ``run_dir``; resumes an interrupted run.
 
     Args:
@@ -378,11 +396,17 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
         run_dir: the run folder (created; an existing one is resumed if its config matches). Under
             multi-worker training every worker passes the same one; only the chief writes it.
         config_path: optional YAML config.
-        overrides: nested dict of settings from the command line.
+        overrides: nested dict of settings, the YAML's shape (docs/configuration.md); they win over the
+            YAML, which wins over the defaults. `None` values are skipped (the command line's unset flags).
         verbose: 1 shows a Keras progress bar, 0 is silent.
 
     Returns:
-        dict with the final epoch, best validation Dice and paths.
+        dict with ``run``, ``epochs``, ``best`` (epoch, predictor, val Dice), ``logs`` and ``chief``.
+
+    Example:
+        >>> result = train("cache", "runs/mkd", overrides={"method": "mkd", "schedule": {"epochs": 2}})  # doctest: +SKIP
+        >>> result["best"]  # doctest: +SKIP
+        {'epoch': 2, 'predictor': 'ensemble', 'score': 0.71}
     """
     # Everything is checked, and the model built, before the first write into RUN: a run that fails
     # on its inputs leaves nothing behind that would make the corrected command refuse the folder.
@@ -427,7 +451,7 @@ def train(cache_path, run_dir, config_path=None, overrides=None, verbose=1):
             raise MkdError(cluster.describe_failure(exc, tf_config, float(config["worker_timeout"]))) from None
 
 
-def check_run_folder(run, config, locked=False):
+def check_run_folder(run: Path, config: dict[str, Any], locked: bool = False) -> None:
     """Refuse, before anything is written, a ``run`` folder `mkd train` must not write into: one that is not
     a run folder (:func:`~mkd_tf.run_folder.not_a_run_folder`: a user's files would be overwritten or
     deleted), or a started run (:meth:`~mkd_tf.run_folder.RunFolder.started`) whose learning settings differ
@@ -449,7 +473,7 @@ def check_run_folder(run, config, locked=False):
             fail(run, f"holds a run with a different config (differs in: {', '.join(changed)}); use a new --out")
 
 
-def check_training_slices(cache):
+def check_training_slices(cache: SliceCache) -> None:
     """Every method trains on labelled assistant slices and target slices of the train split: refuse a cache
     without them before anything is written (the data streams would refuse it only after the run folder)."""
     for role, labelled, what in (("assistant", True, "labelled assistant"), ("target", None, "target")):
@@ -458,7 +482,7 @@ def check_training_slices(cache):
 
 
 @contextlib.contextmanager
-def deterministic_training(enabled):
+def deterministic_training(enabled: bool) -> Iterator[None]:
     """With ``enabled``, training inside the block is bit-reproducible: the same command gives the same losses
     and weights. Deterministic kernels (``tf.config.experimental.enable_op_determinism``, process-wide and
     irreversible: TensorFlow has no way back) are not enough for a compiled MKD step, whose results then still
@@ -662,7 +686,9 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
                 print(note)
 
 
-def load_run(run_dir, which="best"):
+def load_run(
+    run_dir: str | os.PathLike, which: str = "best"
+) -> tuple[CrossModalityModel, dict[str, Any], dict[str, Any]]:
     """Rebuild a trained model from its run folder.
 
     Args:

@@ -21,12 +21,15 @@ next successful write of ``CACHE`` removes stale ``.CACHE.tmp-*`` / ``.CACHE.old
 killed run (never one that another running ``prepare`` still holds, never one holding foreign files).
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +78,7 @@ def _foreign_entries(folder):
     return foreign
 
 
-def not_a_slice_cache(path):
+def not_a_slice_cache(path: str | os.PathLike) -> str | None:
     """Why ``path`` is not a slice cache that may be replaced, or `None` when it is one.
 
     A slice cache is a real folder (not a symbolic link) holding a `manifest.json` of this format and
@@ -116,7 +119,7 @@ def _refuse_existing(out, overwrite, when=""):
         fail(out, f"--overwrite replaces only a slice cache, and this is not one ({problem}); nothing was changed")
 
 
-def check_parent_folders(out, what="the slice cache"):
+def check_parent_folders(out: str | os.PathLike, what: str = "the slice cache") -> Path:
     """Refuse an output path whose nearest existing parent is not a folder (e.g. a regular file).
 
     Returns:
@@ -127,7 +130,7 @@ def check_parent_folders(out, what="the slice cache"):
     return folder
 
 
-def check_output(out, overwrite=False):
+def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse, before anything is written, an ``out`` that cannot be created or must not be replaced.
 
     Raises:
@@ -140,7 +143,7 @@ def check_output(out, overwrite=False):
     return folder
 
 
-def remove_stale_siblings(out):
+def remove_stale_siblings(out: str | os.PathLike) -> list[Path]:
     """Delete the `.NAME.tmp-*` / `.NAME.old-*` folders a killed write of ``out`` left next to it.
 
     Only folders matching exactly that pattern for ``out``'s own name, holding nothing but slice cache
@@ -164,7 +167,7 @@ class CacheWriter:
     then :meth:`finish` with the manifest; until then nothing is visible at ``out``.
     """
 
-    def __init__(self, out, size, overwrite=False):
+    def __init__(self, out: str | os.PathLike, size: int, overwrite: bool = False) -> None:
         self.out = Path(out)
         self.size = int(size)
         self.overwrite = overwrite
@@ -224,7 +227,15 @@ class CacheWriter:
         self._handles[role, key].write(data)
         self._hashes[role, key].update(data)
 
-    def add_volume(self, role, images, labels, split, has_label, entry):
+    def add_volume(
+        self,
+        role: str,
+        images: np.ndarray,
+        labels: np.ndarray,
+        split: str,
+        has_label: bool,
+        entry: dict[str, Any],
+    ) -> None:
         """Append one volume's slices.
 
         Args:
@@ -261,7 +272,7 @@ class CacheWriter:
                 os.fsync(handle.fileno())
                 handle.close()
 
-    def finish(self, manifest):
+    def finish(self, manifest: dict[str, Any]) -> Path:
         """Write the manifest and move the cache into place. Returns the cache path."""
         self._close()
         files = {}
@@ -475,7 +486,7 @@ class SliceCache:
         True
     """
 
-    def __init__(self, path, verify=True):
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
         self.path = Path(path)
         if not self.path.exists():
             fail(self.path, "slice cache not found")
@@ -511,23 +522,23 @@ class SliceCache:
         self._arrays = {}
 
     @property
-    def classes(self):
+    def classes(self) -> list[str]:
         """Class names, background first."""
         return list(self.manifest["classes"])
 
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         return len(self.manifest["classes"])
 
     @property
-    def size(self):
+    def size(self) -> int:
         return int(self.manifest["size"])
 
-    def modality(self, role):
+    def modality(self, role: str) -> dict[str, Any]:
         """The manifest record of `"target"` or `"assistant"`."""
         return self.manifest["modalities"][role]
 
-    def volumes(self, role, split=None):
+    def volumes(self, role: str, split: str | None = None) -> list[dict[str, Any]]:
         """Per-volume records (case id, split, labelled, slice range, inverse parameters)."""
         return [v for v in self.modality(role)["volumes"] if split is None or v["split"] == split]
 
@@ -542,19 +553,19 @@ class SliceCache:
                 self._arrays[role, key] = np.memmap(self.path / role / name, dtype=dtype, mode="r", shape=shape)
         return self._arrays[role, key]
 
-    def images(self, role):
+    def images(self, role: str) -> np.ndarray:
         """`(slices, size, size)` float32 preprocessed intensities."""
         return self._array(role, "images")
 
-    def labels(self, role):
+    def labels(self, role: str) -> np.ndarray:
         """`(slices, size, size)` uint8 class indices (0 for unlabelled slices)."""
         return self._array(role, "labels")
 
-    def slice_table(self, role):
+    def slice_table(self, role: str) -> np.ndarray:
         """`(slices, 4)` int32: volume index, slice index, split code, has_label."""
         return self._array(role, "slices")
 
-    def indices(self, role, split=None, labelled=None):
+    def indices(self, role: str, split: str | None = None, labelled: bool | None = None) -> np.ndarray:
         """Row indices of slices of ``role`` in ``split`` (and with/without labels)."""
         table = self.slice_table(role)
         keep = np.ones(len(table), bool)

@@ -20,6 +20,9 @@ Both cover the same ~154 x 154 x 120 mm field of view. Everything is seeded: the
 the same data, and each (modality, case id) gets its own random stream.
 """
 
+from __future__ import annotations
+
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +102,9 @@ class PhantomCase:
     affine: np.ndarray
 
 
-def modality_grid(modality, shape=DEFAULT_SHAPE):
+def modality_grid(
+    modality: str, shape: tuple[int, int, int] = DEFAULT_SHAPE
+) -> tuple[tuple[int, int, int], np.ndarray]:
     """Array shape and affine of one modality's grid over the phantom's field of view.
 
     Args:
@@ -135,7 +140,7 @@ _PA_ROOT = (-8.0, 18.0, 6.0)
 _PA_BIFURCATION = (-14.0, 4.0, 36.0)
 
 
-def make_anatomy(rng, shape, affine):
+def make_anatomy(rng: np.random.Generator, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     """Sample one random patient's anatomy on a voxel grid.
 
     Args:
@@ -253,7 +258,7 @@ def _paint_heart(tissues, heart, rng):
     tissues[_tube(heart, _AORTA_ROOT, aorta_top, aorta_radius)] = t["ascending_aorta"]
 
 
-def tissue_labels(tissues):
+def tissue_labels(tissues: np.ndarray) -> np.ndarray:
     """MM-WHS label values (uint16) of a tissue map: the seven structures, everything else 0."""
     return _LABEL_OF_TISSUE[tissues]
 
@@ -263,7 +268,7 @@ def _paint(tissues, means):
     return paint(tissues, means, TISSUES)
 
 
-def ct_intensities(rng):
+def ct_intensities(rng: np.random.Generator) -> np.ndarray:
     """One case's mean Hounsfield unit per tissue (contrast-enhanced CT angiography)."""
     blood = rng.uniform(250.0, 400.0)
     right_heart = blood * rng.uniform(0.85, 1.0)
@@ -280,7 +285,7 @@ def ct_intensities(rng):
     return means
 
 
-def render_ct(tissues, affine, rng):
+def render_ct(tissues: np.ndarray, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """CT image (HU, int16) of a tissue map: per-case enhancement, lung texture, mild blur, Gaussian noise.
 
     Args:
@@ -300,7 +305,7 @@ def render_ct(tissues, affine, rng):
     return np.clip(np.round(image), -1024, 3071).astype(np.int16)
 
 
-def mr_intensities(rng):
+def mr_intensities(rng: np.random.Generator) -> np.ndarray:
     """One case's mean signal per tissue (bSSFP: contrast follows T2/T1, so blood and fat are bright)."""
     blood = rng.uniform(700.0, 950.0)
     means = {
@@ -316,7 +321,7 @@ def mr_intensities(rng):
     return means
 
 
-def render_mr(tissues, affine, rng):
+def render_mr(tissues: np.ndarray, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """bSSFP-like MR image of a tissue map: smooth bias field, blur, Rician noise.
 
     Args:
@@ -336,7 +341,9 @@ def render_mr(tissues, affine, rng):
     return np.clip(np.round(image), 0, 32767).astype(np.int16)
 
 
-def phantom_case(modality, case_number, seed=0, shape=DEFAULT_SHAPE):
+def phantom_case(
+    modality: str, case_number: int, seed: int = 0, shape: tuple[int, int, int] = DEFAULT_SHAPE
+) -> PhantomCase:
     """Build one case exactly as :func:`write_phantom` writes it.
 
     Args:
@@ -356,7 +363,9 @@ def phantom_case(modality, case_number, seed=0, shape=DEFAULT_SHAPE):
     return PhantomCase(f"{modality}_train_{case_number}", image, tissue_labels(tissues), tissues, affine)
 
 
-def write_phantom(out_dir, n_ct=6, n_mr=6, shape=DEFAULT_SHAPE, seed=0):
+def write_phantom(
+    out_dir: str | os.PathLike, n_ct: int = 6, n_mr: int = 6, shape: tuple[int, int, int] = DEFAULT_SHAPE, seed: int = 0
+) -> Path:
     """Write the phantom dataset in the MM-WHS 2017 layout.
 
     Writes `out_dir/ct_train/ct_train_1001_image.nii.gz` (int16 HU) and `..._label.nii.gz` (uint16

@@ -13,16 +13,21 @@ Decisions:
   `allow_crop` is set, in which case the counts are printed and recorded in the manifest.
 """
 
+from __future__ import annotations
+
 import math
+import os
 import random
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mkd_tf import __version__
-from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter, check_output, file_record
+from mkd_tf.data.cache import ROLES, SPLITS, CacheWriter, SliceCache, check_output, file_record
 from mkd_tf.data.layouts import discover, match_labels
 from mkd_tf.data.nifti import check_same_grid, load_image, load_label
 from mkd_tf.data.preprocess import PreprocessConfig, preprocess_volume
@@ -48,7 +53,7 @@ class PrepareOptions:
     allow_crop: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
-    def check(self):
+    def check(self) -> PrepareOptions:
         """Refuse option values that cannot work, naming the option (before anything is read or written)."""
         self.preprocess.check()
         _check_fractions(self.split)
@@ -64,6 +69,26 @@ class PrepareOptions:
             fail(self.split_file, "split file is a folder, expected a JSON file")
         return self
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PrepareOptions:
+        """Options from a dict of their fields (``preprocess`` a dict of :class:`PreprocessConfig` fields).
+
+        Raises:
+            MkdError: naming a key that is not an option.
+        """
+        values = dict(values)
+        preprocess = values.pop("preprocess", None)
+        for where, given, known in (
+            ("options", values, fields(cls)),
+            ("options: preprocess", preprocess if isinstance(preprocess, Mapping) else {}, fields(PreprocessConfig)),
+        ):
+            unknown = sorted(set(given) - {f.name for f in known})
+            if unknown:
+                fail(where, f"unknown setting {', '.join(unknown)} (known: {', '.join(f.name for f in known)})")
+        if isinstance(preprocess, Mapping):
+            preprocess = PreprocessConfig(**preprocess)
+        return cls(**values, preprocess=preprocess or PreprocessConfig())
+
 
 def _check_fractions(fractions):
     try:
@@ -75,7 +100,7 @@ def _check_fractions(fractions):
     return values
 
 
-def split_fractions(case_ids, fractions, seed):
+def split_fractions(case_ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
     """Seeded patient-level split: case id -> `"train"|"val"|"test"`.
 
     Counts are rounded; when a split has a nonzero fraction and there are at least three cases it
@@ -143,7 +168,7 @@ def _read_split_file(path, datasets):
     return assignments
 
 
-def plan_splits(datasets, options):
+def plan_splits(datasets: dict[str, Any], options: PrepareOptions) -> dict[str, dict[str, str]]:
     """Case id -> split for each role, following the options (see module docstring)."""
     if options.split_file:
         plans = _read_split_file(options.split_file, datasets)
@@ -170,19 +195,32 @@ def _labelled_training_cases(dataset, plan, target_labelled, seed):
     return set(candidates[:target_labelled])
 
 
-def prepare_cache(target_path, assistant_path, out, options=None, progress=None):
-    """Read both datasets, preprocess every case and write the slice cache atomically.
+def prepare_cache(
+    target_path: str | os.PathLike,
+    assistant_path: str | os.PathLike,
+    out: str | os.PathLike,
+    options: PrepareOptions | Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Read both datasets, preprocess every case and write the slice cache atomically (`mkd prepare`).
 
     Args:
         target_path: target-modality (e.g. CT) dataset folder, any layout :func:`discover` knows.
         assistant_path: assistant-modality (e.g. MRI) dataset folder.
         out: cache folder to create.
-        options: :class:`PrepareOptions`.
+        options: :class:`PrepareOptions`, or a dict of its fields (:meth:`PrepareOptions.from_dict`);
+            default: `mkd prepare`'s defaults.
         progress: optional `callable(str)` for one line per volume.
 
     Returns:
         Path of the finished cache.
+
+    Example:
+        >>> cache = prepare_cache("phantom/ct_train", "phantom/mr_train", "cache",
+        ...                       {"target_labelled": 1, "preprocess": {"size": 48}})  # doctest: +SKIP
     """
+    if isinstance(options, Mapping):
+        options = PrepareOptions.from_dict(options)
     options = (options or PrepareOptions()).check()
     progress = progress or (lambda line: None)
     check_output(out, options.overwrite)
@@ -295,7 +333,7 @@ def _field(record, *keys):
     return record
 
 
-def cache_summary(cache):
+def cache_summary(cache: SliceCache) -> str:
     """Human-readable summary of a :class:`mkd_tf.data.cache.SliceCache` (what `mkd info` prints)."""
     manifest = cache.manifest
     lines = [

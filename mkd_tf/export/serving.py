@@ -60,12 +60,16 @@ label ``stable`` to the new version). An export changes only its own model's ent
 of an existing ``models.config`` (hand-written ones too) is kept as it was.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,6 +84,12 @@ from mkd_tf.files import (
 )
 from mkd_tf.prediction_files import class_values
 from mkd_tf import __version__
+
+if TYPE_CHECKING:  # annotations only: this module imports no TensorFlow (see export_run)
+    import keras
+    import tensorflow as tf
+
+    from mkd_tf.models.cross_modality import CrossModalityModel
 
 FORMAT = "mkd-serving-model"
 FORMAT_VERSION = 1
@@ -126,7 +136,7 @@ WARMUP_SIGNATURES = ("serving_default", "labels_only")
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
-def resolve_predictor(model, which):
+def resolve_predictor(model: CrossModalityModel, which: str) -> str:
     """The predictor name to export: ``which``, or for single-segmentor runs ``ensemble`` -> the one segmentor."""
     names = model.predictor_names()
     if which == "ensemble" and which not in names:
@@ -136,7 +146,7 @@ def resolve_predictor(model, which):
     return which
 
 
-def existing_versions(model_dir):
+def existing_versions(model_dir: str | os.PathLike) -> list[int]:
     """Sorted integer version folders of a TF Serving model folder."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -144,7 +154,7 @@ def existing_versions(model_dir):
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def read_model_asset(version_dir):
+def read_model_asset(version_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``assets.extra/mkd_model.json`` of an exported version folder."""
     path = Path(version_dir) / "assets.extra" / MODEL_ASSET
     if not path.exists():
@@ -157,7 +167,7 @@ def read_model_asset(version_dir):
     return asset
 
 
-def probability_function(segmentors, which):
+def probability_function(segmentors: dict[str, keras.Model], which: str) -> tuple[list[str], Callable]:
     """`images (batch, H, W, 1) -> probabilities (batch, H, W, classes)` of one predictor.
 
     The same arithmetic as :meth:`CrossModalityModel.predict_probabilities` (mean of softmaxes for
@@ -186,7 +196,7 @@ def _percentile(sorted_values, q):
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction
 
 
-def normalise_in_graph(images, intensity, percentiles):
+def normalise_in_graph(images: tf.Tensor, intensity: dict[str, Any], percentiles: Sequence[float]) -> tf.Tensor:
     """The cache's intensity normalisation on raw slices, as TensorFlow ops (see module docstring)."""
     import tensorflow as tf
 
@@ -202,7 +212,7 @@ def normalise_in_graph(images, intensity, percentiles):
     return tf.cast((clipped - mean) / std, tf.float32)
 
 
-def resize_like_prepare(images, size):
+def resize_like_prepare(images: tf.Tensor, size: int) -> tf.Tensor:
     """Bilinear resampling of `(batch, h, w, c)` slices to `(batch, size, size, c)` in prepare's convention.
 
     Output pixel ``r`` samples input coordinate ``r * h / size`` (pixel centres at index 0 coincide;
@@ -221,7 +231,7 @@ def resize_like_prepare(images, size):
     )
 
 
-def nearest_indices(count, size):
+def nearest_indices(count: tf.Tensor, size: int) -> tf.Tensor:
     """`int32 (count,)`: the model pixel (of ``size``) nearest to each of ``count`` input pixels.
 
     Input pixel ``j`` lies at model coordinate ``j * size / count`` (the inverse of
@@ -237,7 +247,13 @@ def nearest_indices(count, size):
     return tf.minimum((2 * positions * size + count) // (2 * count), size - 1)
 
 
-def serving_functions(probabilities, size, class_values, intensity, percentiles):
+def serving_functions(
+    probabilities: Callable,
+    size: int,
+    class_values: Sequence[int],
+    intensity: dict[str, Any],
+    percentiles: Sequence[float],
+) -> tuple[Callable, Callable, Callable]:
     """The three signature functions (see the module docstring for their contracts).
 
     Returns:
@@ -290,7 +306,7 @@ def _warmup_requests(path, name, size):
                 writer.write(log.SerializeToString())
 
 
-def check_label(label):
+def check_label(label: str) -> str:
     """Refuse a ``--label`` TF Serving could not use or that would read like a version number."""
     if not _LABEL.match(str(label)):
         raise MkdError(
@@ -300,7 +316,7 @@ def check_label(label):
     return str(label)
 
 
-def read_models_config(saved_models):
+def read_models_config(saved_models: str | os.PathLike) -> Any:
     """The current ``saved_models/models.config`` as a ``ModelServerConfig`` proto, or `None` if absent."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
@@ -350,7 +366,7 @@ def _parse_problem(exc, text):
     return f"{key}(line {line}): {problem}"
 
 
-def served_versions(model_dir):
+def served_versions(model_dir: str | os.PathLike) -> list[int]:
     """Sorted versions of a model folder that hold an exported SavedModel (``<version>/saved_model.pb``)."""
     return [v for v in existing_versions(model_dir) if (Path(model_dir) / str(v) / "saved_model.pb").exists()]
 
@@ -361,7 +377,12 @@ def _check_editable(config, path):
         fail(path, "uses custom_model_config, which mkd export cannot edit; list the models in model_config_list")
 
 
-def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None, names=None):
+def models_config_text(
+    saved_models: str | os.PathLike,
+    serving_root: str = DEFAULT_SERVING_ROOT,
+    new_labels: Mapping[str, Mapping[str, int]] | None = None,
+    names: Iterable[str] | None = None,
+) -> str:
     """TF Serving ``--model_config_file`` text proto: the existing ``models.config`` with the entries of the
     models ``names`` (default: every model folder under ``saved_models`` with an exported version) added or
     updated; every other entry is kept exactly as it was (a hand-written one included).
@@ -404,7 +425,12 @@ def models_config_text(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labe
     return text_format.MessageToString(config)
 
 
-def write_models_config(saved_models, serving_root=DEFAULT_SERVING_ROOT, new_labels=None, names=None):
+def write_models_config(
+    saved_models: str | os.PathLike,
+    serving_root: str = DEFAULT_SERVING_ROOT,
+    new_labels: Mapping[str, Mapping[str, int]] | None = None,
+    names: Iterable[str] | None = None,
+) -> Path:
     """Update ``saved_models/models.config`` atomically (:func:`models_config_text`); returns its path."""
     path = Path(saved_models) / MODELS_CONFIG
     write_text_atomic(path, models_config_text(saved_models, serving_root, new_labels, names))
@@ -420,7 +446,7 @@ def _holds_only_export_files(folder):
     return all(p.name in _VERSION_ENTRIES and not p.is_symlink() for p in Path(folder).iterdir())
 
 
-def remove_stale_version_staging(model_dir):
+def remove_stale_version_staging(model_dir: str | os.PathLike) -> list[Path]:
     """Delete the ``.VERSION.tmp-<8 hex>`` staging folders a killed export left in ``model_dir``: only that
     exact pattern, holding nothing but SavedModel files, and not locked by a running export
     (:func:`mkd_tf.files.remove_stale_staging`). Returns the removed paths."""
@@ -436,8 +462,14 @@ def remove_stale_version_staging(model_dir):
 
 
 def export_run(
-    run_dir, out, version=None, which="ensemble", checkpoint="best", serving_root=DEFAULT_SERVING_ROOT, labels=()
-):
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    version: int | None = None,
+    which: str = "ensemble",
+    checkpoint: str = "best",
+    serving_root: str = DEFAULT_SERVING_ROOT,
+    labels: Iterable[str] = (),
+) -> dict[str, Any]:
     """Export one predictor of a trained run as a TF Serving model version.
 
     Args:
@@ -454,6 +486,10 @@ def export_run(
     Returns:
         dict with ``path`` (the version folder), ``version``, ``name``, ``predictor``, ``models_config``,
         ``labels`` (label -> version of this model after the export) and ``moved`` (label -> previous version).
+
+    Example:
+        >>> export_run("runs/mkd", "saved_models/heart", labels=["stable"])["path"]  # doctest: +SKIP
+        'saved_models/heart/1'
 
     Every problem with the arguments, the run or the existing ``saved_models/`` is found before anything
     is written; a failure after that removes the folders this call created.

@@ -27,7 +27,12 @@ Below ``min_agreement`` the file is not written and :class:`MkdError` is raised;
 into place atomically.
 """
 
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,10 +43,13 @@ from mkd_tf.export.serving import read_model_asset
 from mkd_tf.files import atomic_path, check_parent_is_folder
 from mkd_tf.metrics import class_overlaps, dice_of_overlaps
 
+if TYPE_CHECKING:  # annotations only: TensorFlow is imported where it is used
+    import tensorflow as tf
+
 SIGNATURE = "serving_default"
 
 
-def evenly_spaced(rows, limit):
+def evenly_spaced(rows: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` entries of ``rows``, spread evenly (deterministic)."""
     rows = np.asarray(rows)
     if limit is None or len(rows) <= limit:
@@ -49,7 +57,9 @@ def evenly_spaced(rows, limit):
     return rows[np.unique(np.linspace(0, len(rows) - 1, int(limit)).round().astype(int))]
 
 
-def make_converter(saved_model_dir, quantize, representative_images=None):
+def make_converter(
+    saved_model_dir: str | os.PathLike, quantize: str, representative_images: np.ndarray | None = None
+) -> tf.lite.TFLiteConverter:
     """A configured ``tf.lite.TFLiteConverter`` for ``serving_default`` of ``saved_model_dir``.
 
     Args:
@@ -81,7 +91,9 @@ def make_converter(saved_model_dir, quantize, representative_images=None):
     return converter
 
 
-def interpreter(model_path_or_content, num_threads=None, delegates=True):
+def interpreter(
+    model_path_or_content: str | os.PathLike | bytes, num_threads: int | None = None, delegates: bool = True
+) -> tf.lite.Interpreter:
     """An ``ai_edge_litert`` interpreter with tensors allocated.
 
     ``delegates=False`` skips the default XNNPACK delegate, which would replace the operators it runs
@@ -100,12 +112,14 @@ def interpreter(model_path_or_content, num_threads=None, delegates=True):
     return result
 
 
-def op_names(model_path_or_content):
+def op_names(model_path_or_content: str | os.PathLike | bytes) -> set[str]:
     """Set of operator names in a .tflite model as stored (``FlexXxx`` would mean TensorFlow ops were embedded)."""
     return {op["op_name"] for op in interpreter(model_path_or_content, delegates=False)._get_ops_details()}
 
 
-def run_tflite(model_path_or_content, images, batch_size=16):
+def run_tflite(
+    model_path_or_content: str | os.PathLike | bytes, images: np.ndarray, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """``serving_default`` of a .tflite model on `(n, H, W)` slices -> `(labels (n, H, W), probabilities)`."""
     runner = interpreter(model_path_or_content).get_signature_runner(SIGNATURE)
     labels, probabilities = [], []
@@ -116,7 +130,7 @@ def run_tflite(model_path_or_content, images, batch_size=16):
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
-def run_saved_model(signature, images, batch_size=16):
+def run_saved_model(signature: Callable, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """``serving_default`` of a loaded SavedModel on `(n, H, W)` slices -> `(labels, probabilities)`."""
     import tensorflow as tf
 
@@ -128,22 +142,22 @@ def run_saved_model(signature, images, batch_size=16):
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
-def dice_agreement(labels_a, labels_b, num_classes):
+def dice_agreement(labels_a: np.ndarray, labels_b: np.ndarray, num_classes: int) -> float:
     """Mean Dice between two class maps over the foreground classes (:func:`mkd_tf.metrics.dice_of_overlaps`:
     a class absent from both scores 1.0)."""
     return float(np.mean(dice_of_overlaps(class_overlaps(labels_a, labels_b, num_classes))[1:]))
 
 
 def convert_to_tflite(
-    saved_model_dir,
-    out,
-    quantize="none",
-    cache=None,
-    min_agreement=None,
-    parity_slices=200,
-    representative_slices=100,
-    report=None,
-):
+    saved_model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    quantize: str = "none",
+    cache: str | os.PathLike | None = None,
+    min_agreement: float | None = None,
+    parity_slices: int = 200,
+    representative_slices: int = 100,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Convert ``serving_default`` of an exported SavedModel to .tflite and check parity.
 
     Args:
@@ -161,6 +175,10 @@ def convert_to_tflite(
     Returns:
         dict: ``path``, ``bytes``, ``quantize``, ``agreement``, ``pixel_agreement``,
         ``max_probability_difference``, ``slices``, ``ops`` (sorted operator names), ``min_agreement``.
+
+    Example:
+        >>> convert_to_tflite("saved_models/heart/1", "heart.tflite", quantize="float16")["agreement"]  # doctest: +SKIP
+        0.9991
     """
     import tensorflow as tf
 
@@ -231,7 +249,7 @@ def convert_to_tflite(
     return result
 
 
-def parity_line(result):
+def parity_line(result: dict[str, Any]) -> str:
     """One line: the parity of a conversion (what `mkd tflite` prints)."""
     return (
         f"parity ({result['quantize']}, {result['slices']} test slices): Dice agreement {result['agreement']:.4f} "
