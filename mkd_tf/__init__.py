@@ -61,6 +61,7 @@ LAZY_IMPORTS = {
         "evaluate": "mkd_tf.evaluation imports TensorFlow (through mkd_tf.inference)",
         "predict": "mkd_tf.inference imports TensorFlow; mkd_tf.export.client and .prediction_files numpy, "
         "nibabel (0.51 s)",
+        "_predict_folder": "mkd_tf.inference imports TensorFlow (predict's folder mode)",
         "compare": "mkd_tf.compare imports TensorFlow (through mkd_tf.training)",
         "demo": "mkd_tf.demo imports TensorFlow (through mkd_tf.training)",
     },

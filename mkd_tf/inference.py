@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import keras
 import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
 from mkd_tf.data.nifti import load_image
 from mkd_tf.data.preprocess import PreprocessConfig, labels_to_original, preprocess_image
-from mkd_tf.errors import fail
+from mkd_tf.errors import MkdError, fail
 from mkd_tf.prediction_files import (
     check_intensities,
     check_output_paths,
@@ -170,10 +171,6 @@ def predict_folder(
     Returns:
         `(written, failed)`: lists of the input paths.
     """
-    import keras
-
-    from mkd_tf.errors import MkdError
-
     progress_bar = keras.utils.Progbar(len(cases), verbose=verbose, unit_name="volume") if verbose else None
     written, failed = [], []
     for number, (image, out, overlay, uncertainty) in enumerate(cases, start=1):
