@@ -617,3 +617,35 @@ def test_a_run_whose_optimizer_kept_the_moving_averages_loads_and_resumes(tmp_pa
         train(cache_path, run, overrides=overrides, verbose=1)
     assert f"resuming {run} after epoch 1" in capsys.readouterr().out
     assert [e["epoch"] for e in history_of(run)["epochs"]] == [1, 2]
+
+
+def test_mixed_precision_keeps_every_networks_output_in_float32():
+    """``float32_outputs`` reaches every network of MKD through the public ``Model.layers`` (the model, its two
+    segmentors, the IAM, its two generators and two discriminators): each one and its output layer run in
+    float32, the layers inside in the policy's 16-bit type."""
+    import keras
+
+    config = load_config(overrides=tiny_runs.tiny_overrides(method="mkd", precision="mixed_bfloat16"))
+    with training.precision_policy("mixed_bfloat16"):
+        model = build_method(config, 4)
+        training.float32_outputs(model)
+    networks = list(training.nested_models(model))
+    assert len({id(network) for network in networks}) == len(networks) == 8
+    assert sorted(type(network).__name__ for network in networks) == [
+        "ImageAlignmentModule",
+        "MKDModel",
+        "PatchDiscriminator",
+        "PatchDiscriminator",
+        "ResnetGenerator",
+        "ResnetGenerator",
+        "Segmentor",
+        "Segmentor",
+    ]
+    for network in networks:
+        assert network.dtype_policy.name == "float32", network.name
+        head = getattr(network, "output_layer_name", None)
+        if head:
+            assert getattr(network, head).dtype_policy.name == "float32", network.name
+            inner = [layer for layer in network.layers if layer.name != getattr(network, head).name]
+            assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in inner), network.name
+    assert keras.mixed_precision.global_policy().name == "float32"
