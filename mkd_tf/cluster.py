@@ -134,6 +134,12 @@ def make_multi_worker_strategy(timeout, tf_config):
     a tensor, listing logical devices): the coordination service and collectives are configured at
     program start-up. `mkd train` does (the CLI loads TensorFlow without initialising the context).
     """
+    if private_api.context_initialized():  # e.g. a notebook that already ran TensorFlow
+        fail(
+            "TF_CONFIG",
+            f"{task_name(tf_config)}: multi-worker training must start before this process runs anything in "
+            "TensorFlow (its cluster is configured at start-up); start it in a new process",
+        )
     divert_native_log()
     cluster_spec = tf.train.ClusterSpec(tf_config["cluster"])
     # The strategy would configure the coordination service itself, with no registration timeout (a
