@@ -1,8 +1,9 @@
 """An exponential moving average of weights that the model keeps itself (not hidden inside a Keras optimizer).
 
-Keras' ``Optimizer(use_ema=True)`` keeps such an average, but exposes neither the averaged values nor a way to
-copy or checkpoint them; :class:`~mkd_tf.models.cross_modality.CrossModalityModel` keeps one of these instead
-(the same update, the same variable names), so the averages are public state.
+Keras' ``Optimizer(use_ema=True)`` keeps such an average in a private list: which average belongs to which
+weight (to swap them in for validation, copy them at MKD's end of warm start, distil from them) is not public
+API. :class:`~mkd_tf.models.cross_modality.CrossModalityModel` keeps one of these instead (the same update,
+the same variable names), so the averages are public state.
 """
 
 import keras
@@ -26,13 +27,13 @@ class ExponentialMovingAverage:
     """One non-trainable shadow variable per weight, moved after each optimizer step by
     ``average <- momentum * average + (1 - momentum) * weight``; the first step copies the weights.
 
-    This is Keras' ``use_ema`` update, operation for operation (the averages are bitwise those Keras
-    would keep). Create it inside the strategy scope, like the optimizer: under a distribution strategy
+    This is Keras' ``use_ema`` update, operation for operation (tests/models/test_moving_average.py
+    compares the two). Create it inside the strategy scope, like the optimizer: under a distribution strategy
     each replica updates its own copy from its own (identical) weights, as Keras does.
 
     Args:
         weights: the variables to average (one optimizer's).
-        momentum: in [0, 1); larger averages over more steps.
+        momentum: in [0, 1]; larger averages over more steps.
     """
 
     def __init__(self, weights, momentum: float):
@@ -47,11 +48,11 @@ class ExponentialMovingAverage:
             for weight in self.weights
         ]
 
-    def pairs(self) -> list:
+    def pairs(self) -> list[tuple[keras.Variable, keras.Variable]]:
         """``[(weight, its average)]``."""
         return list(zip(self.weights, self.averages))
 
-    def named(self) -> dict:
+    def named(self) -> dict[str, keras.Variable]:
         """``{average_name(weight): average}`` (the checkpoint keys)."""
         return {average_name(weight): average for weight, average in self.pairs()}
 
