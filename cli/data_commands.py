@@ -9,8 +9,8 @@ import math
 from functools import partial
 
 import click
-
 from mkd_cli.main import main
+
 from mkd_tf.rules import MIN_SPACING_MM, spacing_too_fine
 
 

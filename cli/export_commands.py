@@ -1,8 +1,8 @@
 """Deployment commands: export (TF Serving SavedModel) and tflite (LiteRT flatbuffer with a parity check)."""
 
 import click
-
 from mkd_cli.main import FiniteFloatRange, main
+
 from mkd_tf.export import DEFAULT_MIN_AGREEMENT, QUANTIZATIONS
 
 

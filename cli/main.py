@@ -19,12 +19,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def load_tensorflow_quietly():
-    """Import TensorFlow and initialise its devices with the C++ stderr silenced.
+    """Import TensorFlow and probe its physical devices with the C++ stderr silenced.
 
     TF 2.21 prints absl/CUDA start-up lines ("All log messages before absl::InitializeLog()...",
     "Could not find cuda drivers...", "failed call to cuInit") straight to file descriptor 2 before
     TF_CPP_MIN_LOG_LEVEL applies. They would bury mkd's one-line errors, so fd 2 goes to a temporary
-    file for the import; if the import itself fails, that file is shown.
+    file for the import; if the import itself fails, that file is shown. Listing the physical devices
+    (CUDA's probe) leaves TensorFlow's context uninitialised, so a command can still configure it
+    (logical devices, a multi-worker cluster: :func:`mkd_tf.cluster.make_multi_worker_strategy`).
     """
     import tempfile
 
@@ -35,7 +37,7 @@ def load_tensorflow_quietly():
         try:
             import tensorflow as tf
 
-            tf.config.list_logical_devices()
+            tf.config.list_physical_devices()
         except BaseException:
             os.dup2(saved, 2)
             captured.seek(0)

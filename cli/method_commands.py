@@ -1,8 +1,8 @@
 """Method commands: train, evaluate, predict, compare, demo."""
 
 import click
-
 from mkd_cli.main import FiniteFloatRange, main
+
 from mkd_tf import registry
 from mkd_tf.config import METHODS, PRECISIONS, STRATEGIES
 from mkd_tf.errors import MkdError

@@ -17,6 +17,7 @@ import tempfile
 
 import tensorflow as tf
 
+from mkd_tf import private_api
 from mkd_tf.errors import fail
 
 #: the task types this trainer runs (parameter servers and evaluators belong to other strategies)
@@ -129,33 +130,21 @@ def make_multi_worker_strategy(timeout, tf_config):
 
     ``timeout`` (seconds) bounds the wait for every task at start (the coordination service's
     registration) and each collective operation (CommunicationOptions), and sets the heartbeat after
-    which a silent peer counts as dead. The CLI has already initialised TensorFlow's eager context
-    (`mkd_cli.main.load_tensorflow_quietly`); collectives must be configured before that, so the context
-    is reset first (nothing but device listing has run on it).
+    which a silent peer counts as dead. Call it before anything initialises TensorFlow's context (an op,
+    a tensor, listing logical devices): the coordination service and collectives are configured at
+    program start-up. `mkd train` does (the CLI loads TensorFlow without initialising the context).
     """
-    from tensorflow.python.distribute import multi_worker_util
-    from tensorflow.python.eager import context
-
+    if private_api.context_initialized():  # e.g. a notebook that already ran TensorFlow
+        fail(
+            "TF_CONFIG",
+            f"{task_name(tf_config)}: multi-worker training must start before this process runs anything in "
+            "TensorFlow (its cluster is configured at start-up); start it in a new process",
+        )
     divert_native_log()
-    if context.context()._context_handle is not None:  # noqa: SLF001  initialised: reset it (see above)
-        context._reset_context()  # noqa: SLF001
     cluster_spec = tf.train.ClusterSpec(tf_config["cluster"])
-    milliseconds = int(timeout * 1000)
-    from tensorflow.python.distribute.collective_all_reduce_strategy import coordination_config_pb2
-
     # The strategy would configure the coordination service itself, with no registration timeout (a
     # chief that never comes up is waited for forever). Configure it first, with bounds.
-    context.context().configure_coordination_service(
-        service_type="standalone",
-        service_leader=multi_worker_util.coordination_leader(cluster_spec),
-        cluster_register_timeout_in_ms=milliseconds,
-        heartbeat_timeout_in_ms=max(10_000, min(milliseconds, 60_000)),
-        shutdown_barrier_timeout_in_ms=milliseconds,
-        coordinated_jobs=[
-            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(tasks))
-            for job, tasks in tf_config["cluster"].items()
-        ],
-    )
+    private_api.configure_coordination_service(tf_config["cluster"], timeout)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         cluster_spec, task_type=tf_config["task"]["type"], task_id=tf_config["task"]["index"], rpc_layer="grpc"
     )

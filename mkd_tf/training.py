@@ -239,7 +239,7 @@ def model_state(model: keras.Model) -> dict[str, tf.Variable]:
 
 
 def training_state(model: CrossModalityModel, epoch_counter: tf.Variable) -> dict[str, Any]:
-    """:func:`model_state` + every optimizer's variables (moments, iterations) + the epoch."""
+    """:func:`model_state` + every optimizer's variables (moments, iterations) and moving averages + the epoch."""
     state = model_state(model)
     state["epoch"] = epoch_counter
     for group, (optimizer, _) in model.optimizers().items():
@@ -252,6 +252,10 @@ def training_state(model: CrossModalityModel, epoch_counter: tf.Variable) -> dic
             for variable in optimizer.variables:
                 if id(variable) not in own:
                     state[f"optimizer/{group}/loss_scale/{variable.path.split('/', 1)[-1]}"] = variable.value
+        if group in model.weight_averages:  # the model keeps the moving averages (`use_ema`): saved under
+            # the keys they had when the optimizer kept them, so older run folders resume
+            for name, average in model.weight_averages[group].named().items():
+                state[f"optimizer/{group}/{name}"] = average.value
     return state
 
 
@@ -334,12 +338,26 @@ def float32_outputs(model: keras.Model) -> None:
     every generator's output (its residual ``x + r(x)`` too) and every discriminator's scores. The
     networks' containers run in float32 (their inputs are not rounded to 16 bits); the layers inside
     compute in the policy's 16-bit type."""
-    for layer in model._flatten_layers(include_self=True, recursive=True):  # noqa: SLF001
-        if isinstance(layer, keras.Model):  # every network and container: float32 in and out
-            layer.dtype_policy = "float32"
-            head = getattr(layer, "output_layer_name", None)  # a network's last layer (its output)
-            if head:
-                getattr(layer, head).dtype_policy = "float32"
+    for network in nested_models(model):  # every network and container: float32 in and out
+        network.dtype_policy = "float32"
+        head = getattr(network, "output_layer_name", None)  # a network's last layer (its output)
+        if head:
+            getattr(network, head).dtype_policy = "float32"
+
+
+def nested_models(model: keras.Model) -> Iterator[keras.Model]:
+    """``model`` and every `keras.Model` inside it, depth first, through the public ``Model.layers``.
+
+    Args:
+        model: a network or a method's model.
+
+    Returns:
+        An iterator over the models, ``model`` first.
+    """
+    yield model
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from nested_models(layer)
 
 
 @contextlib.contextmanager
@@ -426,7 +444,7 @@ def train(
     check_training_slices(cache)
     usable_target_volumes(cache, config)
     strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
-    keras.utils.set_random_seed(int(config["seed"]))  # after the strategy: multi-worker resets TF's context
+    keras.utils.set_random_seed(int(config["seed"]))  # after the strategy, which configures TF's context
     folder = RunFolder(run, chief)  # locked (chief) from its first write to the end of training
     with (
         precision_policy(config["precision"]),

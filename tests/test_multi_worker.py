@@ -257,6 +257,18 @@ def test_a_bad_tf_config_is_one_line_and_writes_nothing(tmp_path, cache_path, mo
     assert not run.exists()
 
 
+def test_a_cluster_after_tensorflow_already_ran_is_one_line():
+    """The cluster is configured at TensorFlow's start-up: in a process that already ran TensorFlow (a notebook,
+    this test process) multi-worker training stops with one line, before it diverts TensorFlow's log."""
+    from mkd_tf import cluster
+
+    tf.constant(1.0).numpy()  # the context is initialised
+    parsed = cluster.read_tf_config({"TF_CONFIG": tf_config(free_ports(2), 1)})
+    with pytest.raises(MkdError, match=r"^TF_CONFIG: worker 1: multi-worker training must start before") as error:
+        cluster.make_multi_worker_strategy(5.0, parsed)
+    assert "\n" not in str(error.value) and cluster.NATIVE_LOG["path"] is None
+
+
 @pytest.mark.benchmark  # ~20-30 s: kept out of make test's 10-minute budget; run with -m benchmark
 def test_a_chief_that_cannot_be_reached_is_one_line_within_the_timeout(tmp_path, cache_path):
     ports = free_ports(2)  # nothing listens on the chief's port

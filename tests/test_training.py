@@ -567,3 +567,85 @@ def test_a_deterministic_compiled_mkd_training_is_bit_reproducible(tmp_path, cac
     restored afterwards."""
     assert_two_tiny_mkd_trainings_agree(tmp_path, cache_path, eager=False, deterministic=True)
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+
+# --- moving averages in older run folders --------------------------------------------------------------
+
+
+def test_a_run_whose_optimizer_kept_the_moving_averages_loads_and_resumes(tmp_path, cache_path, monkeypatch, capsys):
+    """Run folders from before the model kept the ``use_ema`` averages hold them as Keras' optimizer kept
+    them. Such a checkpoint (written from a model whose optimizer keeps its own averages, as every run was
+    trained then) restores every value, evaluates with those averages, and resumes."""
+    overrides = tiny_runs.tiny_overrides(
+        method="target-only", schedule={"epochs": 2, "steps_per_epoch": 2}, optimizer={"ema_momentum": 0.5}
+    )
+    run = tmp_path / "run"
+    saved = tf.train.CheckpointManager.save
+
+    def save_then_die(self, *args, **kwargs):
+        path = saved(self, *args, **kwargs)
+        if kwargs.get("checkpoint_number") == 1:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save_then_die)
+    with tiny_runs.eager(), pytest.raises(KeyboardInterrupt):
+        train(cache_path, run, overrides=overrides, verbose=0)
+    monkeypatch.undo()
+
+    # The model of the code before: its optimizers built directly, so Keras keeps the averages inside them.
+    config, cache = load_config(run / "config.yaml", recorded=True), SliceCache(cache_path)
+    old = build_method(config, cache.num_classes)
+    old.build_for((cache.size, cache.size, 1))
+    for optimizer, variables in old.optimizers().values():
+        optimizer.build(variables)
+    assert not old.weight_averages
+    checkpoint = tf.train.Checkpoint(**training.training_state(old, tf.Variable(0, dtype=tf.int64)))
+    checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).assert_consumed()  # one layout
+    old.train_step(next(iter(training.training_streams(cache, config, epoch=1))))  # moves weights and averages
+    tf.train.CheckpointManager(checkpoint, run / "checkpoints", max_to_keep=1).save(checkpoint_number=1)
+    optimizer, variables = old.optimizers()["segmentors"]
+    raw = [v.numpy() for v in variables]
+    optimizer.finalize_variable_values(variables)  # Keras' public way to read its averages: into the weights
+    averaged = [v.numpy() for v in variables]
+    assert max(float(np.abs(a - r).max()) for a, r in zip(averaged, raw)) > 1e-5
+
+    loaded, _, _ = load_run(run, "last")  # the raw weights and the averages, the averages swapped in
+    for variable, expected in zip(loaded.optimizers()["segmentors"][1], averaged):
+        np.testing.assert_array_equal(variable.numpy(), expected)
+    with tiny_runs.eager():
+        train(cache_path, run, overrides=overrides, verbose=1)
+    assert f"resuming {run} after epoch 1" in capsys.readouterr().out
+    assert [e["epoch"] for e in history_of(run)["epochs"]] == [1, 2]
+
+
+def test_mixed_precision_keeps_every_networks_output_in_float32():
+    """``float32_outputs`` reaches every network of MKD through the public ``Model.layers`` (the model, its two
+    segmentors, the IAM, its two generators and two discriminators): each one and its output layer run in
+    float32, the layers inside in the policy's 16-bit type."""
+    import keras
+
+    config = load_config(overrides=tiny_runs.tiny_overrides(method="mkd", precision="mixed_bfloat16"))
+    with training.precision_policy("mixed_bfloat16"):
+        model = build_method(config, 4)
+        training.float32_outputs(model)
+    networks = list(training.nested_models(model))
+    assert len({id(network) for network in networks}) == len(networks) == 8
+    assert sorted(type(network).__name__ for network in networks) == [
+        "ImageAlignmentModule",
+        "MKDModel",
+        "PatchDiscriminator",
+        "PatchDiscriminator",
+        "ResnetGenerator",
+        "ResnetGenerator",
+        "Segmentor",
+        "Segmentor",
+    ]
+    for network in networks:
+        assert network.dtype_policy.name == "float32", network.name
+        head = getattr(network, "output_layer_name", None)
+        if head:
+            assert getattr(network, head).dtype_policy.name == "float32", network.name
+            inner = [layer for layer in network.layers if layer.name != getattr(network, head).name]
+            assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in inner), network.name
+    assert keras.mixed_precision.global_policy().name == "float32"

@@ -118,8 +118,8 @@ def test_evaluation_and_best_use_the_averaged_weights_and_resume_keeps_the_raw_o
     with tiny_runs.eager(), tiny_runs.capture_models() as built:
         train(cache_path, tmp_path / "run", overrides=overrides, verbose=0)
     model = built[-1]
-    optimizer, variables = model.optimizers()["segmentors"]
-    averages = [a.numpy() for a in optimizer._model_variables_moving_average]
+    _, variables = model.optimizers()["segmentors"]
+    averages = [average.numpy() for _, average in model.weight_averages["segmentors"].pairs()]
     raw = [v.numpy() for v in variables]
     assert max(float(abs(a - r).max()) for a, r in zip(averages, raw)) > 1e-4  # they differ after 3 steps
     best, _, _ = load_run(tmp_path / "run")

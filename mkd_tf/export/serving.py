@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mkd_tf import __version__
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import (
     check_parent_is_folder,
@@ -83,7 +84,6 @@ from mkd_tf.files import (
     write_text_atomic,
 )
 from mkd_tf.prediction_files import class_values
-from mkd_tf import __version__
 
 if TYPE_CHECKING:  # annotations only: this module imports no TensorFlow (see export_run)
     import keras

@@ -45,6 +45,7 @@ from mkd_tf.metrics import class_overlaps, dice_of_overlaps
 
 if TYPE_CHECKING:  # annotations only: TensorFlow is imported where it is used
     import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
 
 SIGNATURE = "serving_default"
 
@@ -91,30 +92,53 @@ def make_converter(
     return converter
 
 
-def interpreter(
-    model_path_or_content: str | os.PathLike | bytes, num_threads: int | None = None, delegates: bool = True
-) -> tf.lite.Interpreter:
-    """An ``ai_edge_litert`` interpreter with tensors allocated.
+def interpreter(model_path_or_content: str | os.PathLike | bytes, num_threads: int | None = None) -> Interpreter:
+    """An ``ai_edge_litert`` interpreter with tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
 
-    ``delegates=False`` skips the default XNNPACK delegate, which would replace the operators it runs
-    by ``DELEGATE`` nodes (what :func:`op_names` must not see).
-    """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    resolver = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     source = (
         {"model_content": bytes(model_path_or_content)}
         if isinstance(model_path_or_content, (bytes, bytearray))
         else {"model_path": str(model_path_or_content)}
     )
-    result = Interpreter(**source, num_threads=num_threads, experimental_op_resolver_type=resolver)
+    result = Interpreter(**source, num_threads=num_threads)
     result.allocate_tensors()
     return result
 
 
 def op_names(model_path_or_content: str | os.PathLike | bytes) -> set[str]:
-    """Set of operator names in a .tflite model as stored (``FlexXxx`` would mean TensorFlow ops were embedded)."""
-    return {op["op_name"] for op in interpreter(model_path_or_content, delegates=False)._get_ops_details()}
+    """The operators a .tflite model uses, as stored in its operator table (every subgraph).
+
+    Read from the flatbuffer with the LiteRT schema (``ai_edge_litert.schema_py_generated``): the
+    interpreter has no public list of its operators, and a delegate would hide them behind ``DELEGATE``.
+
+    Args:
+        model_path_or_content: a .tflite file or its bytes.
+
+    Returns:
+        Builtin operators by name (``CONV_2D``); a custom operator by its own name (``FlexConv2D`` would
+        mean TensorFlow ops were embedded), or ``CUSTOM`` when it has none.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    content = (
+        bytes(model_path_or_content)
+        if isinstance(model_path_or_content, (bytes, bytearray))
+        else Path(model_path_or_content).read_bytes()
+    )
+    builtin_names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    model = schema.Model.GetRootAs(content, 0)
+    names = set()
+    for index in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(index)
+        # The schema stores a builtin code twice (an int8 field from before there were 127 operators and
+        # an int32 one); the operator's is the larger of the two.
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            names.add((code.CustomCode() or b"").decode() or "CUSTOM")
+        else:
+            names.add(builtin_names.get(builtin, f"BUILTIN_{builtin}"))
+    return names
 
 
 def run_tflite(

@@ -16,6 +16,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from mkd_tf.models.moving_average import ExponentialMovingAverage
 
 #: ``schedule`` settings that only some methods read (a method lists its own in ``schedule_settings``)
 METHOD_SCHEDULE_SETTINGS = ("mkd_pretrain", "finetune_switch")
@@ -54,6 +55,8 @@ class CrossModalityModel(keras.Model):
         self.num_classes = int(num_classes)
         self.global_batch_size = int(global_batch_size)
         self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_counter")
+        #: optimizer name -> :class:`ExponentialMovingAverage` of its variables (see :meth:`build_optimizers`)
+        self.weight_averages = {}
 
     # --- losses -------------------------------------------------------------------------------
     def average(self, per_example):
@@ -108,8 +111,19 @@ class CrossModalityModel(keras.Model):
         raise NotImplementedError
 
     def build_optimizers(self):
-        """Build each optimizer on its variables (call inside `strategy.scope()`)."""
-        for optimizer, variables in self.optimizers().values():
+        """Build each optimizer on its variables (call inside `strategy.scope()`).
+
+        An optimizer made with Keras' ``use_ema=True`` asks for an exponential moving average of its
+        variables: the model keeps it (:attr:`weight_averages`, the same update and variable names, but
+        public state) and the optimizer's own is switched off, so the averages exist once.
+        """
+        for name, (optimizer, variables) in self.optimizers().items():
+            inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's averages
+            if inner.use_ema and not inner.built:
+                if inner.ema_overwrite_frequency:
+                    raise ValueError(f"optimizer {name!r}: ema_overwrite_frequency is not supported")
+                self.weight_averages[name] = ExponentialMovingAverage(variables, inner.ema_momentum)
+                inner.use_ema = False
             optimizer.build(variables)
 
     @classmethod
@@ -138,9 +152,15 @@ class CrossModalityModel(keras.Model):
             gradients = tape.gradient(loss, variables, output_gradients=optimizer.scale_loss(tf.ones_like(loss)))
         else:
             gradients = tape.gradient(loss, variables)
+        average = self.weight_averages.get(name)
+        before = tf.identity(optimizer.iterations) if average is not None else None
         # A variable the loss does not reach (e.g. the target's batch-norm set during MKD's warm start,
         # which sees assistant images only) is left alone, as Keras would, without its warning.
         optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
+        if average is not None:  # after the step, as Keras' use_ema; not after a skipped (overflowed) one
+            scaled = hasattr(optimizer, "inner_optimizer")  # only a LossScaleOptimizer skips steps
+            stepped = tf.not_equal(optimizer.iterations, before) if scaled else None
+            average.update(first=tf.equal(before, 0), stepped=stepped)
 
     #: steps at the start of training that run :meth:`pretrain_step` instead of :meth:`train_step`
     pretrain_steps = 0
@@ -153,17 +173,15 @@ class CrossModalityModel(keras.Model):
         """Called once by the training loop before the first :meth:`train_step` after the warm start."""
 
     def moving_averages(self, started_only=False):
-        """``[(variable, its moving average)]`` of every optimizer that keeps one (Keras ``use_ema=True``);
-        ``started_only``: skip optimizers that have not stepped yet (their average is not one yet)."""
+        """``[(variable, its moving average)]`` over :attr:`weight_averages` (optimizers made with Keras'
+        ``use_ema=True``); ``started_only``: skip optimizers that have not stepped yet (their average is
+        not one yet)."""
         pairs = []
-        for optimizer, variables in self.optimizers().values():
-            optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's averages
-            if not (optimizer.use_ema and optimizer.built):
-                continue
+        for name, average in self.weight_averages.items():
+            optimizer, _ = self.optimizers()[name]
             if started_only and int(optimizer.iterations.numpy()) == 0:
                 continue  # the average starts at the first step's weights
-            # Keras keeps the averages in this list, aligned with the variables given to build().
-            pairs += list(zip(variables, optimizer._model_variables_moving_average))
+            pairs += average.pairs()
         return pairs
 
     def average_by_variable(self):

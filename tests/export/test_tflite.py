@@ -105,6 +105,25 @@ def test_the_mkd_ensemble_converts_with_builtins(mkd_export, tmp_path):
     assert {"ADD", "ADD_N", "MUL"} & set(result["ops"]) and not [op for op in result["ops"] if op.startswith("Flex")]
 
 
+def test_op_names_reads_builtin_and_flex_operators_from_the_flatbuffer(tmp_path):
+    """Builtins by name; an embedded TensorFlow op (a Flex op, which this interpreter cannot even load) by its
+    own name; from bytes or a file alike."""
+    import tensorflow as tf
+
+    class Determinant(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3, 3], tf.float32)])
+        def __call__(self, x):
+            return {"y": tf.nn.softmax(tf.linalg.det(x) + tf.reduce_sum(x, axis=[1, 2]))}
+
+    module = Determinant()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.__call__.get_concrete_function()], module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    content = converter.convert()
+    (tmp_path / "flex.tflite").write_bytes(content)
+    expected = {"ADD", "SUM", "SOFTMAX", "FlexMatrixDeterminant"}
+    assert tflite.op_names(content) == tflite.op_names(tmp_path / "flex.tflite") == expected
+
+
 def test_missing_cache_is_one_line(confident_export, tmp_path):
     result = CliRunner().invoke(
         main,

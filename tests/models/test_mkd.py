@@ -461,12 +461,8 @@ def test_domain_norm_keeps_each_domains_statistics_and_starts_the_target_from_th
     for segmentor in (model.real_segmentor, model.synthetic_segmentor):
         for source, destination in segmentor.domain_variable_pairs(0, 1):
             np.testing.assert_array_equal(source.numpy(), destination.numpy())
-    averages = dict(
-        zip(
-            (id(v) for v in model.optimizers()["segmentors"][1]),
-            model.segmentor_optimizer._model_variables_moving_average,
-        )
-    )
+    averages = model.average_by_variable()
+    assert averages  # the segmentors' (use_ema) averages, kept by the model
     for source, destination in model.real_segmentor.domain_variable_pairs(0, 1):
         if id(source) in averages:
             np.testing.assert_array_equal(averages[id(source)].numpy(), averages[id(destination)].numpy())

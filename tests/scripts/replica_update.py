@@ -42,7 +42,9 @@ ALIGNMENT = {"base_filters": 4, "num_blocks": 1, "disc_filters": 4, "disc_layers
 
 def make_model(global_batch_size):
     # Plain SGD: the update is lr * gradient, so any error in the loss scaling shows up 1:1.
-    optimizers = {name: keras.optimizers.SGD(0.1) for name in ("segmentors", "generators", "discriminators")}
+    optimizers = {name: keras.optimizers.SGD(0.1) for name in ("generators", "discriminators")}
+    # The segmentors' weights are averaged (``use_ema``, kept by the model): updated on every replica too.
+    optimizers["segmentors"] = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
     model = MKDModel(CLASSES, global_batch_size, segmentor=SEGMENTOR, alignment=ALIGNMENT, optimizers=optimizers)
     model.build_for((SIZE, SIZE, 1))
     model.build_optimizers()
@@ -50,11 +52,11 @@ def make_model(global_batch_size):
 
 
 def state(model):
-    """Every model and optimizer variable, in a fixed order."""
+    """Every model and optimizer variable and weight average, in a fixed order."""
     variables = list(model.variables)
     for optimizer, _ in model.optimizers().values():
         variables += list(optimizer.variables)
-    return variables
+    return variables + [average for _, average in model.moving_averages()]
 
 
 def fixed_batch():
