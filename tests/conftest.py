@@ -32,6 +32,39 @@ from mkd_tf.data.preprocess import PreprocessConfig
 # import them (they start a cluster at import).
 collect_ignore_glob = ["scripts/*"]
 
+# `make test` runs `-n 2 --dist loadfile`: a worker takes a whole file at a time, and the wall time is that
+# of the worker that ends last. So the longest files start first, longest first (measured with --durations;
+# relative cost), and the short ones fill in at the end. xdist's own order (most tests first) queued the
+# demo's file last, where it ran alone for minutes: pytest_configure turns it off.
+LONGEST_FIRST = (
+    "tests/test_training.py",
+    "tests/export/test_serving.py",
+    "tests/test_multi_worker.py",
+    "tests/test_training_bad_inputs.py",
+    "tests/cli/test_demo_cli.py",
+    "tests/cli/test_method_cli.py",
+    "tests/models/test_mkd.py",
+    "tests/models/test_alignment.py",
+    "tests/test_inference.py",
+    "tests/models/test_ummkd.py",
+    "tests/models/test_segmentor.py",
+    "tests/export/test_tflite.py",
+    "tests/export/test_client.py",
+    "tests/test_evaluation.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist's --no-loadscope-reorder: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the files :data:`LONGEST_FIRST`, then the others in collection order (a stable sort)."""
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 PHANTOM_SHAPE = (32, 32, 16)
 PHANTOM_CT, PHANTOM_MR = 3, 2
 # Native CT spacing of the phantom (RAS order): with it, the cache is the CT grid itself.

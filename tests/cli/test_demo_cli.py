@@ -1,5 +1,6 @@
 """`mkd demo`: the whole first-impression path at a two-step budget leaves every file it promises."""
 
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -9,6 +10,11 @@ from click.testing import CliRunner
 
 from mkd_cli.main import main
 from mkd_tf.data.layouts import MMWHS_LABELS
+
+PARITY = re.compile(
+    r"parity \(none, \d+ test slices\): Dice agreement (?P<agreement>[\d.]+) \(threshold (?P<threshold>[\d.]+)\), "
+    r"pixel agreement (?P<pixels>[\d.]+), max \|probability difference\| (?P<difference>[\d.e+-]+)"
+)
 
 
 def test_demo_writes_a_label_map_on_the_input_grid_an_overlay_a_savedmodel_and_a_tflite(tmp_path):
@@ -20,7 +26,13 @@ def test_demo_writes_a_label_map_on_the_input_grid_an_overlay_a_savedmodel_and_a
     )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "mkd — ensemble (test, 1 volumes)" in result.output
-    assert "Dice agreement 1.0000" in result.output  # the TFLite parity check ran and agreed
+    # The TFLite parity check ran and agreed. Not to the last label: a two-step model has near-ties, and
+    # float32 TFLite differs from the SavedModel in round-off (max |probability difference| 3.0e-8 on
+    # seeds 0 and 1, where 9 and 4 of the 85,248 parity pixels have a top-2 gap below 1e-7, i.e. can flip).
+    parity = PARITY.search(result.output)
+    assert parity, result.output
+    assert float(parity["threshold"]) == 0.99 and float(parity["agreement"]) >= 0.99
+    assert float(parity["pixels"]) >= 0.999 and float(parity["difference"]) < 1e-5
 
     image = out / "phantom" / "ct_train" / "ct_train_1005_image.nii.gz"
     segmentation = nib.load(out / "ct_train_1005_mkd.nii.gz")

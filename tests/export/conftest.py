@@ -10,6 +10,9 @@
 Slices are 32 x 32 at 3.2 mm in-plane (a 48 x 48 x 16 phantom), so the structures are several pixels
 wide; five CT cases give a 3 / 1 / 1 train / val / test split. The 32 x 32 window cuts off a few
 labelled voxels of two cases (14 and 21), accepted with ``allow_crop`` to keep the fixtures small.
+
+The phantom, the cache and the two runs are built once per session and shared by the xdist workers
+(:mod:`tests.scripts.session_folders`): the export test files land on both workers of `make test`.
 """
 
 import os
@@ -18,6 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+from tests.scripts.session_folders import shared_folder  # noqa: E402
+
 TINY_ALIGNMENT = {"base_filters": 4, "num_blocks": 1, "disc_filters": 4, "disc_layers": 2}
 
 
@@ -25,7 +30,10 @@ TINY_ALIGNMENT = {"base_filters": 4, "num_blocks": 1, "disc_filters": 4, "disc_l
 def phantom(tmp_path_factory):
     from mkd_tf.data.phantom import write_phantom
 
-    return write_phantom(tmp_path_factory.mktemp("phantom") / "data", n_ct=5, n_mr=2, shape=(48, 48, 16))
+    def build(folder):
+        write_phantom(folder / "data", n_ct=5, n_mr=2, shape=(48, 48, 16))
+
+    return shared_folder(tmp_path_factory, "export_phantom", build)[0] / "data"
 
 
 @pytest.fixture(scope="session")
@@ -42,48 +50,52 @@ def cache(phantom, tmp_path_factory):
     from mkd_tf.data.preprocess import PreprocessConfig
 
     options = PrepareOptions(preprocess=PreprocessConfig(spacing=(3.2, 3.2, 7.5), size=32), allow_crop=True)
-    return prepare_cache(
-        f"{phantom}/ct_train", f"{phantom}/mr_train", tmp_path_factory.mktemp("cache") / "cache", options
-    )
+
+    def build(folder):
+        prepare_cache(f"{phantom}/ct_train", f"{phantom}/mr_train", folder / "cache", options)
+
+    return shared_folder(tmp_path_factory, "export_cache", build)[0] / "cache"
 
 
 @pytest.fixture(scope="session")
 def mkd_run(cache, tmp_path_factory):
     from mkd_tf.training import train
 
-    run = tmp_path_factory.mktemp("runs") / "mkd"
-    train(
-        cache,
-        run,
-        overrides={
-            "schedule": {"epochs": 1, "steps_per_epoch": 2},
-            "data": {"batch_size": 2},
-            "segmentor": {"base_filters": 4, "depth": 2},
-            "alignment": TINY_ALIGNMENT,
-        },
-        verbose=0,
-    )
-    return run
+    def build(run):
+        train(
+            cache,
+            run,
+            overrides={
+                "schedule": {"epochs": 1, "steps_per_epoch": 2},
+                "data": {"batch_size": 2},
+                "segmentor": {"base_filters": 4, "depth": 2},
+                "alignment": TINY_ALIGNMENT,
+            },
+            verbose=0,
+        )
+
+    return shared_folder(tmp_path_factory, "export_mkd_run", build)[0]
 
 
 @pytest.fixture(scope="session")
 def confident_run(cache, tmp_path_factory):
     from mkd_tf.training import train
 
-    run = tmp_path_factory.mktemp("runs") / "target_only"
-    train(
-        cache,
-        run,
-        overrides={
-            "method": "target-only",
-            "schedule": {"epochs": 6, "steps_per_epoch": 50},
-            "data": {"batch_size": 8, "augment": False},
-            "optimizer": {"segmentor_lr": 1e-2},
-            "segmentor": {"base_filters": 8, "depth": 2},
-        },
-        verbose=0,
-    )
-    return run
+    def build(run):
+        train(
+            cache,
+            run,
+            overrides={
+                "method": "target-only",
+                "schedule": {"epochs": 6, "steps_per_epoch": 50},
+                "data": {"batch_size": 8, "augment": False},
+                "optimizer": {"segmentor_lr": 1e-2},
+                "segmentor": {"base_filters": 8, "depth": 2},
+            },
+            verbose=0,
+        )
+
+    return shared_folder(tmp_path_factory, "export_confident_run", build)[0]
 
 
 @pytest.fixture(scope="session")

