@@ -126,7 +126,9 @@ class CrossModalityModel(keras.Model):
             gradients = tape.gradient(loss, variables)
         # A variable the loss does not reach (e.g. the target's batch-norm set during MKD's warm start,
         # which sees assistant images only) is left alone, as Keras would, without its warning.
-        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
+        # (the name scope lets benchmarks/training_cost.py attribute the update's FLOPs to ``name``)
+        with tf.name_scope(f"{name}_update"):
+            optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
 
     #: steps at the start of training that run :meth:`pretrain_step` instead of :meth:`train_step`
     pretrain_steps = 0
