@@ -4,6 +4,18 @@ measured conv peak, and the price of multi-worker training (run by hand; not a t
     .venv/bin/python benchmarks/training_cost.py                  # = --size 48 256 --steps 5 --workers 1 2
     .venv/bin/python benchmarks/training_cost.py --size 48 --methods target-only mkd --steps 3 --out /tmp/cost
     .venv/bin/python benchmarks/training_cost.py --steps 0        # FLOPs only (tracing, ~3 min)
+    .venv/bin/python benchmarks/training_cost.py --breakdown --size 48 256   # MKD's FLOPs by part + candidates
+
+``--breakdown`` (FLOPs only, ~30 min on a loaded 2-core machine: tracing) writes
+``benchmarks/results/training_cost_breakdown.md`` (+ ``.json``): one MKD distillation step and one warm-start step
+split into their parts (MKDModel's name scopes: each segmentor pass, the generators, the cycle, the
+discriminators, the structure loss, each forward with its backward, and the optimizer updates), and every
+``CANDIDATES`` entry (a cheaper IAM setting or variant) per step and per run against joint. It also counts
+**executed** FLOPs: only the ops a call runs (ancestors of the step's outputs and stateful ops); the graph count
+below includes gradients the tape builds but no optimizer takes, which the ``tf.function`` prunes.
+
+A method with a warm start (``mkd``) also gets a row ``mkd (run average)``: its two steps weighted by their
+shares of a run (``schedule.mkd_pretrain`` warm start, the rest distillation).
 
 Expected duration of the default (full) run on 2 idle cores: roughly 1.5-2.5 h (estimated from the
 counted FLOPs and 30-45 GFLOP/s, not measured); about two thirds of it is 256 x 256 ``mkd`` (5.9 TFLOP
@@ -714,8 +726,9 @@ def run_average(rows):
             for key in ("conv_share", "backward_share", "optimizer_share")
         },
     )
-    if "executed_flops" in train:
-        average["executed_flops"] = mean("executed_flops")
+    for key in ("executed_flops", "graph_flops_weighted"):
+        if key in train:
+            average[key] = mean(key)
     return average
 
 
@@ -934,6 +947,15 @@ def breakdown_markdown(result):
     def find(size, method, phase):
         return next(r for r in rows if r["size"] == size and r["method"] == method and r["phase"] == phase)
 
+    def graph(row):
+        """The graph count, with ``discriminator_every``'s update counted 1/k of the steps as executed is."""
+        if "graph_flops_weighted" in row or row["phase"] != "run average":
+            return row.get("graph_flops_weighted", row["flops"])
+        share = row["mkd_pretrain"]
+        return share * graph(find(row["size"], row["method"], "warm start")) + (1 - share) * graph(
+            find(row["size"], row["method"], "train")
+        )
+
     for size in result["sizes"]:
         steps = {"train": find(size, "mkd", "train"), "warm start": find(size, "mkd", "warm start")}
         parts = [p for p in MKD_PARTS if any(p in r["parts"] for r in steps.values())]
@@ -991,9 +1013,9 @@ def breakdown_markdown(result):
             cells = [find(size, label, phase) for phase in ("train", "warm start", "run average")]
             lines.append(
                 f"| {size} | {label} | `{result['candidate_settings'][str(size)][label]}` | "
-                + " | ".join(f"{c['executed_flops'] / g:.2f} ({c['flops'] / g:.2f})" for c in cells)
+                + " | ".join(f"{c['executed_flops'] / g:.2f} ({graph(c) / g:.2f})" for c in cells)
                 + f" | {cells[2]['executed_flops'] / joint['executed_flops']:.2f} | "
-                f"{cells[2]['flops'] / joint['flops']:.2f} |"
+                f"{graph(cells[2]) / joint['flops']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
