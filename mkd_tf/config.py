@@ -317,6 +317,12 @@ def load_config(path=None, overrides=None, recorded=False):
             f"setting 'schedule.select_by' must be one of {', '.join(method.predictors)} for method "
             f"{config['method']}, got {select_by!r}",
         )
+    if config["alignment"]["discriminator_every"] > 1 and config["strategy"] in ("mirrored", "multi-worker"):
+        fail(
+            where,
+            f"setting 'alignment.discriminator_every' > 1 needs strategy default or auto, got {config['strategy']!r} "
+            "(a distribution strategy cannot skip the discriminators' update on some steps)",
+        )
     if config["alignment"]["freeze_after_warm_start"] and config["schedule"]["mkd_pretrain"] == 0:
         fail(
             where,

@@ -226,3 +226,9 @@ def test_the_iam_cost_settings_are_checked_in_one_line():
     assert str(raised.value) == (
         "config: setting 'alignment.freeze_after_warm_start' needs schedule.mkd_pretrain > 0 (the IAM's only training)"
     )
+    with pytest.raises(MkdError) as raised:
+        load_config(overrides={"alignment": {"discriminator_every": 2}, "strategy": "mirrored"})
+    assert str(raised.value) == (
+        "config: setting 'alignment.discriminator_every' > 1 needs strategy default or auto, got 'mirrored' "
+        "(a distribution strategy cannot skip the discriminators' update on some steps)"
+    )

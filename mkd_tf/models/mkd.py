@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from mkd_tf import losses
+from mkd_tf.errors import fail
 from mkd_tf.models.alignment import ImageAlignmentModule
 from mkd_tf.models.cross_modality import CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
@@ -543,6 +544,14 @@ class MKDModel(CrossModalityModel):
         if self.discriminator_every == 1:
             losses_by_optimizer["discriminators"] = logs["discriminator"]
             return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
+        if tf.distribute.has_strategy():
+            # A replica's apply_gradients all-reduces the gradients (a merge_call), which TensorFlow does not
+            # allow inside a tf.cond: skipping updates needs the default strategy (one replica).
+            fail(
+                "alignment.discriminator_every",
+                f"{self.discriminator_every} needs strategy default (or auto without GPUs): a distribution "
+                "strategy cannot skip the discriminators' update on some steps",
+            )
         # Read the step number before end_step counts this step: the discriminators learn on steps 0, k, 2k, ...
         due = tf.equal(self.step_counter % self.discriminator_every, 0)
         logs = self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)

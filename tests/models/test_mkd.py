@@ -799,3 +799,12 @@ def test_the_cost_settings_reach_the_model_and_mkd_lite_trains():
     # the defaults: the full IAM
     default = build_method(load_config(overrides=overrides), CLASSES)
     assert (default.target_cycle, default.discriminator_every, default.freeze_iam_after_warm_start) == (True, 1, False)
+
+
+def test_skipping_discriminator_updates_under_a_distribution_strategy_fails_in_one_line():
+    from mkd_tf.errors import MkdError
+
+    model = make_model(sgd=0.05, discriminator_every=2)
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope(), pytest.raises(MkdError) as raised:
+        model.train_step(make_batch())
+    assert str(raised.value).startswith("alignment.discriminator_every: 2 needs strategy default")
