@@ -4,6 +4,18 @@ measured conv peak, and the price of multi-worker training (run by hand; not a t
     .venv/bin/python benchmarks/training_cost.py                  # = --size 48 256 --steps 5 --workers 1 2
     .venv/bin/python benchmarks/training_cost.py --size 48 --methods target-only mkd --steps 3 --out /tmp/cost
     .venv/bin/python benchmarks/training_cost.py --steps 0        # FLOPs only (tracing, ~3 min)
+    .venv/bin/python benchmarks/training_cost.py --breakdown --size 48 256   # MKD's FLOPs by part + candidates
+
+``--breakdown`` (FLOPs only, ~30 min on a loaded 2-core machine: tracing) writes
+``benchmarks/results/training_cost_breakdown.md`` (+ ``.json``): one MKD distillation step and one warm-start step
+split into their parts (MKDModel's name scopes: each segmentor pass, the generators, the cycle, the
+discriminators, the structure loss, each forward with its backward, and the optimizer updates), and every
+``CANDIDATES`` entry (a cheaper IAM setting or variant) per step and per run against joint. It also counts
+**executed** FLOPs: only the ops a call runs (ancestors of the step's outputs and stateful ops); the graph count
+below includes gradients the tape builds but no optimizer takes, which the ``tf.function`` prunes.
+
+A method with a warm start (``mkd``) also gets a row ``mkd (run average)``: its two steps weighted by their
+shares of a run (``schedule.mkd_pretrain`` warm start, the rest distillation).
 
 Expected duration of the default (full) run on 2 idle cores: roughly 1.5-2.5 h (estimated from the
 counted FLOPs and 30-45 GFLOP/s, not measured); about two thirds of it is 256 x 256 ``mkd`` (5.9 TFLOP
@@ -116,11 +128,16 @@ def network_choice(size, config_path):
     return None, "defaults"
 
 
-def method_config(method, size, args):
+def method_config(method, size, args, extra=None):
+    """The config of ``method`` at ``size`` (``extra``: nested overrides merged over it, e.g. a candidate's)."""
     from mkd_tf.config import load_config
 
     path, _ = network_choice(size, args.config)
+    if extra:
+        base = load_config(path, {"method": method})
+        extra = extra(base) if callable(extra) else extra
     overrides = {
+        **(extra or {}),
         "method": method,
         "strategy": "default",
         "precision": "float32",
@@ -188,8 +205,9 @@ def _function_graph(graph, name):
     raise KeyError(f"function {name} not found in the graph or its outer graphs")
 
 
-#: top-level name scopes of the Keras optimizers' updates: adam, adam_1, loss_scale_optimizer, ...
-OPTIMIZER_SCOPE = re.compile(r"^(adam|adamw|sgd|loss_scale_optimizer)(_\d+)?/")
+#: name scopes of the Keras optimizers' updates: adam, adam_1, loss_scale_optimizer, ..., and the methods'
+#: ``NAME_update`` scope around them (CrossModalityModel.step), also inside a ``tf.cond`` branch
+OPTIMIZER_SCOPE = re.compile(r"(^|/)((adam|adamw|sgd|loss_scale_optimizer)(_\d+)?|\w+_update)/")
 
 
 def _part(op, inherited):
@@ -198,7 +216,7 @@ def _part(op, inherited):
         return inherited
     if "gradient_tape" in op.name or op.type == "AddN":
         return "backward"
-    if OPTIMIZER_SCOPE.match(op.name):
+    if OPTIMIZER_SCOPE.search(op.name):
         return "optimizer"
     return "forward"
 
@@ -295,6 +313,118 @@ def summarise_flops(flops, profiled):
         "missing_shape_ops": flops["missing_shape"],
         "control_flow": dict(flops["control_flow"]),
         "largest_conv": {**largest, "hand_flops": hand} if largest else None,
+    }
+
+
+# --- where an MKD step's FLOPs go ----------------------------------------------------------------------
+
+#: MKDModel's name scopes (mkd_tf/models/mkd.py) in the order of the breakdown table, with their labels
+MKD_PARTS = {
+    "generator_align": "G(assistant): the aligned images",
+    "segmentor_syn_on_assistant": "S_syn on assistant images (warm start)",
+    "segmentor_real_on_assistant": "S_real on assistant images (warm start)",
+    "segmentor_syn_on_aligned": "S_syn on aligned images",
+    "segmentor_real_on_aligned": "S_real on aligned images (KD student)",
+    "segmentor_real_reads_aligned_as_target": "S_real reads aligned images as target",
+    "segmentor_real_on_labelled_target": "S_real on labelled target images",
+    "segmentor_syn_on_labelled_target": "S_syn on labelled target images",
+    "segmentor_real_on_target": "S_real on target images (KD teacher)",
+    "segmentor_syn_on_target": "S_syn on target images (KD student)",
+    "generator_target_to_assistant": "F(target)",
+    "cycle_assistant": "assistant cycle F(G(assistant))",
+    "cycle_target": "target cycle G(F(target))",
+    "discriminators_on_translated": "discriminators on G(assistant), F(target)",
+    "discriminators_on_real": "discriminators on real images",
+    "structure_loss": "structure loss",
+    "other": "losses, softmax, other small ops",
+}
+#: the optimizers (CrossModalityModel.step's ``NAME_backward`` / ``NAME_update`` scopes)
+OPTIMIZERS = ("segmentors", "generators", "discriminators")
+
+
+def live_ops(graph):
+    """The ops of ``graph`` a call executes: the ancestors of its outputs and of its stateful ops (updates,
+    variable reads). A ``tf.function`` prunes the others, e.g. the gradients the tape builds for a
+    network's weights that no optimizer takes (the filter gradients of S_syn in G's loss)."""
+    stack = [t.op for t in graph.outputs] + [op for op in graph.get_operations() if op._is_stateful]
+    live = set()
+    while stack:
+        op = stack.pop()
+        if op.name in live:
+            continue
+        live.add(op.name)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return live
+
+
+def _scope(name):
+    """``(part, kind)`` of an op name: a :data:`MKD_PARTS` key (or an optimizer's update) and one of
+    ``forward``, ``backward`` (the tape names a gradient op ``gradient_tape/<forward op's name>``, whichever
+    loss it belongs to), ``update``."""
+    scopes = name.split("/")
+    for optimizer in OPTIMIZERS:
+        if f"{optimizer}_update" in scopes[:-1]:
+            return f"{optimizer} update", "update"
+    if scopes[0].startswith("gradient_tape") and len(scopes) > 2:
+        return _known(scopes[1]), "backward"
+    return _known(scopes[0]), "forward"
+
+
+def _known(scope):
+    scope = re.sub(r"_\d+$", "", scope)
+    return scope if scope in MKD_PARTS else "other"
+
+
+def scoped_flops(graph, every_k=1, live_only=True, scope=None):
+    """FLOPs per ``(part, kind)`` (:func:`_scope`) of ``graph``, recursing into nested functions; ops
+    inside a function are named after their own scopes when they have one, else the calling op's.
+    ``live_only``: count only :func:`live_ops`. The ``tf.cond`` of ``discriminator_every`` = k counts its
+    update branch 1/k of the time (its average per step); other conditionals their costlier branch."""
+    from tensorflow.python.framework import ops as tf_ops
+
+    counts = collections.Counter()
+    live = live_ops(graph) if live_only else None
+    for op in graph.get_operations():
+        if live is not None and op.name not in live:
+            continue
+        part = _scope(op.name)
+        if part == ("other", "forward") and scope is not None:
+            part = scope
+        if op.type in ("If", "StatelessIf"):
+            branches = [
+                scoped_flops(_function_graph(graph, op.get_attr(b).name), every_k, live_only, part)
+                for b in ("then_branch", "else_branch")
+            ]
+            if "discriminators_every_k" in op.name:
+                for key in set(branches[0]) | set(branches[1]):
+                    counts[key] += branches[0][key] / every_k + branches[1][key] * (1 - 1 / every_k)
+            else:
+                counts.update(max(branches, key=lambda b: sum(b.values())))
+            continue
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall", "While", "StatelessWhile"):
+            body = op.get_attr("f" if "Call" in op.type else "body").name
+            counts.update(scoped_flops(_function_graph(graph, body), every_k, live_only, part))
+            continue
+        try:
+            value = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
+        except ValueError:
+            continue
+        if value:
+            counts[part] += int(value)
+    return counts
+
+
+def breakdown_summary(graph, every_k):
+    """``{"executed": flops, "graph": flops, "parts": {part: {kind: flops}}}`` of one step's graph."""
+    executed = scoped_flops(graph, every_k)
+    parts = collections.defaultdict(dict)
+    for (part, kind), value in executed.items():
+        parts[part][kind] = parts[part].get(kind, 0) + value
+    return {
+        "executed_flops": sum(executed.values()),
+        "graph_flops_weighted": sum(scoped_flops(graph, every_k, live_only=False).values()),
+        "parts": dict(parts),
     }
 
 
@@ -495,14 +625,15 @@ def worker_main(spec):
 # --- the benchmark ----------------------------------------------------------------------------------------
 
 
-def measure_method(method, size, args):
-    """FLOPs and default-strategy timing of every phase of one method (this process)."""
+def measure_method(method, size, args, label=None, extra=None):
+    """FLOPs and default-strategy timing of every phase of one method (this process); ``label`` and
+    ``extra`` (overrides, or a function of the base config returning them) name and set a candidate."""
     import keras
     import tensorflow as tf
 
     from mkd_tf.training import step_functions
 
-    config = method_config(method, size, args)
+    config = method_config(method, size, args, extra)
     batch_size = int(config["data"]["batch_size"])
     strategy = tf.distribute.get_strategy()
     started = time.perf_counter()
@@ -519,7 +650,7 @@ def measure_method(method, size, args):
         row = {
             "size": size,
             "networks": network_choice(size, args.config)[1],
-            "method": method,
+            "method": label or method,
             "phase": phase,
             "batch": batch_size,
             "segmentor": config["segmentor"],
@@ -528,6 +659,11 @@ def measure_method(method, size, args):
             "trace_seconds": trace_seconds,
             **summarise_flops(graph_flops(graph), profiler_flops(graph)),
         }
+        if method == "mkd":
+            row.update(breakdown_summary(graph, int(config["alignment"]["discriminator_every"])))
+            row["mkd_pretrain"] = float(config["schedule"]["mkd_pretrain"])
+        else:
+            row["executed_flops"] = sum(scoped_flops(graph).values())
         if args.steps:
             row["rss_before_mb"] = reset_peak_rss()
             row["seconds"] = time_steps(step, batch, args.steps, args.warmup)
@@ -538,7 +674,8 @@ def measure_method(method, size, args):
             row["loadavg"] = os.getloadavg()
         rows.append(row)
         print(
-            f"  {size}x{size} {method} ({phase}): {row['flops'] / 1e9:.2f} GFLOP/step"
+            f"  {size}x{size} {row['method']} ({phase}): {row['flops'] / 1e9:.2f} GFLOP/step"
+            + (f" (executed {row['executed_flops'] / 1e9:.2f})" if "executed_flops" in row else "")
             + (
                 f", {row['median_seconds']:.3f} s/step, {row['gflops_per_second']:.1f} GFLOP/s, "
                 f"peak RSS {row['peak_rss_mb']:.0f} MiB"
@@ -550,7 +687,49 @@ def measure_method(method, size, args):
     del model, pretrain_step, train_step
     keras.backend.clear_session()
     gc.collect()
+    average = run_average(rows)
+    if average:
+        rows.append(average)
+        print(
+            f"  {size}x{size} {average['method']} (run average): {average['flops'] / 1e9:.2f} GFLOP/step"
+            + (f" (executed {average['executed_flops'] / 1e9:.2f})" if "executed_flops" in average else ""),
+            flush=True,
+        )
     return config, rows
+
+
+def run_average(rows):
+    """The FLOPs per step of a whole run of a method with a warm start: its two steps weighted by their
+    shares of the run (``schedule.mkd_pretrain`` of the steps warm start, the rest ``train``); None
+    without a warm start row."""
+    by_phase = {row["phase"]: row for row in rows}
+    if "warm start" not in by_phase or "train" not in by_phase:
+        return None
+    warm, train = by_phase["warm start"], by_phase["train"]
+    share = train.get("mkd_pretrain", 0.7)
+    weights = ((warm, share), (train, 1.0 - share))
+
+    def mean(key):
+        return sum(row[key] * weight for row, weight in weights)
+
+    flops = mean("flops")
+    average = {
+        key: train[key] for key in ("size", "networks", "method", "batch", "segmentor", "alignment", "mkd_pretrain")
+    }
+    average.update(
+        phase="run average",
+        flops=flops,
+        profiler_flops=mean("profiler_flops"),
+        control_flow={},
+        **{
+            key: sum(row[key] * row["flops"] * weight for row, weight in weights) / flops
+            for key in ("conv_share", "backward_share", "optimizer_share")
+        },
+    )
+    for key in ("executed_flops", "graph_flops_weighted"):
+        if key in train:
+            average[key] = mean(key)
+    return average
 
 
 def cpu_model():
@@ -677,6 +856,220 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+# --- the breakdown report (--breakdown) -------------------------------------------------------------------
+
+
+def _half_generators(config):
+    alignment = config["alignment"]
+    return {
+        "alignment": {
+            "base_filters": max(1, alignment["base_filters"] // 2),
+            "num_blocks": alignment["num_blocks"] // 2,
+        }
+    }
+
+
+#: label -> (method or variant, overrides or a function of the size's config returning them)
+CANDIDATES = {
+    "mkd": ("mkd", None),
+    "target cycle off": ("mkd", {"alignment": {"target_cycle": False}}),
+    "discriminators every 2nd step": ("mkd", {"alignment": {"discriminator_every": 2}}),
+    "discriminators every 4th step": ("mkd", {"alignment": {"discriminator_every": 4}}),
+    "IAM frozen after the warm start": ("mkd", {"alignment": {"freeze_after_warm_start": True}}),
+    "generators half size": ("mkd", _half_generators),
+    "mkd-lite": ("mkd-lite", None),
+    "mkd-lite + generators half size": ("mkd-lite", _half_generators),
+}
+
+
+def measure_candidate(label, size, args):
+    """Rows of one :data:`CANDIDATES` entry (a registered variant's overrides under the candidate's)."""
+    from mkd_tf import registry
+
+    name, extra = CANDIDATES[label]
+    variant = registry.variant_overrides(name) if name in registry.VARIANTS else {}
+
+    def overrides(base):
+        own = extra(base) if callable(extra) else (extra or {})
+        merged = {section: dict(values) if isinstance(values, dict) else values for section, values in variant.items()}
+        for section, values in own.items():
+            merged.setdefault(section, {}).update(values)
+        return merged
+
+    return measure_method(registry.method_of(name).name, size, args, label, overrides)[1]
+
+
+def uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"load average {os.getloadavg()}"
+
+
+def git_commit():
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def breakdown_markdown(result):
+    """The breakdown tables: per size, MKD's two steps by part, then every candidate's FLOPs per step."""
+    g = 1e9
+    lines = [
+        "# Where MKD's training FLOPs go",
+        "",
+        (
+            f"Date: {result['date']}; commit `{result['commit']}` (plus the working tree's changes, if any); command "
+            f"`{result['command']}`; networks: 48x48 `benchmarks/compare_phantom.yaml` (the phantom comparison's), "
+            f"256x256 the config defaults; batch {result['batch']} slices per stream, float32, no XLA; "
+            f"{result['cpus']} CPUs; `uptime`: {result['uptime']}. FLOPs only (counted from the traced graph, "
+            "nothing is timed, so the load does not change them)."
+        ),
+        "",
+        (
+            "Counting: TensorFlow's FLOP registry over the step's `tf.function` graph (the `GFLOP/step` of "
+            "`training_cost.md`). **graph** counts every op the trace holds; **executed** counts only the ops a call "
+            "runs: the ancestors of the step's outputs and of its stateful ops (the variable updates). The tape "
+            "builds gradients nobody takes (e.g. S_syn's filter gradients in G's loss, the input gradients of "
+            "networks on real images, the discriminators' loss back into the generators), which the `tf.function` "
+            "prunes; the executed count is the work done. Parts are MKDModel's name scopes "
+            "(`mkd_tf/models/mkd.py`); a part's backward is the gradient ops of its forward ops (the tape names "
+            "them after them), summed over the three losses that reach it; `discriminator_every` = k counts the "
+            "discriminators' update (its `tf.cond` branch) 1/k of the steps. Run average: "
+            f"{result['mkd_pretrain']:.0%} warm-start steps (`schedule.mkd_pretrain`), the rest distillation."
+        ),
+    ]
+    rows = result["rows"]
+
+    def find(size, method, phase):
+        return next(r for r in rows if r["size"] == size and r["method"] == method and r["phase"] == phase)
+
+    def graph(row):
+        """The graph count, with ``discriminator_every``'s update counted 1/k of the steps as executed is."""
+        if "graph_flops_weighted" in row or row["phase"] != "run average":
+            return row.get("graph_flops_weighted", row["flops"])
+        share = row["mkd_pretrain"]
+        return share * graph(find(row["size"], row["method"], "warm start")) + (1 - share) * graph(
+            find(row["size"], row["method"], "train")
+        )
+
+    for size in result["sizes"]:
+        steps = {"train": find(size, "mkd", "train"), "warm start": find(size, "mkd", "warm start")}
+        parts = [p for p in MKD_PARTS if any(p in r["parts"] for r in steps.values())]
+        parts += [f"{o} update" for o in OPTIMIZERS if any(f"{o} update" in r["parts"] for r in steps.values())]
+        lines += [
+            "",
+            f"## {size}x{size} ({steps['train']['networks']} networks): one MKD step by part, executed GFLOP",
+            "",
+            "| part | distillation fwd | bwd | total | % | warm start fwd | bwd | total | % |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for part in parts:
+            cells = []
+            for row in steps.values():
+                kinds = row["parts"].get(part, {})
+                total = sum(kinds.values())
+                forward = kinds.get("forward", 0) + kinds.get("update", 0)
+                cells += (
+                    [fmt(forward, 2, g), fmt(kinds.get("backward", 0), 2, g), fmt(total, 2, g)]
+                    + [f"{100 * total / row['executed_flops']:.1f}"]
+                    if kinds
+                    else ["", "", "", ""]
+                )
+            lines.append(f"| {MKD_PARTS.get(part, part)} | " + " | ".join(cells) + " |")
+        totals = []
+        for row in steps.values():
+            forward = sum(k.get("forward", 0) + k.get("update", 0) for k in row["parts"].values())
+            backward = sum(k.get("backward", 0) for k in row["parts"].values())
+            totals += [fmt(forward, 2, g), fmt(backward, 2, g), f"**{row['executed_flops'] / g:.2f}**", "100"]
+        lines.append("| **executed, whole step** | " + " | ".join(totals) + " |")
+        lines.append(
+            "| graph (incl. pruned ops) | | | "
+            + " | | | | ".join(f"{row['flops'] / g:.2f}" for row in steps.values())
+            + " | |"
+        )
+    lines += [
+        "",
+        "## Candidates: GFLOP per step (executed; graph count in brackets) and the run average's ratio to joint's",
+        "",
+        (
+            "Joint's step (one segmentor on the assistant and the labelled target, 2 x batch slices) is its "
+            "run average (one phase)."
+        ),
+        "",
+        "| size | candidate | settings | distillation | warm start | run average | x joint (executed) | x joint (graph) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size in result["sizes"]:
+        joint = find(size, "joint", "train")
+        lines.append(
+            f"| {size} | joint | | {joint['executed_flops'] / g:.2f} ({joint['flops'] / g:.2f}) | | "
+            f"{joint['executed_flops'] / g:.2f} ({joint['flops'] / g:.2f}) | 1.00 | 1.00 |"
+        )
+        for label in result["candidates"]:
+            cells = [find(size, label, phase) for phase in ("train", "warm start", "run average")]
+            lines.append(
+                f"| {size} | {label} | `{result['candidate_settings'][str(size)][label]}` | "
+                + " | ".join(f"{c['executed_flops'] / g:.2f} ({graph(c) / g:.2f})" for c in cells)
+                + f" | {cells[2]['executed_flops'] / joint['executed_flops']:.2f} | "
+                f"{graph(cells[2]) / joint['flops']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def breakdown_main(args):
+    """``--breakdown``: joint and every :data:`CANDIDATES` entry at every size, FLOPs only."""
+    import datetime
+
+    from mkd_tf.config import load_config
+
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "uptime": uptime(),
+        "cpus": os.cpu_count(),
+        "sizes": args.size,
+        "candidates": args.candidates,
+        "candidate_settings": {},
+        "rows": [],
+    }
+    for size in args.size:
+        result["rows"] += measure_method("joint", size, args)[1]
+        settings = result["candidate_settings"][str(size)] = {}
+        for label in args.candidates:
+            rows = measure_candidate(label, size, args)
+            result["rows"] += rows
+            name, extra = CANDIDATES[label]
+            base = load_config(network_choice(size, args.config)[0], {"method": "mkd"})
+            from mkd_tf import registry
+
+            shown = {section: dict(values) for section, values in registry.variant_overrides(name).items()}
+            for section, values in (extra(base) if callable(extra) else (extra or {})).items():
+                shown.setdefault(section, {}).update(values)
+            settings[label] = (
+                ", ".join(
+                    f"{section}.{key}={value}" for section, values in shown.items() for key, value in values.items()
+                )
+                or "defaults"
+            )
+            if label == "mkd":
+                result["mkd_pretrain"] = rows[0]["mkd_pretrain"]
+                result["batch"] = rows[0]["batch"]
+    out = Path(args.out)
+    out = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    table = breakdown_markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print()
+    print(table)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs="+", default=[48, 256], help="slice sizes (square)")
@@ -702,10 +1095,27 @@ def main():
         default=str(ROOT / "benchmarks" / "results" / "training_cost"),
         help="output path without suffix: writes OUT.json and OUT.md",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="FLOPs only: MKD's steps by part and every candidate (--candidates) against joint; --out defaults to "
+        "benchmarks/results/training_cost_breakdown",
+    )
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)  # internal: run as one worker
     args = parser.parse_args()
     if args.worker_spec:
         return worker_main(json.loads(args.worker_spec))
+    if args.breakdown:
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+        if args.out == parser.get_default("out"):
+            args.out = str(ROOT / "benchmarks" / "results" / "training_cost_breakdown")
+        if "mkd" not in args.candidates:
+            args.candidates.insert(0, "mkd")
+        args.steps = 0
+        return breakdown_main(args)
     if any(count < 1 for count in args.workers) or args.steps < 0 or args.warmup < 0:
         parser.error("--workers counts must be >= 1, --steps and --warmup >= 0")
 

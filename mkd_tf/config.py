@@ -42,6 +42,9 @@ ADDED_SINCE = {
     ("loss", "pseudo_labels"): 0.0,
     ("loss", "pseudo_label_threshold"): 0.9,
     ("optimizer", "lr_schedule"): "constant",
+    ("alignment", "target_cycle"): True,
+    ("alignment", "discriminator_every"): 1,
+    ("alignment", "freeze_after_warm_start"): False,
 }
 #: settings added since runs were first written that an older run's config.yaml lacks and that take today's
 #: default; a run's config.yaml must hold every other setting (and those of :data:`ADDED_SINCE` may be missing)
@@ -121,6 +124,13 @@ DEFAULTS = {
         # odd; > 1: G(x) = s(x) + r(x), s a learnable identity-initialised k x k convolution (1: G(x) = x + r(x));
         # 7, with the cycle and structure weights below, closes more of the assistant-target intensity gap
         "skip_kernel": 7,
+        # mkd, cheaper IAM training (benchmarks/results/training_cost_breakdown.md): false skips the target's
+        # cycle |target - G(F(target))| (the assistant's cycle stays); k > 1 updates the discriminators on
+        # every k-th step only; freeze_after_warm_start stops the IAM learning when distillation starts
+        # (then only G's forward pass runs; needs schedule.mkd_pretrain > 0)
+        "target_cycle": True,
+        "discriminator_every": 1,
+        "freeze_after_warm_start": False,
     },
     "loss": {
         "temperature": 2.0,
@@ -193,6 +203,9 @@ RULES = {
         "norm": Rule("choice", choices=NORMS),
         "residual": BOOL,
         "skip_kernel": integer(1, 15),
+        "target_cycle": BOOL,
+        "discriminator_every": integer(1),
+        "freeze_after_warm_start": BOOL,
     },
     "loss": {
         "temperature": POSITIVE,
@@ -446,6 +459,17 @@ def load_config(path=None, overrides=None, recorded=False):
             where,
             f"setting 'schedule.select_by' must be one of {', '.join(method.predictors)} for method "
             f"{config['method']}, got {select_by!r}",
+        )
+    if config["alignment"]["discriminator_every"] > 1 and config["strategy"] in ("mirrored", "multi-worker"):
+        fail(
+            where,
+            f"setting 'alignment.discriminator_every' > 1 needs strategy default or auto, got {config['strategy']!r} "
+            "(a distribution strategy cannot skip the discriminators' update on some steps)",
+        )
+    if config["alignment"]["freeze_after_warm_start"] and config["schedule"]["mkd_pretrain"] == 0:
+        fail(
+            where,
+            "setting 'alignment.freeze_after_warm_start' needs schedule.mkd_pretrain > 0 (the IAM's only training)",
         )
     if config["loss"]["average_teachers"] and not config["optimizer"]["ema"]:
         fail(where, "setting 'loss.average_teachers' needs optimizer.ema: true (the averages it distils from)")

@@ -270,6 +270,12 @@ register_variant(
     "MKD with both segmentors also learning the pair's confident average prediction on target images",
 )
 register_variant(
+    "mkd-lite",
+    "mkd",
+    {"alignment": {"target_cycle": False, "discriminator_every": 2, "freeze_after_warm_start": True}},
+    "MKD with a cheaper IAM: no target cycle, discriminators every 2nd step, frozen after the warm start",
+)
+register_variant(
     "finetune-domain-norm",
     "finetune",
     {"segmentor": {"domain_norm": True}},

@@ -259,3 +259,22 @@ def test_average_teachers_needs_the_moving_averages():
         "config: setting 'loss.average_teachers' needs optimizer.ema: true (the averages it distils from)"
     )
     assert load_config(overrides={"loss": {"average_teachers": True}})["loss"]["average_teachers"] is True
+
+
+def test_the_iam_cost_settings_are_checked_in_one_line():
+    config = load_config(overrides={"alignment": {"discriminator_every": 3, "target_cycle": False}})
+    assert (config["alignment"]["discriminator_every"], config["alignment"]["target_cycle"]) == (3, False)
+    with pytest.raises(MkdError) as raised:
+        load_config(overrides={"alignment": {"discriminator_every": 0}})
+    assert str(raised.value).startswith("config: setting 'alignment.discriminator_every' must be")
+    with pytest.raises(MkdError) as raised:
+        load_config(overrides={"alignment": {"freeze_after_warm_start": True}, "schedule": {"mkd_pretrain": 0.0}})
+    assert str(raised.value) == (
+        "config: setting 'alignment.freeze_after_warm_start' needs schedule.mkd_pretrain > 0 (the IAM's only training)"
+    )
+    with pytest.raises(MkdError) as raised:
+        load_config(overrides={"alignment": {"discriminator_every": 2}, "strategy": "mirrored"})
+    assert str(raised.value) == (
+        "config: setting 'alignment.discriminator_every' > 1 needs strategy default or auto, got 'mirrored' "
+        "(a distribution strategy cannot skip the discriminators' update on some steps)"
+    )

@@ -156,11 +156,13 @@ class CrossModalityModel(keras.Model):
         before = tf.identity(optimizer.iterations) if average is not None else None
         # A variable the loss does not reach (e.g. the target's batch-norm set during MKD's warm start,
         # which sees assistant images only) is left alone, as Keras would, without its warning.
-        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
-        if average is not None:  # after the step, as Keras' use_ema; not after a skipped (overflowed) one
-            scaled = hasattr(optimizer, "inner_optimizer")  # only a LossScaleOptimizer skips steps
-            stepped = tf.not_equal(optimizer.iterations, before) if scaled else None
-            average.update(first=tf.equal(before, 0), stepped=stepped)
+        # (the name scope lets benchmarks/training_cost.py attribute the update's FLOPs to ``name``)
+        with tf.name_scope(f"{name}_update"):
+            optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
+            if average is not None:  # after the step, as Keras' use_ema; not after a skipped (overflowed) one
+                scaled = hasattr(optimizer, "inner_optimizer")  # only a LossScaleOptimizer skips steps
+                stepped = tf.not_equal(optimizer.iterations, before) if scaled else None
+                average.update(first=tf.equal(before, 0), stepped=stepped)
 
     #: steps at the start of training that run :meth:`pretrain_step` instead of :meth:`train_step`
     pretrain_steps = 0

@@ -48,9 +48,18 @@ import numpy as np
 import tensorflow as tf
 
 from mkd_tf import losses
+from mkd_tf.errors import fail
 from mkd_tf.models.alignment import ImageAlignmentModule
 from mkd_tf.models.cross_modality import CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
+
+#: ``alignment`` settings of how MKD trains its IAM (arguments of :class:`MKDModel`, not of the networks)
+#: (config name -> argument name)
+TRAINING_SETTINGS = {
+    "target_cycle": "target_cycle",
+    "discriminator_every": "discriminator_every",
+    "freeze_after_warm_start": "freeze_iam_after_warm_start",
+}
 
 #: batch-norm sets of the segmentors with ``domain_norm``: (aligned) assistant images, target images
 ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
@@ -146,6 +155,13 @@ class MKDModel(CrossModalityModel):
             ``segmentor["norm"] == "batch"``).
         syn_domain_norm: bool, with ``domain_norm``: ``False`` gives S_syn one batch-norm set for both
             domains (S_real keeps one per domain).
+        target_cycle: bool, the IAM's target cycle ``|target - G(F(target))|`` (False: only the assistant's
+            cycle ``|assistant - F(G(assistant))|``; saves one generator pass and its gradient per step).
+        discriminator_every: int k >= 1, the discriminators learn on every k-th step only (steps 0, k,
+            2k, ... of the run, warm start included); their loss is still computed (and logged) every step.
+        freeze_iam_after_warm_start: bool, after the warm start the IAM stops learning: distillation
+            steps run G's forward pass alone (inference mode, no gradient), not F, the discriminators or
+            the cycle (needs ``pretrain_steps > 0``, or the IAM never learns).
         optimizers: dict with keras optimizers under `"segmentors"`, `"generators"`, `"discriminators"`.
 
     Call: ``model.predict_probabilities(images, which="ensemble"|"syn"|"real")`` on target slices
@@ -175,6 +191,9 @@ class MKDModel(CrossModalityModel):
         pretrain_steps=0,
         domain_norm=False,
         syn_domain_norm=True,
+        target_cycle=True,
+        discriminator_every=1,
+        freeze_iam_after_warm_start=False,
         **kwargs,
     ):
         super().__init__(num_classes, global_batch_size, **kwargs)
@@ -186,6 +205,11 @@ class MKDModel(CrossModalityModel):
         )
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
         self.domain_norm = bool(domain_norm)
+        self.target_cycle = bool(target_cycle)
+        self.discriminator_every = int(discriminator_every)
+        if self.discriminator_every < 1:
+            raise ValueError(f"discriminator_every must be >= 1, got {discriminator_every}")
+        self.freeze_iam_after_warm_start = bool(freeze_iam_after_warm_start)
         self.syn_domain_norm = self.domain_norm and bool(syn_domain_norm)
         # the run's seed for the students' perturbations (drawn from the seeded global RNG only when used, so
         # that runs without it draw the same initial weights as before)
@@ -217,11 +241,14 @@ class MKDModel(CrossModalityModel):
         loss_weights = {field.name: config["loss"][field.name] for field in fields(MKDLossWeights)}
         if config["data"]["target_labelled"] == 0:
             loss_weights["syn_on_target"] = 0.0  # no labelled target slices: S_syn cannot learn from them
+        # the IAM's training settings (TRAINING_SETTINGS) are the model's arguments, the rest the networks'
+        alignment = {k: v for k, v in config["alignment"].items() if k not in TRAINING_SETTINGS}
         return cls(
             num_classes,
             config["data"]["batch_size"],
             segmentor=config["segmentor"],
-            alignment=config["alignment"],
+            alignment=alignment,
+            **{argument: config["alignment"][name] for name, argument in TRAINING_SETTINGS.items()},
             loss_weights=loss_weights,
             use_iam=config["ablation"]["iam"],
             kd_s2r=config["ablation"]["kd_s2r"],
@@ -316,28 +343,41 @@ class MKDModel(CrossModalityModel):
         assistant, target = batch["assistant"], batch["target"]
         labelled_target = batch.get("target_labelled")
         logs = {}
+        train_iam = self.use_iam and not self.freeze_iam_after_warm_start
+        if self.use_iam and self.freeze_iam_after_warm_start:
+            # The IAM is frozen after the warm start: G's forward pass alone, outside the tape (no gradient
+            # reaches G, and F and the discriminators are not run at all).
+            with tf.name_scope("generator_align"):
+                frozen_aligned = self.alignment.assistant_to_target(assistant["image"], training=False)
         with tf.GradientTape(persistent=True) as tape:
             # 1. Align assistant images to the target appearance.
-            if self.use_iam:
-                aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
+            if train_iam:
+                with tf.name_scope("generator_align"):
+                    aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
+            elif self.use_iam:
+                aligned = frozen_aligned
             else:
                 aligned = assistant["image"]
 
             # 2. Supervised segmentation losses.
-            syn_on_aligned = self.on_assistant(self.synthetic_segmentor, aligned)
+            with tf.name_scope("segmentor_syn_on_aligned"):
+                syn_on_aligned = self.on_assistant(self.synthetic_segmentor, aligned)
             logs["seg_syn"] = self.average(losses.segmentation_loss(assistant["label"], tf.nn.softmax(syn_on_aligned)))
             segmentation = logs["seg_syn"]
             if labelled_target is not None:
-                logs["seg_real"] = self.supervised_on_target(self.real_segmentor, labelled_target)
+                with tf.name_scope("segmentor_real_on_labelled_target"):
+                    logs["seg_real"] = self.supervised_on_target(self.real_segmentor, labelled_target)
                 segmentation += logs["seg_real"]
             if labelled_target is not None and w.syn_on_target:
-                logs["seg_syn_target"] = self.supervised_on_target(self.synthetic_segmentor, labelled_target)
+                with tf.name_scope("segmentor_syn_on_labelled_target"):
+                    logs["seg_syn_target"] = self.supervised_on_target(self.synthetic_segmentor, labelled_target)
                 segmentation += w.syn_on_target * logs["seg_syn_target"]
 
             if w.aligned_as_target or (self.use_iam and w.real_to_generator):
                 # S_real reads aligned images as it reads the target: its target set with frozen statistics
                 # (inference-mode batch norm), so the target's moving statistics stay those of target images.
-                real_reads_aligned = self.on_target(self.real_segmentor, aligned, training=False)
+                with tf.name_scope("segmentor_real_reads_aligned_as_target"):
+                    real_reads_aligned = self.on_target(self.real_segmentor, aligned, training=False)
                 logs["seg_real_aligned_as_target"] = self.average(
                     losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_reads_aligned))
                 )
@@ -345,9 +385,10 @@ class MKDModel(CrossModalityModel):
                     segmentation += w.aligned_as_target * logs["seg_real_aligned_as_target"]
 
             if self.kd_s2r or w.real_on_aligned:
-                real_on_aligned = self.on_assistant(
-                    self.real_segmentor, self.student_view(tf.stop_gradient(aligned), 0)
-                )
+                with tf.name_scope("segmentor_real_on_aligned"):
+                    real_on_aligned = self.on_assistant(
+                        self.real_segmentor, self.student_view(tf.stop_gradient(aligned), 0)
+                    )
             if w.real_on_aligned:
                 logs["seg_real_aligned"] = self.average(
                     losses.segmentation_loss(assistant["label"], tf.nn.softmax(real_on_aligned))
@@ -366,8 +407,10 @@ class MKDModel(CrossModalityModel):
                 )
                 distillation += w.lambda_s2r * logs["kd_s2r"]
             if self.kd_r2s or w.lambda_s2r_target or w.pseudo_labels:
-                real_on_target = self.on_target(self.real_segmentor, target["image"])
-                syn_on_target = self.on_target(self.synthetic_segmentor, self.student_view(target["image"], 1))
+                with tf.name_scope("segmentor_real_on_target"):
+                    real_on_target = self.on_target(self.real_segmentor, target["image"])
+                with tf.name_scope("segmentor_syn_on_target"):
+                    syn_on_target = self.on_target(self.synthetic_segmentor, self.student_view(target["image"], 1))
             if self.kd_r2s:
                 logs["kd_r2s"] = self.average(
                     losses.distillation_loss(
@@ -396,14 +439,14 @@ class MKDModel(CrossModalityModel):
             segmentor_loss = segmentation + distillation
 
             # 4. Image alignment: adversarial + cycle (+ segmentation keeps anatomy).
-            if self.use_iam:
+            if train_iam:
                 generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
                 generator_loss += w.segmentation_to_generator * logs["seg_syn"]
                 if w.real_to_generator:
                     generator_loss += w.real_to_generator * logs["seg_real_aligned_as_target"]
 
         # 5. Separate optimizers.
-        return self.finish_step(tape, segmentor_loss, generator_loss if self.use_iam else None, logs)
+        return self.finish_step(tape, segmentor_loss, generator_loss if train_iam else None, logs)
 
     def pretrain_step(self, batch):
         """Warm start, the first ``pretrain_steps`` steps: both segmentors learn the assistant's labels on
@@ -416,23 +459,26 @@ class MKDModel(CrossModalityModel):
         labelled_target = batch.get("target_labelled")
         logs = {}
         with tf.GradientTape(persistent=True) as tape:
-            per_example = [
-                losses.segmentation_loss(
-                    assistant["label"], tf.nn.softmax(self.on_assistant(model, assistant["image"]))
-                )
-                for model in (self.synthetic_segmentor, self.real_segmentor)
-            ]
+            per_example = []
+            for part, model in (("syn", self.synthetic_segmentor), ("real", self.real_segmentor)):
+                with tf.name_scope(f"segmentor_{part}_on_assistant"):
+                    per_example.append(
+                        losses.segmentation_loss(
+                            assistant["label"], tf.nn.softmax(self.on_assistant(model, assistant["image"]))
+                        )
+                    )
             logs["seg_syn"], logs["seg_real"] = (self.average(loss) for loss in per_example)
             segmentor_loss = logs["seg_syn"] + logs["seg_real"]
             if labelled_target is not None and w.pretrain_on_target:
-                logs["seg_target"] = sum(
-                    self.supervised_on_target(model, labelled_target)
-                    for model in (self.synthetic_segmentor, self.real_segmentor)
-                )
+                logs["seg_target"] = 0.0
+                for part, model in (("syn", self.synthetic_segmentor), ("real", self.real_segmentor)):
+                    with tf.name_scope(f"segmentor_{part}_on_labelled_target"):
+                        logs["seg_target"] += self.supervised_on_target(model, labelled_target)
                 segmentor_loss += w.pretrain_on_target * logs["seg_target"]
             generator_loss = None
             if self.use_iam:
-                aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
+                with tf.name_scope("generator_align"):
+                    aligned = self.alignment.assistant_to_target(assistant["image"], training=True)
                 generator_loss = self.alignment_losses(assistant["image"], target["image"], aligned, logs)
         return self.finish_step(tape, segmentor_loss, generator_loss, logs)
 
@@ -465,43 +511,74 @@ class MKDModel(CrossModalityModel):
     def alignment_losses(self, assistant_images, target_images, aligned, logs):
         """CycleGAN losses of the IAM (call inside the tape): returns the generators' adversarial +
         cycle (+ ``structure``, when its weight is set) loss and records ``adversarial``, ``cycle``,
-        ``discriminator`` (and ``structure``) in ``logs``."""
+        ``discriminator`` (and ``structure``) in ``logs``.
+
+        Each discriminator runs once on the translated images: the generators' adversarial loss and the
+        discriminators' loss share those scores (the discriminators' optimizer takes the gradient of its
+        loss with respect to the discriminators' weights only, so the translated images need no
+        stop-gradient there). Without ``target_cycle`` the target's cycle ``G(F(target))`` is skipped."""
         w, iam = self.loss_weights, self.alignment
-        target_as_assistant = iam.target_to_assistant(target_images, training=True)
-        assistant_cycle = iam.target_to_assistant(aligned, training=True)
-        target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
+        with tf.name_scope("generator_target_to_assistant"):
+            target_as_assistant = iam.target_to_assistant(target_images, training=True)
+        with tf.name_scope("cycle_assistant"):
+            cycle = losses.cycle_loss(assistant_images, iam.target_to_assistant(aligned, training=True))
+        if self.target_cycle:
+            with tf.name_scope("cycle_target"):
+                target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
+                cycle += losses.cycle_loss(target_images, target_cycle)
+        logs["cycle"] = self.average(cycle)
+        with tf.name_scope("discriminators_on_translated"):
+            aligned_scores = iam.target_discriminator(aligned, training=True)
+            target_as_assistant_scores = iam.assistant_discriminator(target_as_assistant, training=True)
         logs["adversarial"] = self.average(
-            losses.lsgan_generator_loss(iam.target_discriminator(aligned, training=True))
-            + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True))
+            losses.lsgan_generator_loss(aligned_scores) + losses.lsgan_generator_loss(target_as_assistant_scores)
         )
-        logs["cycle"] = self.average(
-            losses.cycle_loss(assistant_images, assistant_cycle) + losses.cycle_loss(target_images, target_cycle)
-        )
-        logs["discriminator"] = self.average(
-            losses.lsgan_discriminator_loss(
-                iam.target_discriminator(target_images, training=True),
-                iam.target_discriminator(tf.stop_gradient(aligned), training=True),
+        with tf.name_scope("discriminators_on_real"):
+            logs["discriminator"] = self.average(
+                losses.lsgan_discriminator_loss(iam.target_discriminator(target_images, training=True), aligned_scores)
+                + losses.lsgan_discriminator_loss(
+                    iam.assistant_discriminator(assistant_images, training=True), target_as_assistant_scores
+                )
             )
-            + losses.lsgan_discriminator_loss(
-                iam.assistant_discriminator(assistant_images, training=True),
-                iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True),
-            )
-        )
         generator_loss = w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
         if w.structure:
-            logs["structure"] = self.average(
-                losses.structure_loss(assistant_images, aligned)
-                + losses.structure_loss(target_images, target_as_assistant)
-            )
+            with tf.name_scope("structure_loss"):
+                logs["structure"] = self.average(
+                    losses.structure_loss(assistant_images, aligned)
+                    + losses.structure_loss(target_images, target_as_assistant)
+                )
             generator_loss += w.structure * logs["structure"]
         return generator_loss
 
     def finish_step(self, tape, segmentor_loss, generator_loss, logs):
-        """Apply the segmentor, generator and discriminator updates recorded on ``tape``."""
+        """Apply the segmentor, generator and discriminator updates recorded on ``tape`` (the
+        discriminators' only on every ``discriminator_every``-th step)."""
         losses_by_optimizer = {"segmentors": segmentor_loss}
-        if generator_loss is not None:
-            losses_by_optimizer.update(generators=generator_loss, discriminators=logs["discriminator"])
-        return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
+        if generator_loss is None:
+            return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
+        losses_by_optimizer["generators"] = generator_loss
+        if self.discriminator_every == 1:
+            losses_by_optimizer["discriminators"] = logs["discriminator"]
+            return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
+        if tf.distribute.has_strategy():
+            # A replica's apply_gradients all-reduces the gradients (a merge_call), which TensorFlow does not
+            # allow inside a tf.cond: skipping updates needs the default strategy (one replica).
+            fail(
+                "alignment.discriminator_every",
+                f"{self.discriminator_every} needs strategy default (or auto without GPUs): a distribution "
+                "strategy cannot skip the discriminators' update on some steps",
+            )
+        # Read the step number before end_step counts this step: the discriminators learn on steps 0, k, 2k, ...
+        due = tf.equal(self.step_counter % self.discriminator_every, 0)
+        logs = self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
+
+        def update():
+            self.step(tape, logs["discriminator"], "discriminators")
+            return tf.constant(True)
+
+        with tf.name_scope("discriminators_every_k"):
+            tf.cond(due, update, lambda: tf.constant(False))
+        return logs
 
     def image_panels(self, batch):
         assistant, target = batch["assistant"], batch["target"]
@@ -533,5 +610,8 @@ class MKDModel(CrossModalityModel):
             "pretrain_steps": self.pretrain_steps,
             "domain_norm": self.domain_norm,
             "syn_domain_norm": self.syn_domain_norm,
+            "target_cycle": self.target_cycle,
+            "discriminator_every": self.discriminator_every,
+            "freeze_iam_after_warm_start": self.freeze_iam_after_warm_start,
             "name": self.name,
         }

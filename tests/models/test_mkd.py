@@ -137,8 +137,11 @@ def gradient_map():
         ("lsgan_generator_loss#1", {"F", "D_assistant"}),
         ("cycle_loss#0", {"G", "F"}),
         ("cycle_loss#1", {"G", "F"}),
-        ("lsgan_discriminator_loss#0", {"D_target"}),  # never the generators: fakes are stop-gradient
-        ("lsgan_discriminator_loss#1", {"D_assistant"}),
+        # The discriminators' loss shares their scores of the translated images with the generators' adversarial
+        # loss, so on the tape it reaches the generator that made them; its optimizer takes only the
+        # discriminators' weights (test_optimizers_update_only_their_groups).
+        ("lsgan_discriminator_loss#0", {"D_target", "G"}),
+        ("lsgan_discriminator_loss#1", {"D_assistant", "F"}),
     ],
 )
 def test_each_loss_term_reaches_exactly_its_networks(gradient_map, term, expected):
@@ -641,3 +644,163 @@ def test_student_perturbation_shows_the_kd_students_a_perturbed_view():
     assert not np.allclose(model.student_view(images, 1), view)  # the next step draws anew
     unperturbed = make_model()
     assert unperturbed.student_view(images, 1) is images and unperturbed.perturbation_seed == 0
+
+
+# --- the IAM's cost: shared discriminator passes, target cycle, discriminators every k-th step, frozen IAM ----
+
+
+def previous_alignment_losses(model, assistant_images, target_images, aligned, logs):
+    """MKDModel.alignment_losses as it was before each discriminator ran once on the translated images: the
+    discriminators' loss ran them again on stop-gradient copies."""
+    w, iam = model.loss_weights, model.alignment
+    target_as_assistant = iam.target_to_assistant(target_images, training=True)
+    assistant_cycle = iam.target_to_assistant(aligned, training=True)
+    target_cycle = iam.assistant_to_target(target_as_assistant, training=True)
+    logs["adversarial"] = model.average(
+        losses.lsgan_generator_loss(iam.target_discriminator(aligned, training=True))
+        + losses.lsgan_generator_loss(iam.assistant_discriminator(target_as_assistant, training=True))
+    )
+    logs["cycle"] = model.average(
+        losses.cycle_loss(assistant_images, assistant_cycle) + losses.cycle_loss(target_images, target_cycle)
+    )
+    logs["discriminator"] = model.average(
+        losses.lsgan_discriminator_loss(
+            iam.target_discriminator(target_images, training=True),
+            iam.target_discriminator(tf.stop_gradient(aligned), training=True),
+        )
+        + losses.lsgan_discriminator_loss(
+            iam.assistant_discriminator(assistant_images, training=True),
+            iam.assistant_discriminator(tf.stop_gradient(target_as_assistant), training=True),
+        )
+    )
+    generator_loss = w.adversarial * logs["adversarial"] + w.cycle * logs["cycle"]
+    logs["structure"] = model.average(
+        losses.structure_loss(assistant_images, aligned) + losses.structure_loss(target_images, target_as_assistant)
+    )
+    return generator_loss + w.structure * logs["structure"]
+
+
+def test_discriminators_run_once_on_translated_images_with_the_same_losses_and_gradients():
+    # plain generators (not the identity at the start) and a structure weight: every term is non-trivial
+    model = make_model(sgd=0.01, weights={"structure": 3.0, "cycle": 0.3}, alignment={"residual": False})
+    batch = make_batch()
+    assistant, target = batch["assistant"]["image"], batch["target"]["image"]
+    iam = model.alignment
+    results = []
+    for compute in (previous_alignment_losses, MKDModel.alignment_losses):
+        logs = {}
+        with tf.GradientTape(persistent=True) as tape:
+            aligned = iam.assistant_to_target(assistant, training=True)
+            generator_loss = compute(model, assistant, target, aligned, logs)
+        gradients = tape.gradient(generator_loss, iam.generator_variables) + tape.gradient(
+            logs["discriminator"], iam.discriminator_variables
+        )
+        results.append(({k: float(v) for k, v in logs.items()}, float(generator_loss), gradients))
+    (before, generator_before, gradients_before), (after, generator_after, gradients_after) = results
+    assert set(after) == set(before) == {"adversarial", "cycle", "discriminator", "structure"}
+    assert after == pytest.approx(before, rel=1e-6) and generator_after == pytest.approx(generator_before, rel=1e-6)
+    assert len(gradients_after) == len(gradients_before) > 0
+    assert all(g is not None for g in gradients_after)
+    for old, new in zip(gradients_before, gradients_after):
+        np.testing.assert_allclose(new.numpy(), old.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_without_the_target_cycle_g_never_translates_f_of_the_target():
+    model = make_model(sgd=0.01, alignment={"residual": False}, target_cycle=False)
+    batch = make_batch()
+    calls = []
+    generator = model.alignment.assistant_to_target
+    original = generator.call
+    generator.call = lambda images, training=False: calls.append(images) or original(images, training=training)
+    try:
+        logs = model.train_step(batch)
+    finally:
+        generator.call = original
+    assert len(calls) == 1  # G(assistant) only, not G(F(target))
+    iam, assistant = model.alignment, batch["assistant"]["image"]
+    # the cycle is the assistant's alone (computed with the weights before the step)
+    fresh = make_model(sgd=0.01, alignment={"residual": False}).alignment
+    expected = tf.reduce_mean(
+        losses.cycle_loss(
+            assistant, fresh.target_to_assistant(fresh.assistant_to_target(assistant, training=True), training=True)
+        )
+    )
+    assert float(logs["cycle"]) == pytest.approx(float(expected), rel=1e-5)
+    before = snapshot(model)
+    model.train_step(batch)
+    assert changed(before, snapshot(model)) == set(groups(model)) and iam is model.alignment
+
+
+def test_discriminators_learn_on_every_kth_step_only():
+    model = make_model(sgd=0.05, alignment={"residual": False}, discriminator_every=2)
+    step = tf.function(model.train_step)  # as training runs it: the update is a tf.cond on the step counter
+    batch = make_batch()
+    moved = []
+    for _ in range(4):
+        before = snapshot(model)
+        logs = step(batch)
+        assert float(logs["discriminator"]) > 0  # computed and logged on every step
+        moved.append(changed(before, snapshot(model)))
+    everything, without_discriminators = set(groups(model)), {"S_syn", "S_real", "G", "F"}
+    assert moved == [everything, without_discriminators, everything, without_discriminators]
+    assert int(model.discriminator_optimizer.iterations.numpy()) == 2
+
+
+def test_a_frozen_iam_runs_only_g_after_the_warm_start_and_the_segmentors_still_learn():
+    model = make_model(sgd=0.05, alignment={"residual": False}, pretrain_steps=1, freeze_iam_after_warm_start=True)
+    batch = make_batch()
+    before = snapshot(model)
+    model.pretrain_step(batch)  # the warm start trains the IAM as usual
+    assert changed(before, snapshot(model)) == set(groups(model))
+    model.end_pretraining()
+    for _ in range(2):
+        before = snapshot(model)
+        logs = model.train_step(batch)
+        assert changed(before, snapshot(model)) == {"S_syn", "S_real"}
+    assert not {"adversarial", "cycle", "discriminator"} & set(logs)
+    # S_syn learns on G's (inference-mode) translation of the assistant images
+    aligned = model.alignment.assistant_to_target(batch["assistant"]["image"], training=False)
+    expected = tf.reduce_mean(
+        losses.segmentation_loss(
+            batch["assistant"]["label"], tf.nn.softmax(model.on_assistant(model.synthetic_segmentor, aligned))
+        )
+    )
+    assert float(model.train_step(batch)["seg_syn"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_cost_settings_reach_the_model_and_mkd_lite_trains():
+    from mkd_tf import registry
+
+    overrides = {
+        "method": "mkd",
+        "data": {"batch_size": BATCH},
+        "segmentor": {**SEGMENTOR},
+        "alignment": {**ALIGNMENT},
+        "schedule": {"epochs": 1, "steps_per_epoch": 4},
+    }
+    lite = registry.variant_overrides("mkd-lite")
+    assert set(lite) == {"alignment"}
+    config = load_config(overrides={**overrides, "alignment": {**ALIGNMENT, **lite["alignment"]}})
+    model = build_method(config, CLASSES)
+    assert (model.target_cycle, model.discriminator_every, model.freeze_iam_after_warm_start) == (False, 2, True)
+    assert model.get_config()["discriminator_every"] == 2 and model.pretrain_steps == 2
+    model.build_for((SIZE, SIZE, 1))
+    model.build_optimizers()
+    batch = make_batch()
+    pretrain, train = tf.function(model.pretrain_step), tf.function(model.train_step)
+    first = [float(pretrain(batch)["total"]) for _ in range(2)]
+    model.end_pretraining()
+    later = [float(train(batch)["total"]) for _ in range(2)]
+    assert all(np.isfinite(first + later))
+    # the defaults: the full IAM
+    default = build_method(load_config(overrides=overrides), CLASSES)
+    assert (default.target_cycle, default.discriminator_every, default.freeze_iam_after_warm_start) == (True, 1, False)
+
+
+def test_skipping_discriminator_updates_under_a_distribution_strategy_fails_in_one_line():
+    from mkd_tf.errors import MkdError
+
+    model = make_model(sgd=0.05, discriminator_every=2)
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope(), pytest.raises(MkdError) as raised:
+        model.train_step(make_batch())
+    assert str(raised.value).startswith("alignment.discriminator_every: 2 needs strategy default")
