@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.data.nifti import save_volume
+from mkd_tf.data.phantoms.common import PhantomCase, bias_field, grid, paint, rician, smooth_noise, write_staged
 from mkd_tf.data.phantoms.common import apply_matrix as _apply
-from mkd_tf.data.phantoms.common import bias_field, grid, paint, rician, smooth_noise, write_staged
 from mkd_tf.data.phantoms.common import blur as _blur
 from mkd_tf.data.phantoms.common import check_arguments as _check_arguments
 from mkd_tf.data.phantoms.common import ellipsoid as _ellipsoid
@@ -81,25 +80,6 @@ RIGHT_HEART_TISSUES = ("right_atrium", "right_ventricle", "pulmonary_artery", "o
 _LABEL_OF_TISSUE = np.zeros(len(TISSUES), dtype=np.uint16)
 for _name, _code in TISSUES.items():
     _LABEL_OF_TISSUE[_code] = MMWHS_LABELS.get(_name, 0)
-
-
-@dataclass
-class PhantomCase:
-    """One synthetic case, as written to disk plus the tissue map it came from.
-
-    Args:
-        case_id: e.g. `ct_train_1001`.
-        image: `(x, y, z)` int16 array (CT: HU; MRI: arbitrary units >= 0), in file axis order.
-        label: `(x, y, z)` uint16 array of MM-WHS label values, same grid as `image`.
-        tissues: `(x, y, z)` uint8 array of :data:`TISSUES` codes (fat, lung, ... included).
-        affine: `(4, 4)` voxel-to-world (RAS+ mm) matrix shared by image and label.
-    """
-
-    case_id: str
-    image: np.ndarray
-    label: np.ndarray
-    tissues: np.ndarray
-    affine: np.ndarray
 
 
 def modality_grid(

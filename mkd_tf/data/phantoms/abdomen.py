@@ -20,13 +20,13 @@ Everything is seeded: the same seed writes the same bytes, and each (modality, c
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mkd_tf.data.nifti import save_volume
 from mkd_tf.data.phantoms.common import (
+    PhantomCase,
     bias_field,
     blur,
     check_arguments,
@@ -88,25 +88,6 @@ def _label_lookup(modality):
 
 
 _LABEL_OF_TISSUE = {modality: _label_lookup(modality) for modality in MODALITIES}
-
-
-@dataclass
-class AbdomenCase:
-    """One synthetic abdominal case, as written to disk plus the tissue map it came from.
-
-    Args:
-        case_id: nnU-Net case identifier, e.g. `abdct_0001`.
-        image: `(i, j, k)` int16 array (CT: HU; MRI: arbitrary units >= 0), in file axis order.
-        label: `(i, j, k)` uint8 array of this modality's label ids (:data:`LABELS`), same grid.
-        tissues: `(i, j, k)` uint8 array of :data:`TISSUES` codes.
-        affine: `(4, 4)` voxel-to-world (RAS+ mm) matrix shared by image and label.
-    """
-
-    case_id: str
-    image: np.ndarray
-    label: np.ndarray
-    tissues: np.ndarray
-    affine: np.ndarray
 
 
 def modality_grid(modality, shape=DEFAULT_SHAPE):
@@ -318,7 +299,7 @@ def abdomen_case(modality, case_number, seed=0, shape=DEFAULT_SHAPE):
         shape: CT array shape (see :func:`modality_grid`).
 
     Returns:
-        :class:`AbdomenCase`.
+        :class:`~mkd_tf.data.phantoms.common.PhantomCase`.
     """
     # The constant 2 keeps the abdomen's streams apart from the cardiac phantom's `[seed, modality, case]`.
     rng = np.random.default_rng([int(seed), 2, MODALITIES.index(modality), int(case_number)])
@@ -327,7 +308,7 @@ def abdomen_case(modality, case_number, seed=0, shape=DEFAULT_SHAPE):
     render = render_ct if modality == "ct" else render_mr
     image = render(tissues, affine, rng)
     case_id = f"{CASE_PREFIX[modality]}_{int(case_number):04d}"
-    return AbdomenCase(case_id, image, tissue_labels(tissues, modality), tissues, affine)
+    return PhantomCase(case_id, image, tissue_labels(tissues, modality), tissues, affine)
 
 
 def dataset_json(modality, count):

@@ -6,6 +6,7 @@ grids can differ in spacing, axis order and flips while the patient stays the sa
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,26 @@ from scipy import ndimage
 
 from mkd_tf.errors import fail
 from mkd_tf.files import lock_folder, remove_stale_staging, temporary_sibling
+
+
+@dataclass
+class PhantomCase:
+    """One synthetic case of either anatomy, as written to disk plus the tissue map it came from.
+
+    Args:
+        case_id: e.g. `ct_train_1001` (cardiac, MM-WHS) or `abdct_0001` (abdomen, nnU-Net).
+        image: `(i, j, k)` int16 array (CT: HU; MRI: arbitrary units >= 0), in file axis order.
+        label: `(i, j, k)` integer array of the dataset's label values (cardiac: MM-WHS values, uint16;
+            abdomen: this modality's dataset.json ids, uint8), same grid as `image`.
+        tissues: `(i, j, k)` uint8 array of the anatomy's tissue codes (unlabelled tissues included).
+        affine: `(4, 4)` voxel-to-world (RAS+ mm) matrix shared by image and label.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    tissues: np.ndarray
+    affine: np.ndarray
 
 
 def grid(field_of_view, spacing, world_of_axis, signs):
