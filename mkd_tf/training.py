@@ -287,7 +287,7 @@ def _restore(checkpoint, path, run, partial=False, saved=False):
         )
 
 
-def check_checkpoint_files(prefix):
+def check_checkpoint_files(prefix: str | os.PathLike) -> None:
     """Fail with one line naming the file when a checkpoint's ``.index`` or one of its ``.data-*`` shards is
     missing or empty (what a killed copy or a full disk leaves), before TensorFlow reads it."""
     prefix = Path(prefix)

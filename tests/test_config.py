@@ -266,7 +266,7 @@ def test_the_iam_cost_settings_are_checked_in_one_line():
     assert (config["alignment"]["discriminator_every"], config["alignment"]["target_cycle"]) == (3, False)
     with pytest.raises(MkdError) as raised:
         load_config(overrides={"alignment": {"discriminator_every": 0}})
-    assert str(raised.value).startswith("config: setting 'alignment.discriminator_every' must be")
+    assert str(raised.value).startswith("command line: setting 'alignment.discriminator_every' must be")
     with pytest.raises(MkdError) as raised:
         load_config(overrides={"alignment": {"freeze_after_warm_start": True}, "schedule": {"mkd_pretrain": 0.0}})
     assert str(raised.value) == (

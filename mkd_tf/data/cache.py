@@ -385,7 +385,7 @@ MANIFEST = {
 }
 
 
-def check_label_values(path, classes, label_values, key):
+def check_label_values(path: str | os.PathLike, classes: list[str], label_values: dict[str, int], key: str) -> None:
     """Fail unless ``label_values`` (name -> value) names exactly ``classes`` with distinct values."""
     if list(label_values) != list(classes):
         fail(path, f"key '{key}' names {list(label_values)}, but the classes are {list(classes)}")
@@ -396,14 +396,14 @@ def check_label_values(path, classes, label_values, key):
         seen[value] = name
 
 
-def check_intensity(path, intensity, key):
+def check_intensity(path: str | os.PathLike, intensity: dict[str, Any], key: str) -> None:
     """Fail unless an intensity rule has the keys of its kind (:data:`INTENSITY`)."""
     found = schema.schema_problem(intensity, INTENSITY[intensity["kind"]], key)
     if found:
         fail(path, f"key '{found[0]}' {found[1]}")
 
 
-def check_manifest(path, manifest):
+def check_manifest(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
     """Fail with one line on the first key of ``manifest`` that :data:`MANIFEST` or a cross-check refuses.
 
     Checked before any array is opened, so that a hand-edited manifest is one line, not a traceback
@@ -453,7 +453,7 @@ def check_manifest(path, manifest):
             check_intensity(path, volume["inverse"]["intensity"], f"{key}.inverse.intensity")
 
 
-def file_record(path):
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
     """``{"bytes": size, "sha256": checksum}`` of a file (what a manifest records of a label file)."""
     return {"bytes": Path(path).stat().st_size, "sha256": _sha256(path)}
 

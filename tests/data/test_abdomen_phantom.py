@@ -21,7 +21,6 @@ from mkd_tf.data.phantoms.abdomen import (
     abdomen_case,
     make_anatomy,
     modality_grid,
-    tissue_labels,
     write_abdomen_phantom,
 )
 from mkd_tf.data.prepare import PrepareOptions, prepare_cache
