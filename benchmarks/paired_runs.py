@@ -12,7 +12,11 @@ pairs every predictor of the candidate with that one predictor of BASE (e.g. ``u
 """
 
 import argparse
+import datetime
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +49,67 @@ def paired(base, candidate, base_predictor=None):
     return result
 
 
+def record_header(config):
+    """The standard record header (benchmarks/README.md): date, commit, command, config, machine."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "command": "python benchmarks/paired_runs.py " + " ".join(sys.argv[1:]),
+        "config": config,
+        "machine": f"{os.cpu_count()} cores; load average "
+        + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        + " (scoring only: the runs' own machine notes are in the README)",
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
     parser.add_argument("candidates", nargs="+")
     parser.add_argument("--base-predictor", help="BASE's predictor to pair every candidate predictor with")
+    parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
+    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
     args = parser.parse_args()
+    rows, lines = [], []
+    base_dice = {p: (s, d) for p, (s, d, _) in paired(args.base, args.base, None).items()}
+    for predictor, (seeds, dice) in sorted(base_dice.items()):
+        rows.append({"run": args.base, "predictor": predictor, "seeds": seeds, "dice": dice, "minus_base": None})
     for candidate in args.candidates:
         for predictor, (seeds, dice, difference) in sorted(paired(args.base, candidate, args.base_predictor).items()):
-            print(
+            rows.append(
+                {"run": candidate, "predictor": predictor, "seeds": seeds, "dice": dice, "minus_base": difference}
+            )
+            lines.append(
                 f"{candidate} [{predictor}] seeds {seeds}: "
                 + " / ".join(f"{d:.1f}" for d in dice)
                 + f" ({np.mean(dice):.1f} ± {np.std(dice):.1f}); minus base "
                 + ", ".join(f"{d:+.1f}" for d in difference)
                 + f": {np.mean(difference):+.1f} ± {np.std(difference):.1f}"
             )
+    print("\n".join(lines))
+    if args.out:
+        header = record_header(args.config)
+        table = [
+            "| run | predictor | seeds | mean Dice per seed | mean ± std | minus base per seed | mean ± std |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in rows:
+            difference = row["minus_base"]
+            table.append(
+                f"| {row['run']} | {row['predictor']} | {row['seeds']} | "
+                + " / ".join(f"{d:.1f}" for d in row["dice"])
+                + f" | {np.mean(row['dice']):.1f} ± {np.std(row['dice']):.1f} | "
+                + ("base" if difference is None else ", ".join(f"{d:+.1f}" for d in difference))
+                + " | "
+                + ("" if difference is None else f"{np.mean(difference):+.1f} ± {np.std(difference):.1f}")
+                + " |"
+            )
+        text = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), "", *table]
+        Path(f"{args.out}.md").write_text("\n".join(text) + "\n")
+        Path(f"{args.out}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

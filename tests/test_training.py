@@ -484,7 +484,7 @@ def test_select_by_ranks_epochs_by_that_predictor(tmp_path, cache_path):
 
     overrides = tiny_runs.deep_update(
         variant_overrides("iam-only"),
-        tiny_runs.tiny_overrides(method="mkd", schedule={"epochs": 3, "steps_per_epoch": 2}),
+        tiny_runs.tiny_overrides(method="mkd", schedule={"epochs": 3, "steps_per_epoch": 1}),
     )
     assert overrides["schedule"]["select_by"] == "syn" and overrides["method"] == "mkd"
     with tiny_runs.eager():
@@ -537,7 +537,10 @@ def assert_two_tiny_mkd_trainings_agree(root, cache_path, eager, **settings):
     """Train one tiny MKD run twice (warm start, then mutual distillation) and check that both trainings log the
     same losses and validation Dice to the last bit and end with the same weights."""
     overrides = tiny_runs.tiny_overrides(
-        method="mkd", schedule={"epochs": 1, "steps_per_epoch": 4, "mkd_pretrain": 0.5}, **settings
+        # one warm-start step, then one distillation step: both of MKD's compiled steps, each run once
+        method="mkd",
+        schedule={"epochs": 1, "steps_per_epoch": 2, "mkd_pretrain": 0.5},
+        **settings,
     )
     logged, weights = [], []
     for name in ("first", "second"):
@@ -560,11 +563,19 @@ def test_an_eager_mkd_training_is_bit_reproducible(tmp_path, cache_path):
     assert_two_tiny_mkd_trainings_agree(tmp_path, cache_path, eager=True)
 
 
-def test_a_deterministic_compiled_mkd_training_is_bit_reproducible(tmp_path, cache_path):
-    """``deterministic: true`` (``mkd train --deterministic``): the compiled step, as `mkd` runs it, gives the
-    same losses, validation Dice and weights in two trainings; without it the same pair differed on its first
-    trial, and 3 of 4 such runs differ from the first in `benchmarks/determinism.py`. Grappler's rewrites are
-    restored afterwards."""
+@pytest.fixture
+def grappler_on():
+    """Grappler's rewrites on, as `mkd` runs (conftest turns them off for the in-process tests), then off again."""
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
+
+def test_a_deterministic_compiled_mkd_training_is_bit_reproducible(tmp_path, cache_path, grappler_on):
+    """``deterministic: true`` (``mkd train --deterministic``): the compiled step, as `mkd` runs it (Grappler
+    on), gives the same losses, validation Dice and weights in two trainings; without it the same pair differed
+    on its first trial, and 3 of 4 such runs differ from the first in `benchmarks/determinism.py`. Grappler's
+    rewrites are restored afterwards."""
     assert_two_tiny_mkd_trainings_agree(tmp_path, cache_path, eager=False, deterministic=True)
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
 
