@@ -395,10 +395,7 @@ def step_functions(
                 for name, value in per_replica.items()
             }
 
-        # No AutoGraph: the steps branch on Python settings only (a data-dependent branch is an explicit
-        # tf.cond), and converting every call costs a fifth of the time to trace MKD's two steps
-        # (benchmarks/README.md, "Tracing the training steps").
-        return tf.function(run_step, jit_compile=bool(jit_compile), autograph=False)
+        return tf.function(run_step, jit_compile=bool(jit_compile))
 
     return distributed(model.pretrain_step), distributed(model.train_step)
 
