@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def record_header(config):
     return {
         "date": datetime.date.today().isoformat(),
         "commit": commit,
-        "command": "python benchmarks/paired_runs.py " + " ".join(sys.argv[1:]),
+        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]),
         "config": config,
         "machine": f"{os.cpu_count()} cores; load average "
         + ", ".join(f"{v:.2f}" for v in os.getloadavg())

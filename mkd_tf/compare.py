@@ -178,15 +178,16 @@ def _train_and_evaluate(cache, run, config_path, name, seed, overrides, path, va
 
 
 def _main_predictor(result):
-    """The reported predictor of an :func:`~mkd_tf.evaluation.evaluate_run` result (its last one)."""
-    return list(result["summary"])[-1]
+    """The reported predictor of an :func:`~mkd_tf.evaluation.evaluate_run` result (the model's
+    :meth:`~mkd_tf.models.cross_modality.CrossModalityModel.main_predictor`)."""
+    return result["main_predictor"]
 
 
 def _add_rows(rows, name, result):
     """Append one run's test ``result`` to ``rows``: its main predictor as ``name``, any other as ``name [p]``."""
     predictors = list(result["summary"])
     main = _main_predictor(result)
-    reported = [(name, main)] + ([(f"{name} [{p}]", p) for p in predictors[:-1]] if len(predictors) > 1 else [])
+    reported = [(name, main)] + [(f"{name} [{p}]", p) for p in predictors if p != main]
     for row, predictor in reported:
         per_case = [float(np.mean([s["dice"] for s in case.values()])) for case in result["cases"][predictor].values()]
         rows.setdefault(row, []).append((result["summary"][predictor], per_case))

@@ -49,7 +49,8 @@ def evaluate_run(
         out_dir: where to write the metrics files (default: `run_dir`).
 
     Returns:
-        dict `{"cases": {predictor: {case_id: {structure: {dice, assd, hd95}}}},
+        dict `{"method", "split", "checkpoint", "main_predictor" (the one the run reports), "cases":
+        {predictor: {case_id: {structure: {dice, assd, hd95}}}},
         "summary": {predictor: summary}, "table": markdown}`.
 
     Example:
@@ -81,7 +82,14 @@ def evaluate_run(
     )
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"method": config["method"], "split": split, "checkpoint": which, "cases": cases, "summary": summary}
+    result = {
+        "method": config["method"],
+        "split": split,
+        "checkpoint": which,
+        "main_predictor": model.main_predictor(),
+        "cases": cases,
+        "summary": summary,
+    }
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=1))
     write_text_atomic(out / "metrics.csv", _csv(cases))
     write_text_atomic(out / "metrics.md", table)

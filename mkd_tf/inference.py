@@ -214,7 +214,7 @@ def predictor_name(model: CrossModalityModel, which: str) -> str:
     """
     names = model.predictor_names()
     if which == "ensemble" and which not in names:
-        which = names[-1]
+        which = model.main_predictor()
     if which not in names:
         fail("--which", f"'{which}' (this run has {', '.join(names)})")
     return which

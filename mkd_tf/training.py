@@ -665,7 +665,7 @@ def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, step
         tf.summary.scalar("steps_per_second", steps / seconds, step=global_step)
         for name, images in model.image_panels(panel_batch).items():
             tf.summary.image(f"panels/{name}", images, step=global_step, max_outputs=4)
-    main = schedule.get("select_by") or model.predictor_names()[-1]
+    main = schedule.get("select_by") or model.main_predictor()
     # The log shows a predictor that trains in the epoch's phase (MKD's warm start: S_syn, not the
     # ensemble, whose S_real target statistics are set only when the warm start ends); `best/` is still
     # chosen by `main`.

@@ -52,6 +52,9 @@ def test_every_registered_method_builds_with_its_registered_predictors(name):
     model = build_method(load_config(overrides={**TINY, "method": name}), 4)
     assert model.predictor_names() == list(registry.METHODS[name].predictors)
     assert isinstance(model, registry.load(registry.METHODS[name].model))
+    # what the run reports, exports and selects its checkpoint by: the ensemble, or the one segmentor
+    predictors = registry.METHODS[name].predictors
+    assert model.main_predictor() == ("ensemble" if "ensemble" in predictors else predictors[0])
 
 
 def test_a_new_segmentor_kind_is_one_class_plus_one_registration(monkeypatch):

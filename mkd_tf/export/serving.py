@@ -140,7 +140,7 @@ def resolve_predictor(model: CrossModalityModel, which: str) -> str:
     """The predictor name to export: ``which``, or for single-segmentor runs ``ensemble`` -> the one segmentor."""
     names = model.predictor_names()
     if which == "ensemble" and which not in names:
-        which = names[-1]
+        which = model.main_predictor()
     if which not in names:
         raise MkdError(f"--which {which}: this run has {', '.join(names)}")
     return which

@@ -84,8 +84,15 @@ class CrossModalityModel(keras.Model):
         return tf.nn.softmax(segmentors[which](images, training=False), axis=-1)
 
     def predictor_names(self):
+        """Every predictor of the model: its segmentors' names, then ``ensemble`` if it has two or more."""
         names = list(self.segmentors())
         return names + ["ensemble"] if len(names) > 1 else names
+
+    def main_predictor(self) -> str:
+        """The predictor a run reports, exports and (unless ``schedule.select_by`` says otherwise) selects its
+        best checkpoint by: ``ensemble`` of two or more segmentors, else the one segmentor."""
+        names = list(self.segmentors())
+        return "ensemble" if len(names) > 1 else names[0]
 
     def training_phase(self, steps_done):
         """`(phase name or None, predictors that train on the target task then)` after ``steps_done`` steps.

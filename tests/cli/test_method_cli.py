@@ -325,7 +325,11 @@ def test_compare_reports_each_method_at_the_value_with_the_best_mean_validation_
     def fake_run(cache, run, config_path, name, seed, overrides, path, value, progress, verbose):
         written = run.parent.name.split("=")[1]
         test = {"overall": {"dice": {"mean": 0.5 + seed / 10}, "assd": {"mean": 1.0}, "hd95": {"mean": 2.0}}}
-        result = {"summary": {"real": test}, "cases": {"real": {"case": {"overall": {"dice": 0.5}}}}}
+        result = {
+            "main_predictor": "real",
+            "summary": {"real": test},
+            "cases": {"real": {"case": {"overall": {"dice": 0.5}}}},
+        }
         return validation[(written, seed)] - (1e-9 if written == "4e-3" else 0.0), result, run
 
     monkeypatch.setattr(compare, "_train_and_evaluate", fake_run)
