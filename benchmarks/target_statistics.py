@@ -28,7 +28,7 @@ def recompute_target_statistics(model, batches):
     (target image batches `(batch, height, width, 1)`, as training draws them)."""
     import keras
 
-    from mkd_tf.models.mkd import TARGET_DOMAIN
+    from mkd_tf.models.cross_modality import TARGET_DOMAIN
 
     for segmentor in model.segmentors().values():
         # every layer at any depth (Keras 3's `layers` lists only the top level)

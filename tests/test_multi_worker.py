@@ -269,7 +269,7 @@ def test_a_cluster_after_tensorflow_already_ran_is_one_line():
     assert "\n" not in str(error.value) and cluster.NATIVE_LOG["path"] is None
 
 
-@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 10-minute budget; run with -m benchmark
+@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 6-minute budget; run with -m benchmark
 def test_a_chief_that_cannot_be_reached_is_one_line_within_the_timeout(tmp_path, cache_path):
     ports = free_ports(2)  # nothing listens on the chief's port
     run = tmp_path / "run"

@@ -67,7 +67,7 @@ def validation_images(cache):
 # --- 1. replica scaling ------------------------------------------------------------------------------
 
 
-@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 10-minute budget; run with -m benchmark
+@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 6-minute budget; run with -m benchmark
 def test_two_replica_update_equals_single_device_update(tmp_path):
     """One MKD step on 2 mirrored CPU replicas (2 slices each) == one step on 1 device with the 4 slices."""
     out = tmp_path / "replicas.json"

@@ -18,12 +18,8 @@ comparison"): on for `joint` (44.9 -> 77.9 mean Dice over 3 seeds), off for `fin
 import keras
 import tensorflow as tf
 
-from mkd_tf import losses
-from mkd_tf.models.cross_modality import CrossModalityModel, phase_start_step
+from mkd_tf.models.cross_modality import ASSISTANT_DOMAIN, TARGET_DOMAIN, CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
-
-#: batch-norm sets with ``domain_norm`` (the same numbering as UMMKD's and MKD's)
-ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
 
 
 class SingleSegmentorModel(CrossModalityModel):
@@ -84,7 +80,7 @@ class SingleSegmentorModel(CrossModalityModel):
         """Replica-averaged segmentation loss of the segmentor on one labelled stream; ``domain``
         (ASSISTANT_DOMAIN or TARGET_DOMAIN) picks the batch-norm set when ``domain_norm`` is on."""
         logits = self.segmentor(stream["image"], training=True, domain=domain if self.domain_norm else None)
-        return self.average(losses.segmentation_loss(stream["label"], tf.nn.softmax(logits)) * stream["has_label"])
+        return self.supervised_loss(logits, stream)
 
     def loss_terms(self, batch):
         """Dict of named loss terms; their sum is minimised."""

@@ -16,7 +16,12 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from mkd_tf import losses
 from mkd_tf.models.moving_average import ExponentialMovingAverage
+
+#: batch-norm sets of a segmentor with ``domain_norm`` (one per modality): assistant (or aligned assistant)
+#: images, target images. Every method numbers them so.
+ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
 
 #: ``schedule`` settings that only some methods read (a method lists its own in ``schedule_settings``)
 METHOD_SCHEDULE_SETTINGS = ("mkd_pretrain", "finetune_switch")
@@ -62,6 +67,20 @@ class CrossModalityModel(keras.Model):
     def average(self, per_example):
         """Sum of per-example losses / global batch size (replica-safe mean)."""
         return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
+
+    def supervised_loss(self, logits, stream):
+        """The supervised segmentation loss of ``logits`` on one labelled stream:
+        ``(1 / B) * sum_i has_label_i * L_seg(y_i, softmax(logits_i))`` over the global batch ``B``, with
+        :func:`~mkd_tf.losses.segmentation_loss` as ``L_seg``; slices without a label count zero.
+
+        Args:
+            logits: float tensor `(batch, height, width, classes)`.
+            stream: dict with ``label`` `(batch, height, width)` int and ``has_label`` `(batch,)` float.
+
+        Returns:
+            Scalar float tensor.
+        """
+        return self.average(losses.segmentation_loss(stream["label"], tf.nn.softmax(logits)) * stream["has_label"])
 
     # --- models ----------------------------------------------------------------------------------
     def segmentors(self):

@@ -50,7 +50,7 @@ import tensorflow as tf
 from mkd_tf import losses
 from mkd_tf.errors import fail
 from mkd_tf.models.alignment import ImageAlignmentModule
-from mkd_tf.models.cross_modality import CrossModalityModel, phase_start_step
+from mkd_tf.models.cross_modality import ASSISTANT_DOMAIN, TARGET_DOMAIN, CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
 
 #: ``alignment`` settings of how MKD trains its IAM (arguments of :class:`MKDModel`, not of the networks)
@@ -60,9 +60,6 @@ TRAINING_SETTINGS = {
     "discriminator_every": "discriminator_every",
     "freeze_after_warm_start": "freeze_iam_after_warm_start",
 }
-
-#: batch-norm sets of the segmentors with ``domain_norm``: (aligned) assistant images, target images
-ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
 
 
 @dataclass
@@ -283,10 +280,7 @@ class MKDModel(CrossModalityModel):
     def supervised_on_target(self, segmentor, labelled_target):
         """Segmentation loss of ``segmentor`` on the labelled target slices (with the target's batch-norm
         set), averaged over the global batch; slices without a label count zero."""
-        logits = self.on_target(segmentor, labelled_target["image"])
-        return self.average(
-            losses.segmentation_loss(labelled_target["label"], tf.nn.softmax(logits)) * labelled_target["has_label"]
-        )
+        return self.supervised_loss(self.on_target(segmentor, labelled_target["image"]), labelled_target)
 
     def teacher(self, segmentor, student_logits, images, domain):
         """Stop-gradient teacher logits of ``segmentor`` on ``images``: ``student_logits`` (its current

@@ -15,11 +15,8 @@ import keras
 import tensorflow as tf
 
 from mkd_tf import losses
-from mkd_tf.models.cross_modality import CrossModalityModel
+from mkd_tf.models.cross_modality import ASSISTANT_DOMAIN, TARGET_DOMAIN, CrossModalityModel
 from mkd_tf.models.segmentor_factory import build_segmentor
-
-#: the batch-norm set of each modality inside the shared segmentor
-ASSISTANT_DOMAIN, TARGET_DOMAIN = 0, 1
 
 
 def mask_unlabelled(stream):
@@ -115,8 +112,7 @@ class UMMKDModel(CrossModalityModel):
 
     def supervised(self, logits, stream):
         """Replica-averaged segmentation loss of ``logits`` on one labelled stream."""
-        per_example = losses.segmentation_loss(stream["label"], tf.nn.softmax(logits)) * stream["has_label"]
-        return self.average(per_example)
+        return self.supervised_loss(logits, stream)
 
     def train_step(self, batch):
         assistant, target = batch["assistant"], batch["target_labelled"]

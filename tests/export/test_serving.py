@@ -263,7 +263,7 @@ def test_models_config_lists_every_model(mkd_export, confident_export, saved_mod
     assert serving.models_config_text(saved_models, "/srv/models/").count('base_path: "/srv/models/heart"') == 1
 
 
-@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 10-minute budget; run with -m benchmark
+@pytest.mark.benchmark  # ~20-30 s: kept out of make test's 6-minute budget; run with -m benchmark
 def test_version_policy_keeps_every_version_and_labels_move(mkd_run, tmp_path):
     """`--which real` as version 2 no longer replaces the served ensemble: both are listed, labels say which is which."""
     root = tmp_path / "saved_models"
