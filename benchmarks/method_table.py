@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from paired_runs import record_header
+from paired_runs import write_record
 
 METRICS = (("dice", "mean Dice", 100.0), ("assd", "ASSD (mm)", 1.0), ("hd95", "HD95 (mm)", 1.0))
 
@@ -61,10 +61,7 @@ def main():
         table.append(f"| {row['method']} | {row['seeds']} | {per_seed} | " + " | ".join(cells) + " |")
     print("\n".join(table))
     if args.out:
-        header = record_header(args.config)
-        lines = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), "", *table, ""]
-        Path(f"{args.out}.md").write_text("\n".join(lines))
-        Path(f"{args.out}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+        write_record(args.out, args.config, table, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def record_header(config):
     }
 
 
+def write_record(out, config, body, data):
+    """Write ``OUT.md`` (the standard header, then the ``body`` lines) and ``OUT.json`` (``{"header": ...}``
+    and ``data``'s keys): the record pair every script of this folder writes."""
+    header = record_header(config)
+    lines = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), "", *body]
+    Path(f"{out}.md").write_text("\n".join(lines).rstrip("\n") + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"header": header, **data}, indent=2) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
@@ -92,7 +101,6 @@ def main():
             )
     print("\n".join(lines))
     if args.out:
-        header = record_header(args.config)
         table = [
             "| run | predictor | seeds | mean Dice per seed | mean ± std | minus base per seed | mean ± std |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -108,9 +116,7 @@ def main():
                 + ("" if difference is None else f"{np.mean(difference):+.1f} ± {np.std(difference):.1f}")
                 + " |"
             )
-        text = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), "", *table]
-        Path(f"{args.out}.md").write_text("\n".join(text) + "\n")
-        Path(f"{args.out}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+        write_record(args.out, args.config, table, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from paired_runs import record_header
+from paired_runs import write_record
 
 
 def curves(folder):
@@ -52,11 +52,8 @@ def main():
         text.append("")
     print("\n".join(text))
     if args.out:
-        header = record_header(args.config)
-        lines = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), ""]
-        lines += ["Validation Dice (%, mean over structures) per epoch: mean over seeds (per seed).", "", *text]
-        Path(f"{args.out}.md").write_text("\n".join(lines))
-        Path(f"{args.out}.json").write_text(json.dumps({"header": header, "runs": data}, indent=2) + "\n")
+        intro = ["Validation Dice (%, mean over structures) per epoch: mean over seeds (per seed).", ""]
+        write_record(args.out, args.config, intro + text, {"runs": data})
 
 
 if __name__ == "__main__":

@@ -1061,13 +1061,17 @@ def breakdown_main(args):
                 result["batch"] = rows[0]["batch"]
     out = Path(args.out)
     out = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    write_result(out, result, breakdown_markdown(result))
+
+
+def write_result(out, result, table, suffix=""):
+    """Write ``result`` to OUT.json and its ``table`` to OUT.md, print the table and where both went."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    table = breakdown_markdown(result)
     out.with_suffix(".md").write_text(table)
     print()
     print(table)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}{suffix}")
 
 
 def main():
@@ -1185,13 +1189,7 @@ def main():
     result["conv_peak_gflops_per_second"] = max(p["gflops_per_second"] for p in result["conv_peaks"])
     result["host"]["loadavg_end"] = os.getloadavg()
     result["wall_seconds"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({result['wall_seconds']:.0f} s)")
+    write_result(out, result, markdown(result), f" ({result['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
