@@ -38,21 +38,22 @@ collect_ignore_glob = ["scripts/*"]
 # demo's file last, where it ran alone for minutes: pytest_configure turns it off.
 LONGEST_FIRST = (
     "tests/test_training.py",
-    "tests/export/test_serving.py",
-    "tests/test_multi_worker.py",
-    "tests/test_training_bad_inputs.py",
-    "tests/cli/test_demo_cli.py",
-    "tests/test_python_api.py",
-    "tests/cli/test_method_cli.py",
-    "tests/cli/test_predict_cli.py",
     "tests/models/test_mkd.py",
+    "tests/test_multi_worker.py",
+    "tests/export/test_serving.py",
+    "tests/test_training_bad_inputs.py",
+    "tests/cli/test_method_cli.py",
+    "tests/test_python_api.py",
+    "tests/cli/test_demo_cli.py",
     "tests/models/test_alignment.py",
-    "tests/test_inference.py",
-    "tests/models/test_ummkd.py",
-    "tests/models/test_segmentor.py",
     "tests/export/test_tflite.py",
-    "tests/export/test_client.py",
+    "tests/test_inference.py",
+    "tests/models/test_moving_average.py",
+    "tests/models/test_ummkd.py",
     "tests/test_evaluation.py",
+    "tests/models/test_segmentor.py",
+    "tests/cli/test_predict_cli.py",
+    "tests/export/test_client.py",
 )
 
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from mkd_cli.main import main
 from mkd_tf.data.layouts import MMWHS_LABELS
 from mkd_tf.export import DEFAULT_MIN_AGREEMENT
+from tests.scripts import tiny_runs
 
 PARITY = re.compile(
     r"parity \(none, \d+ test slices\): Dice agreement (?P<agreement>[\d.]+) \(threshold (?P<threshold>[\d.]+)\), "
@@ -41,11 +42,14 @@ def test_demo_writes_a_label_map_on_the_input_grid_an_overlay_a_savedmodel_and_a
             lambda out, n_ct, n_mr, shape, seed: write_phantom(out, n_ct, n_mr, (32, 32, 16), seed),
         )
     out, saved_models = tmp_path / "demo", tmp_path / "saved_models"
-    result = CliRunner().invoke(
-        main,
-        ["demo", "--out", str(out), "--saved-models", str(saved_models), "--epochs", "1", "--steps-per-epoch", "2"]
-        + ["--quiet"],
-    )
+    # At test size the two training steps run eagerly: tracing them would take most of the test (the
+    # compiled loop is tested on the main MKD run); as shipped, the demo runs as a user runs it.
+    with tiny_runs.eager(size == "tiny"):
+        result = CliRunner().invoke(
+            main,
+            ["demo", "--out", str(out), "--saved-models", str(saved_models), "--epochs", "1", "--steps-per-epoch", "2"]
+            + ["--quiet"],
+        )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "mkd — ensemble (test, 1 volumes)" in result.output
     # The TFLite parity check ran and agreed at the gate of a float32 conversion. A two-step model has

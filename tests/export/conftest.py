@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+from tests.scripts import tiny_runs  # noqa: E402
 from tests.scripts.session_folders import shared_folder  # noqa: E402
 
 TINY_ALIGNMENT = {"base_filters": 4, "num_blocks": 1, "disc_filters": 4, "disc_layers": 2}
@@ -62,17 +63,20 @@ def mkd_run(cache, tmp_path_factory):
     from mkd_tf.training import train
 
     def build(run):
-        train(
-            cache,
-            run,
-            overrides={
-                "schedule": {"epochs": 1, "steps_per_epoch": 2},
-                "data": {"batch_size": 2},
-                "segmentor": {"base_filters": 4, "depth": 2},
-                "alignment": TINY_ALIGNMENT,
-            },
-            verbose=0,
-        )
+        # Eager steps: tracing the two step functions would cost ~25 s of the session for two steps, and
+        # the exports compute the same either way (the compiled loop is tested on the main MKD run).
+        with tiny_runs.eager():
+            train(
+                cache,
+                run,
+                overrides={
+                    "schedule": {"epochs": 1, "steps_per_epoch": 2},
+                    "data": {"batch_size": 2},
+                    "segmentor": {"base_filters": 4, "depth": 2},
+                    "alignment": TINY_ALIGNMENT,
+                },
+                verbose=0,
+            )
 
     return shared_folder(tmp_path_factory, "export_mkd_run", build)[0]
 
