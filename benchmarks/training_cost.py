@@ -129,15 +129,24 @@ def network_choice(size, config_path):
 
 
 def method_config(method, size, args, extra=None):
-    """The config of ``method`` at ``size`` (``extra``: nested overrides merged over it, e.g. a candidate's)."""
+    """The config of ``method`` (a registered method or variant) at ``size`` (``extra``: nested overrides
+    merged over the variant's, e.g. a candidate's)."""
+    from mkd_tf import registry
+    from mkd_tf.compare import run_overrides
     from mkd_tf.config import load_config
 
     path, _ = network_choice(size, args.config)
+    variant = run_overrides(method, 0, {})
+    method = variant.pop("method")
+    variant.pop("seed")
     if extra:
-        base = load_config(path, {"method": method})
+        base = load_config(path, {**variant, "method": method})
         extra = extra(base) if callable(extra) else extra
+    for section, values in (extra or {}).items():
+        variant[section] = {**variant.get(section, {}), **values} if isinstance(values, dict) else values
+    assert registry.method_of(method).name == method
     overrides = {
-        **(extra or {}),
+        **variant,
         "method": method,
         "strategy": "default",
         "precision": "float32",
@@ -634,6 +643,7 @@ def measure_method(method, size, args, label=None, extra=None):
     from mkd_tf.training import step_functions
 
     config = method_config(method, size, args, extra)
+    warm_start = config["method"] == "mkd"  # MKD and its variants: a warm-start step and a distillation step
     batch_size = int(config["data"]["batch_size"])
     strategy = tf.distribute.get_strategy()
     started = time.perf_counter()
@@ -654,12 +664,12 @@ def measure_method(method, size, args, label=None, extra=None):
             "phase": phase,
             "batch": batch_size,
             "segmentor": config["segmentor"],
-            "alignment": config["alignment"] if method == "mkd" else None,
+            "alignment": config["alignment"] if warm_start else None,
             "build_seconds": build_seconds,
             "trace_seconds": trace_seconds,
             **summarise_flops(graph_flops(graph), profiler_flops(graph)),
         }
-        if method == "mkd":
+        if warm_start:
             row.update(breakdown_summary(graph, int(config["alignment"]["discriminator_every"])))
             row["mkd_pretrain"] = float(config["schedule"]["mkd_pretrain"])
         else:
@@ -692,7 +702,8 @@ def measure_method(method, size, args, label=None, extra=None):
         rows.append(average)
         print(
             f"  {size}x{size} {average['method']} (run average): {average['flops'] / 1e9:.2f} GFLOP/step"
-            + (f" (executed {average['executed_flops'] / 1e9:.2f})" if "executed_flops" in average else ""),
+            + (f" (executed {average['executed_flops'] / 1e9:.2f})" if "executed_flops" in average else "")
+            + (f", {average['median_seconds']:.3f} s/step" if "median_seconds" in average else ""),
             flush=True,
         )
     return config, rows
@@ -726,8 +737,8 @@ def run_average(rows):
             for key in ("conv_share", "backward_share", "optimizer_share")
         },
     )
-    for key in ("executed_flops", "graph_flops_weighted"):
-        if key in train:
+    for key in ("executed_flops", "graph_flops_weighted", "median_seconds"):
+        if key in train and key in warm:
             average[key] = mean(key)
     return average
 
@@ -776,21 +787,27 @@ def markdown(result):
         "are counted).",
         "",
         (
-            "| size | networks | method | GFLOP/step | profiler GFLOP | conv % | bwd % | opt % | s/step | "
-            "spread % | GFLOP/s | % peak | peak RSS MiB |"
+            "| size | networks | method | GFLOP/step | executed GFLOP | profiler GFLOP | conv % | bwd % | opt % | "
+            "s/step | spread % | GFLOP/s | % peak | peak RSS MiB |"
         ),
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         name = row["method"] + ("" if row["phase"] == "train" else f" ({row['phase']})")
         rate = row.get("gflops_per_second")
         lines.append(
             f"| {row['size']} | {row['networks']} | {name} | {fmt(row['flops'], 2, 1e9)} | "
-            f"{fmt(row['profiler_flops'], 2, 1e9)} | {100 * row['conv_share']:.1f} | {100 * row['backward_share']:.1f} | "
+            f"{fmt(row.get('executed_flops'), 2, 1e9)} | {fmt(row['profiler_flops'], 2, 1e9)} | {100 * row['conv_share']:.1f} | {100 * row['backward_share']:.1f} | "
             f"{100 * row['optimizer_share']:.1f} | {fmt(row.get('median_seconds'), 3)} | "
             f"{fmt(row['spread'] * 100 if 'spread' in row else None, 0)} | {fmt(rate, 1)} | "
             f"{fmt(rate / peak * 100 if rate else None, 0)} | {fmt(row.get('peak_rss_mb'), 0)} |"
         )
+    lines += [
+        "",
+        "`GFLOP/step` counts every op of the traced step; `executed GFLOP` only those a call runs (gradients "
+        "that no optimizer takes are pruned); a `(run average)` row weighs the warm-start and distillation "
+        "steps by their shares of a run (`schedule.mkd_pretrain`), its s/step as well.",
+    ]
     partial = sorted({r["method"] for r in result["rows"] if r["profiler_flops"] != r["flops"]})
     if partial:
         lines += [
@@ -884,19 +901,12 @@ CANDIDATES = {
 
 def measure_candidate(label, size, args):
     """Rows of one :data:`CANDIDATES` entry (a registered variant's overrides under the candidate's)."""
-    from mkd_tf import registry
-
     name, extra = CANDIDATES[label]
-    variant = registry.variant_overrides(name) if name in registry.VARIANTS else {}
 
     def overrides(base):
-        own = extra(base) if callable(extra) else (extra or {})
-        merged = {section: dict(values) if isinstance(values, dict) else values for section, values in variant.items()}
-        for section, values in own.items():
-            merged.setdefault(section, {}).update(values)
-        return merged
+        return extra(base) if callable(extra) else (extra or {})
 
-    return measure_method(registry.method_of(name).name, size, args, label, overrides)[1]
+    return measure_method(name, size, args, label, overrides)[1]
 
 
 def uptime():
@@ -1077,7 +1087,9 @@ def write_result(out, result, table, suffix=""):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs="+", default=[48, 256], help="slice sizes (square)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), help="registered methods or variants [the six methods]"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (0: FLOPs only)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (tracing excluded)")
     parser.add_argument(
