@@ -594,6 +594,7 @@ def worker_main(spec):
     if spec["threads"]:
         tf.config.threading.set_intra_op_parallelism_threads(int(spec["threads"]))
     from mkd_tf import cluster
+    from mkd_tf.models.mkd import AUTO_DISCRIMINATOR_EVERY
     from mkd_tf.training import step_functions
 
     started = time.perf_counter()
@@ -670,7 +671,8 @@ def measure_method(method, size, args, label=None, extra=None):
             **summarise_flops(graph_flops(graph), profiler_flops(graph)),
         }
         if warm_start:
-            row.update(breakdown_summary(graph, int(config["alignment"]["discriminator_every"])))
+            every = config["alignment"]["discriminator_every"] or AUTO_DISCRIMINATOR_EVERY  # one device here
+            row.update(breakdown_summary(graph, int(every)))
             row["mkd_pretrain"] = float(config["schedule"]["mkd_pretrain"])
         else:
             row["executed_flops"] = sum(scoped_flops(graph).values())
@@ -876,26 +878,39 @@ def markdown(result):
 # --- the breakdown report (--breakdown) -------------------------------------------------------------------
 
 
-def _half_generators(config):
-    alignment = config["alignment"]
-    return {
-        "alignment": {
-            "base_filters": max(1, alignment["base_filters"] // 2),
-            "num_blocks": alignment["num_blocks"] // 2,
-        }
-    }
+#: the generators' size (base_filters, num_blocks) of the earlier default MKD, by today's default size:
+#: the phantom comparison's networks (benchmarks/compare_phantom.yaml) and the config defaults
+EARLIER_GENERATORS = {8: (16, 3), 16: (32, 6)}
 
 
-#: label -> (method or variant, overrides or a function of the size's config returning them)
+def _earlier_generators(config):
+    base_filters, num_blocks = EARLIER_GENERATORS[config["alignment"]["base_filters"]]
+    return {"alignment": {"base_filters": base_filters, "num_blocks": num_blocks}}
+
+
+def _full_iam_with(**alignment):
+    """The earlier default MKD (mkd-full-iam, generators twice today's size) with ``alignment`` changed."""
+
+    def overrides(config):
+        merged = _earlier_generators(config)
+        merged["alignment"].update(alignment)
+        return merged
+
+    return overrides
+
+
+#: label -> (method or variant, overrides or a function of the size's config returning them). The earlier
+#: default (the paper's IAM training, larger generators) and each of its cheaper settings alone, then
+#: today's default ("mkd", whose step is also broken down by part), which combines them.
 CANDIDATES = {
+    "earlier default (mkd-full-iam, generators 2x)": ("mkd-full-iam", _earlier_generators),
+    "target cycle off": ("mkd-full-iam", _full_iam_with(target_cycle=False)),
+    "discriminators every 2nd step": ("mkd-full-iam", _full_iam_with(discriminator_every=2)),
+    "discriminators every 4th step": ("mkd-full-iam", _full_iam_with(discriminator_every=4)),
+    "IAM frozen after the warm start": ("mkd-full-iam", _full_iam_with(freeze_after_warm_start=True)),
+    "generators half size (mkd-full-iam)": ("mkd-full-iam", None),
+    "the three IAM settings (generators 2x)": ("mkd", _earlier_generators),
     "mkd": ("mkd", None),
-    "target cycle off": ("mkd", {"alignment": {"target_cycle": False}}),
-    "discriminators every 2nd step": ("mkd", {"alignment": {"discriminator_every": 2}}),
-    "discriminators every 4th step": ("mkd", {"alignment": {"discriminator_every": 4}}),
-    "IAM frozen after the warm start": ("mkd", {"alignment": {"freeze_after_warm_start": True}}),
-    "generators half size": ("mkd", _half_generators),
-    "mkd-lite": ("mkd-lite", None),
-    "mkd-lite + generators half size": ("mkd-lite", _half_generators),
 }
 
 

@@ -267,11 +267,14 @@ def test_the_iam_cost_settings_are_checked_in_one_line():
     with pytest.raises(MkdError) as raised:
         load_config(overrides={"alignment": {"discriminator_every": 0}})
     assert str(raised.value).startswith("command line: setting 'alignment.discriminator_every' must be")
-    with pytest.raises(MkdError) as raised:
-        load_config(overrides={"alignment": {"freeze_after_warm_start": True}, "schedule": {"mkd_pretrain": 0.0}})
-    assert str(raised.value) == (
-        "config: setting 'alignment.freeze_after_warm_start' needs schedule.mkd_pretrain > 0 (the IAM's only training)"
+    # the defaults: the cheaper IAM, its discriminators' period chosen when the model knows its strategy
+    defaults = load_config()["alignment"]
+    assert (defaults["target_cycle"], defaults["discriminator_every"], defaults["freeze_after_warm_start"]) == (
+        False,
+        None,
+        True,
     )
+    assert load_config(overrides={"strategy": "mirrored"})["alignment"]["discriminator_every"] is None
     with pytest.raises(MkdError) as raised:
         load_config(overrides={"alignment": {"discriminator_every": 2}, "strategy": "mirrored"})
     assert str(raised.value) == (

@@ -53,6 +53,10 @@ from mkd_tf.models.alignment import ImageAlignmentModule
 from mkd_tf.models.cross_modality import ASSISTANT_DOMAIN, TARGET_DOMAIN, CrossModalityModel, phase_start_step
 from mkd_tf.models.segmentor_factory import build_segmentor
 
+#: ``alignment.discriminator_every: null`` (the default) on one device: the discriminators learn on every 2nd
+#: step (with the target cycle off and the IAM frozen after the warm start, measured to keep Dice on both
+#: phantoms at half the IAM's cost: benchmarks/README.md, "Where MKD's FLOPs go")
+AUTO_DISCRIMINATOR_EVERY = 2
 #: ``alignment`` settings of how MKD trains its IAM (arguments of :class:`MKDModel`, not of the networks)
 #: (config name -> argument name)
 TRAINING_SETTINGS = {
@@ -156,6 +160,8 @@ class MKDModel(CrossModalityModel):
             cycle ``|assistant - F(G(assistant))|``; saves one generator pass and its gradient per step).
         discriminator_every: int k >= 1, the discriminators learn on every k-th step only (steps 0, k,
             2k, ... of the run, warm start included); their loss is still computed (and logged) every step.
+            ``None``: :data:`AUTO_DISCRIMINATOR_EVERY` on one device, every step under a distribution
+            strategy (whose gradient all-reduce cannot sit inside the ``tf.cond`` that skips a step).
         freeze_iam_after_warm_start: bool, after the warm start the IAM stops learning: distillation
             steps run G's forward pass alone (inference mode, no gradient), not F, the discriminators or
             the cycle (needs ``pretrain_steps > 0``, or the IAM never learns).
@@ -203,8 +209,8 @@ class MKDModel(CrossModalityModel):
         self.use_iam, self.kd_s2r, self.kd_r2s = bool(use_iam), bool(kd_s2r), bool(kd_r2s)
         self.domain_norm = bool(domain_norm)
         self.target_cycle = bool(target_cycle)
-        self.discriminator_every = int(discriminator_every)
-        if self.discriminator_every < 1:
+        self.discriminator_every = None if discriminator_every is None else int(discriminator_every)
+        if self.discriminator_every is not None and self.discriminator_every < 1:
             raise ValueError(f"discriminator_every must be >= 1, got {discriminator_every}")
         self.freeze_iam_after_warm_start = bool(freeze_iam_after_warm_start)
         self.syn_domain_norm = self.domain_norm and bool(syn_domain_norm)
@@ -240,17 +246,23 @@ class MKDModel(CrossModalityModel):
             loss_weights["syn_on_target"] = 0.0  # no labelled target slices: S_syn cannot learn from them
         # the IAM's training settings (TRAINING_SETTINGS) are the model's arguments, the rest the networks'
         alignment = {k: v for k, v in config["alignment"].items() if k not in TRAINING_SETTINGS}
+        iam_training = {argument: config["alignment"][name] for name, argument in TRAINING_SETTINGS.items()}
+        pretrain_steps = phase_start_step(schedule, "mkd_pretrain")
+        # without a warm start there is nothing to freeze after: the IAM then learns throughout
+        iam_training["freeze_iam_after_warm_start"] = (
+            bool(iam_training["freeze_iam_after_warm_start"]) and pretrain_steps > 0
+        )
         return cls(
             num_classes,
             config["data"]["batch_size"],
             segmentor=config["segmentor"],
             alignment=alignment,
-            **{argument: config["alignment"][name] for name, argument in TRAINING_SETTINGS.items()},
+            **iam_training,
             loss_weights=loss_weights,
             use_iam=config["ablation"]["iam"],
             kd_s2r=config["ablation"]["kd_s2r"],
             kd_r2s=config["ablation"]["kd_r2s"],
-            pretrain_steps=phase_start_step(schedule, "mkd_pretrain"),
+            pretrain_steps=pretrain_steps,
             domain_norm=config["segmentor"]["domain_norm"],
             syn_domain_norm=config["segmentor"]["syn_domain_norm"],
             optimizers={role: optimizer(role) for role in ("segmentors", "generators", "discriminators")},
@@ -544,6 +556,14 @@ class MKDModel(CrossModalityModel):
             generator_loss += w.structure * logs["structure"]
         return generator_loss
 
+    def discriminator_period(self):
+        """k: the discriminators learn on every k-th step. ``discriminator_every`` if set; else (auto)
+        :data:`AUTO_DISCRIMINATOR_EVERY` on one device and 1 under a distribution strategy, whose gradient
+        all-reduce cannot sit inside the ``tf.cond`` that skips an update."""
+        if self.discriminator_every is not None:
+            return self.discriminator_every
+        return 1 if tf.distribute.has_strategy() else AUTO_DISCRIMINATOR_EVERY
+
     def finish_step(self, tape, segmentor_loss, generator_loss, logs):
         """Apply the segmentor, generator and discriminator updates recorded on ``tape`` (the
         discriminators' only on every ``discriminator_every``-th step)."""
@@ -551,7 +571,8 @@ class MKDModel(CrossModalityModel):
         if generator_loss is None:
             return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
         losses_by_optimizer["generators"] = generator_loss
-        if self.discriminator_every == 1:
+        every = self.discriminator_period()
+        if every == 1:
             losses_by_optimizer["discriminators"] = logs["discriminator"]
             return self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
         if tf.distribute.has_strategy():
@@ -563,7 +584,7 @@ class MKDModel(CrossModalityModel):
                 "strategy cannot skip the discriminators' update on some steps",
             )
         # Read the step number before end_step counts this step: the discriminators learn on steps 0, k, 2k, ...
-        due = tf.equal(self.step_counter % self.discriminator_every, 0)
+        due = tf.equal(self.step_counter % every, 0)
         logs = self.end_step(tape, losses_by_optimizer, logs, segmentor_loss)
 
         def update():
