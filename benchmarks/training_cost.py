@@ -594,7 +594,6 @@ def worker_main(spec):
     if spec["threads"]:
         tf.config.threading.set_intra_op_parallelism_threads(int(spec["threads"]))
     from mkd_tf import cluster
-    from mkd_tf.models.mkd import AUTO_DISCRIMINATOR_EVERY
     from mkd_tf.training import step_functions
 
     started = time.perf_counter()
@@ -641,6 +640,7 @@ def measure_method(method, size, args, label=None, extra=None):
     import keras
     import tensorflow as tf
 
+    from mkd_tf.models.mkd import AUTO_DISCRIMINATOR_EVERY
     from mkd_tf.training import step_functions
 
     config = method_config(method, size, args, extra)
