@@ -1049,6 +1049,7 @@ def breakdown_main(args):
     """``--breakdown``: joint and every :data:`CANDIDATES` entry at every size, FLOPs only."""
     import datetime
 
+    started_load = os.getloadavg()
     from mkd_tf.config import load_config
 
     result = {
@@ -1086,14 +1087,31 @@ def breakdown_main(args):
                 result["batch"] = rows[0]["batch"]
     out = Path(args.out)
     out = out.with_suffix("") if out.suffix in (".json", ".md") else out
-    write_result(out, result, breakdown_markdown(result))
+    write_result(out, result, breakdown_markdown(result), record_header(args, started_load))
 
 
-def write_result(out, result, table, suffix=""):
-    """Write ``result`` to OUT.json and its ``table`` to OUT.md, print the table and where both went."""
+def record_header(args, started_load):
+    """The standard record header (benchmarks/README.md): date, commit, command, config, machine."""
+    import datetime
+
+    sizes = ", ".join(f"{size}x{size}: {network_choice(size, args.config)[1]} networks" for size in args.size)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "command": "python benchmarks/training_cost.py " + " ".join(sys.argv[1:]),
+        "config": f"{sizes} (phantom: benchmarks/compare_phantom.yaml; defaults: the config defaults); float32, no XLA",
+        "machine": f"{os.cpu_count()} cores ({cpu_model() or 'unknown'}); load average {started_load[0]:.2f} at the "
+        f"start, {os.getloadavg()[0]:.2f} at the end",
+    }
+
+
+def write_result(out, result, table, header, suffix=""):
+    """Write ``result`` to OUT.json and its ``table`` to OUT.md, both under the standard ``header``; print the
+    table and where both went."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    out.with_suffix(".md").write_text(table)
+    out.with_suffix(".json").write_text(json.dumps({"header": header, **result}, indent=1, default=str))
+    lines = ["<!-- record header -->", *(f"- {key}: {value}" for key, value in header.items()), "", table]
+    out.with_suffix(".md").write_text("\n".join(lines))
     print()
     print(table)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}{suffix}")
@@ -1216,7 +1234,8 @@ def main():
     result["conv_peak_gflops_per_second"] = max(p["gflops_per_second"] for p in result["conv_peaks"])
     result["host"]["loadavg_end"] = os.getloadavg()
     result["wall_seconds"] = time.perf_counter() - started
-    write_result(out, result, markdown(result), f" ({result['wall_seconds']:.0f} s)")
+    header = record_header(args, result["host"]["loadavg_start"])
+    write_result(out, result, markdown(result), header, f" ({result['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
