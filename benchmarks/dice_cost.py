@@ -1,16 +1,17 @@
 """Dice against training cost, one panel per phantom (run by hand; not a test).
 
-    .venv/bin/python benchmarks/dice_cost.py --cost COST.json [--cost ...] [--size 48] [--alias LABEL=COST_LABEL ...]
-        PHANTOM=RECORD.json [PHANTOM=RECORD.json ...] --png docs/dice_cost.png --out benchmarks/results/dice_cost
+    .venv/bin/python benchmarks/dice_cost.py --cost COST.json [--cost ...] [--size 48]
+        PHANTOM=RECORD.json [PHANTOM=RECORD.json ...] [--rename RECORD_NAME:OLD=NEW ...] --png docs/dice_cost.png \
+        --out benchmarks/results/dice_cost
 
 x: GFLOP per training step of each method, averaged over a run (a method with a warm start: its
 ``(run average)`` row; the others: their one step), **executed** count where the record has it, from
 ``benchmarks/training_cost.py`` records (``--cost``, several are pooled; the first that has a method wins).
 y: the main predictor's mean test Dice (%), mean ± std over seeds, from a result record: ``mkd compare``'s
 ``comparison.json`` (method -> ``overall/dice``) or ``benchmarks/method_table.py``'s (``rows``). A method is
-matched to its cost row by name; ``--alias`` maps a record's label to another cost label (e.g.
-``'mkd-lite + half-size generators=mkd-lite + generators half size'``). Methods without a cost row are
-listed and left out. ``--out`` writes the plotted numbers as OUT.md and OUT.json with the standard header.
+matched to its cost row by name. Several records of one phantom are merged, a later one's method replacing
+an earlier one's of the same name; ``--rename`` first gives a record's method another name (e.g. the cost
+row's). Methods without a cost row are listed and left out. ``--out`` writes the plotted numbers as OUT.md and OUT.json with the standard header.
 """
 
 import argparse
@@ -59,7 +60,13 @@ def main():
     parser.add_argument("records", nargs="+", metavar="PHANTOM=RECORD.json")
     parser.add_argument("--cost", action="append", required=True, help="a training_cost.py record (.json)")
     parser.add_argument("--size", type=int, default=48, help="the slice size of the cost rows [48]")
-    parser.add_argument("--alias", action="append", default=[], metavar="LABEL=COST_LABEL")
+    parser.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="RECORD_NAME:OLD=NEW",
+        help="call method OLD of the record whose file name (no suffix) is RECORD_NAME by NEW",
+    )
     parser.add_argument("--png", required=True, help="the figure to write")
     parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
     parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
@@ -71,15 +78,24 @@ def main():
     import matplotlib.pyplot as plt
 
     costs = run_costs(args.cost, args.size)
-    aliases = dict(item.split("=", 1) for item in args.alias)
-    panels = [item.split("=", 1) for item in args.records]
+    renames = {}
+    for item in args.rename:
+        record_name, _, change = item.partition(":")
+        old, _, new = change.partition("=")
+        renames.setdefault(record_name, {})[old] = new
+    panels = {}  # phantom -> {method: Dice per seed}; a later record of a phantom replaces an earlier one's method
+    for item in args.records:
+        phantom, record = item.split("=", 1)
+        names = renames.get(Path(record).with_suffix("").name, {})
+        for method, dice in record_scores(record).items():
+            panels.setdefault(phantom, {})[names.get(method, method)] = dice
     figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     lines, points = [], []
-    for axis, (phantom, record) in zip(axes[0], panels):
-        lines += [f"## {phantom} ({record})", "", "| method | GFLOP/step (run average) | mean Dice | seeds |"]
+    for axis, (phantom, scores) in zip(axes[0], panels.items()):
+        lines += [f"## {phantom}", "", "| method | GFLOP/step (run average) | mean Dice | seeds |"]
         lines.append("| --- | ---: | ---: | --- |")
-        for method, dice in record_scores(record).items():
-            cost = costs.get(aliases.get(method, method))
+        for method, dice in scores.items():
+            cost = costs.get(method)
             if cost is None:
                 print(f"{phantom}: no cost row for {method!r}; left out", file=sys.stderr)
                 continue
