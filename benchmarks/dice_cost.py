@@ -73,6 +73,7 @@ def main():
     args = parser.parse_args()
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,6 +109,9 @@ def main():
             )
         lines.append("")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xticks([4, 8, 16, 32])
         axis.set_xlabel(f"GFLOP per training step, run average ({args.size}² slices)")
         axis.set_ylabel("mean test Dice (%), mean ± std over seeds")
         axis.set_title(f"{phantom} phantom")
