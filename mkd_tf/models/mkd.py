@@ -164,7 +164,9 @@ class MKDModel(CrossModalityModel):
             strategy (whose gradient all-reduce cannot sit inside the ``tf.cond`` that skips a step).
         freeze_iam_after_warm_start: bool, after the warm start the IAM stops learning: distillation
             steps run G's forward pass alone (inference mode, no gradient), not F, the discriminators or
-            the cycle (needs ``pretrain_steps > 0``, or the IAM never learns).
+            the cycle (only with ``pretrain_steps > 0``: without a warm start the IAM learns throughout).
+            The defaults of these three are ``mkd train``'s (the cheaper IAM); the paper trains the IAM
+            with ``target_cycle=True, discriminator_every=1, freeze_iam_after_warm_start=False``.
         optimizers: dict with keras optimizers under `"segmentors"`, `"generators"`, `"discriminators"`.
 
     Call: ``model.predict_probabilities(images, which="ensemble"|"syn"|"real")`` on target slices
@@ -194,9 +196,9 @@ class MKDModel(CrossModalityModel):
         pretrain_steps=0,
         domain_norm=False,
         syn_domain_norm=True,
-        target_cycle=True,
-        discriminator_every=1,
-        freeze_iam_after_warm_start=False,
+        target_cycle=False,
+        discriminator_every=None,
+        freeze_iam_after_warm_start=True,
         **kwargs,
     ):
         super().__init__(num_classes, global_batch_size, **kwargs)
@@ -212,7 +214,8 @@ class MKDModel(CrossModalityModel):
         self.discriminator_every = None if discriminator_every is None else int(discriminator_every)
         if self.discriminator_every is not None and self.discriminator_every < 1:
             raise ValueError(f"discriminator_every must be >= 1, got {discriminator_every}")
-        self.freeze_iam_after_warm_start = bool(freeze_iam_after_warm_start)
+        # without a warm start there is nothing to freeze after: the IAM then learns throughout
+        self.freeze_iam_after_warm_start = bool(freeze_iam_after_warm_start) and self.pretrain_steps > 0
         self.syn_domain_norm = self.domain_norm and bool(syn_domain_norm)
         # the run's seed for the students' perturbations (drawn from the seeded global RNG only when used, so
         # that runs without it draw the same initial weights as before)
@@ -248,10 +251,6 @@ class MKDModel(CrossModalityModel):
         alignment = {k: v for k, v in config["alignment"].items() if k not in TRAINING_SETTINGS}
         iam_training = {argument: config["alignment"][name] for name, argument in TRAINING_SETTINGS.items()}
         pretrain_steps = phase_start_step(schedule, "mkd_pretrain")
-        # without a warm start there is nothing to freeze after: the IAM then learns throughout
-        iam_training["freeze_iam_after_warm_start"] = (
-            bool(iam_training["freeze_iam_after_warm_start"]) and pretrain_steps > 0
-        )
         return cls(
             num_classes,
             config["data"]["batch_size"],

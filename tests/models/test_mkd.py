@@ -42,8 +42,11 @@ def make_batch(seed=0, labelled_target=True):
 
 
 def make_model(sgd=0.0, weights=None, alignment=None, **switches):
-    """A built model; SGD learning rates so that a zero rate freezes a group exactly."""
+    """A built model; SGD learning rates so that a zero rate freezes a group exactly. Unless a test says
+    otherwise it trains the full IAM (the target cycle, the discriminators on every step: every loss term
+    of the paper's step); the constructor's defaults are the cheaper IAM's, as `mkd train`'s."""
     keras.utils.set_random_seed(1)
+    switches = {"target_cycle": True, "discriminator_every": 1, **switches}
     rates = sgd if isinstance(sgd, dict) else {k: sgd for k in ("segmentors", "generators", "discriminators")}
     model = MKDModel(
         CLASSES,
@@ -806,6 +809,14 @@ def test_the_default_cheaper_iam_reaches_the_model_and_trains_and_mkd_full_iam_r
         CLASSES,
     )
     assert unfrozen.freeze_iam_after_warm_start is False
+    # the constructor's defaults are the same cheaper IAM (frozen only after a warm start)
+    constructed = MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, pretrain_steps=2)
+    assert (constructed.target_cycle, constructed.discriminator_every, constructed.freeze_iam_after_warm_start) == (
+        False,
+        None,
+        True,
+    )
+    assert MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT).freeze_iam_after_warm_start is False
     # mkd-full-iam: the paper's IAM training
     full = registry.variant_overrides("mkd-full-iam")
     assert set(full) == {"alignment"}
