@@ -249,19 +249,17 @@ class MKDModel(CrossModalityModel):
             loss_weights["syn_on_target"] = 0.0  # no labelled target slices: S_syn cannot learn from them
         # the IAM's training settings (TRAINING_SETTINGS) are the model's arguments, the rest the networks'
         alignment = {k: v for k, v in config["alignment"].items() if k not in TRAINING_SETTINGS}
-        iam_training = {argument: config["alignment"][name] for name, argument in TRAINING_SETTINGS.items()}
-        pretrain_steps = phase_start_step(schedule, "mkd_pretrain")
         return cls(
             num_classes,
             config["data"]["batch_size"],
             segmentor=config["segmentor"],
             alignment=alignment,
-            **iam_training,
+            **{argument: config["alignment"][name] for name, argument in TRAINING_SETTINGS.items()},
             loss_weights=loss_weights,
             use_iam=config["ablation"]["iam"],
             kd_s2r=config["ablation"]["kd_s2r"],
             kd_r2s=config["ablation"]["kd_r2s"],
-            pretrain_steps=pretrain_steps,
+            pretrain_steps=phase_start_step(schedule, "mkd_pretrain"),
             domain_norm=config["segmentor"]["domain_norm"],
             syn_domain_norm=config["segmentor"]["syn_domain_norm"],
             optimizers={role: optimizer(role) for role in ("segmentors", "generators", "discriminators")},

@@ -185,13 +185,6 @@ RUNS = {
 }
 
 
-def warm_start_steps(config):
-    """The number of MKD warm-start steps of a run with ``config`` (0 for other methods)."""
-    from mkd_tf.models.cross_modality import phase_start_step
-
-    return phase_start_step(config["schedule"], "mkd_pretrain") if config["method"] == "mkd" else 0
-
-
 def shared_run(tmp_path_factory, name):
     """One of :data:`RUNS`, trained once per session."""
     if name == "mkd":
