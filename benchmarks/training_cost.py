@@ -32,7 +32,7 @@ What is measured, per slice size and method (built by ``mkd_tf.training.build_me
 - Networks: sizes <= 64 use ``benchmarks/compare_phantom.yaml`` (the phantom comparison's small
   networks, ``networks = phantom``); larger sizes use the config DEFAULTS (``networks = defaults``).
   ``--config YAML`` forces one config for every size.
-- The step is ``mkd_tf.training.step_functions(strategy, model)``'s ``tf.function`` (the one ``mkd
+- The step is ``mkd_tf.trainer.step_functions(strategy, model)``'s ``tf.function`` (the one ``mkd
   train`` calls), traced with fixed shapes. For ``mkd`` the row ``mkd`` is the mutual-distillation
   step (``train_step``); ``mkd (warm start)`` is its ``pretrain_step``, run for the first
   ``schedule.mkd_pretrain`` of the steps (70 % by default; 50 % when the README's cost tables were
@@ -334,7 +334,6 @@ MKD_PARTS = {
     "segmentor_real_on_assistant": "S_real on assistant images (warm start)",
     "segmentor_syn_on_aligned": "S_syn on aligned images",
     "segmentor_real_on_aligned": "S_real on aligned images (KD student)",
-    "segmentor_real_reads_aligned_as_target": "S_real reads aligned images as target",
     "segmentor_real_on_labelled_target": "S_real on labelled target images",
     "segmentor_syn_on_labelled_target": "S_syn on labelled target images",
     "segmentor_real_on_target": "S_real on target images (KD teacher)",
@@ -475,7 +474,8 @@ def time_steps(step, batch, steps, warmup):
     times = []
     for index in range(warmup + steps):
         started = time.perf_counter()
-        {name: float(value) for name, value in step(batch, flag).items()}
+        losses, _ = step(batch, flag)
+        {name: float(value) for name, value in losses.items()}
         if index >= warmup:
             times.append(time.perf_counter() - started)
     return times
@@ -594,7 +594,7 @@ def worker_main(spec):
     if spec["threads"]:
         tf.config.threading.set_intra_op_parallelism_threads(int(spec["threads"]))
     from mkd_tf import cluster
-    from mkd_tf.training import step_functions
+    from mkd_tf.trainer import step_functions
 
     started = time.perf_counter()
     tf_config = cluster.read_tf_config()
@@ -641,7 +641,7 @@ def measure_method(method, size, args, label=None, extra=None):
     import tensorflow as tf
 
     from mkd_tf.models.mkd import AUTO_DISCRIMINATOR_EVERY
-    from mkd_tf.training import step_functions
+    from mkd_tf.trainer import step_functions
 
     config = method_config(method, size, args, extra)
     warm_start = config["method"] == "mkd"  # MKD and its variants: a warm-start step and a distillation step

@@ -108,19 +108,7 @@ def compare_methods(
     seed_numbers = range(first_seed, first_seed + seeds)
     progress = progress or (lambda line: None)
     path, values = tune if tune else ((), [(None, None)])
-    if not methods:
-        fail("--methods", "no method given (e.g. --methods target-only,mkd)")
-    slice_cache = SliceCache(cache, verify=False)  # train() verifies it; this only reads its manifest
-    for name in methods:  # an unknown name, a bad setting or a run the cache cannot feed fails now, before any training
-        usable_target_volumes(slice_cache, load_config(config_path, run_overrides(name, first_seed, overrides)))
-        for written, value in values if tune else ():
-            try:
-                config = load_config(config_path, _run_settings(name, first_seed, overrides, path, value))
-                usable_target_volumes(slice_cache, config)
-            except MkdError as error:
-                fail("--tune", f"value {written}: {str(error).split(': ', 1)[-1]}")
-    if tune and not any(volume["label"] for volume in slice_cache.volumes("target", "val")):
-        fail(cache, "--tune chooses by validation Dice, but the cache has no labelled target validation volumes")
+    _check_methods(cache, methods, config_path, overrides, first_seed, tune)
     out = Path(out)
     rows = {}  # row name -> list over seeds of (summary, per-case overall dice list)
     tuning = {}  # method -> its chosen value and every value's per-seed validation and test Dice
@@ -149,6 +137,30 @@ def compare_methods(
     if tune:
         table += _tuning_table(".".join(path), [written for written, _ in values], tuning)
         data["tuning"] = {"setting": ".".join(path), "methods": tuning}
+    return _write_comparison(out, table, data, rows, chosen_runs)
+
+
+def _check_methods(cache, methods, config_path, overrides, first_seed, tune):
+    """Every method name, setting and ``--tune`` value, and whether the cache can feed each run, is checked
+    before any training: a bad one fails in one line."""
+    if not methods:
+        fail("--methods", "no method given (e.g. --methods target-only,mkd)")
+    path, values = tune if tune else ((), [])
+    slice_cache = SliceCache(cache, verify=False)  # train() verifies it; this only reads its manifest
+    for name in methods:
+        usable_target_volumes(slice_cache, load_config(config_path, run_overrides(name, first_seed, overrides)))
+        for written, value in values:
+            try:
+                config = load_config(config_path, _run_settings(name, first_seed, overrides, path, value))
+                usable_target_volumes(slice_cache, config)
+            except MkdError as error:
+                fail("--tune", f"value {written}: {str(error).split(': ', 1)[-1]}")
+    if tune and not any(volume["label"] for volume in slice_cache.volumes("target", "val")):
+        fail(cache, "--tune chooses by validation Dice, but the cache has no labelled target validation volumes")
+
+
+def _write_comparison(out, table, data, rows, chosen_runs):
+    """comparison.md, .json, the box plot and the learning curves in ``out``; returns what they hold."""
     out.mkdir(parents=True, exist_ok=True)
     table_path, plot_path, curves_path = out / "comparison.md", out / "comparison.png", out / "curves.png"
     write_text_atomic(table_path, table)

@@ -1,17 +1,29 @@
-"""Training configuration: defaults, YAML files, command-line overrides, the resolved record.
+"""Training configuration: typed settings, YAML files, command-line overrides, the resolved record.
 
-Every hyper-parameter lives here once (a segmentor architecture's own settings live with its
-registration in :mod:`mkd_tf.registry`). `mkd train --config cfg.yaml` merges the file over the
-defaults, then command-line flags over that; the result is written to `RUN/config.yaml`.
-Only `yaml.safe_load` is used.
+Every hyper-parameter lives here once, as a field of a typed settings section: :class:`TrainingSettings`
+and its sections (:class:`DataSettings`, :class:`ScheduleSettings`, ..., and each method's own loss
+settings, :class:`MKDLossSettings`, :class:`UMMKDLossSettings`), each field with its default, its type and
+range (a :class:`~mkd_tf.rules.Rule`) and one line of help. :data:`DEFAULTS`, :data:`RULES` and
+:data:`HELP` are derived from them; docs/configuration.md is generated from those
+(:mod:`mkd_tf.config_reference`). A segmentor architecture's own settings live with its registration in
+:mod:`mkd_tf.registry`; how settings changed since runs were first written is
+:mod:`mkd_tf.config_migrations`.
+
+`mkd train --config cfg.yaml` merges the file over the defaults, then command-line flags over that; the
+result (a plain nested dict, the YAML's shape) is written to `RUN/config.yaml`. Only `yaml.safe_load` is
+used.
 """
 
 import copy
+import functools
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from mkd_tf import registry
+from mkd_tf.config_migrations import ADDED_SINCE, DEFAULTED_SINCE, REMOVED, RENAMED, migrate, switched_on  # noqa: F401
 from mkd_tf.errors import fail
 from mkd_tf.files import write_text_atomic
 from mkd_tf.rules import BOOL, NON_NEGATIVE, POSITIVE, Rule, fraction, integer
@@ -24,298 +36,274 @@ STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NORMS = ("batch", "instance", "none")  # mkd_tf.models.segmentor.NORMS (config does not import models)
 LR_SCHEDULES = ("constant", "cosine")  # optimizer.lr_schedule (mkd_tf.phased_cosine_decay)
-#: settings renamed since runs were first written: an old config file or run folder still loads
-RENAMED = {("data", "target_labeled"): "target_labelled"}
-#: settings added since runs were first written, with the value every run written before had
-ADDED_SINCE = {
-    ("segmentor", "kind"): "unet",
-    ("segmentor", "domain_norm"): False,
-    ("segmentor", "syn_domain_norm"): True,
-    ("loss", "syn_on_target"): 0.0,  # before it existed S_syn learnt the target only by distillation
-    ("alignment", "skip_kernel"): 1,
-    ("loss", "structure"): 0.0,
-    ("loss", "pretrain_on_target"): 0.0,
-    ("loss", "average_teachers"): False,
-    ("loss", "student_perturbation"): 0.0,
-    ("loss", "aligned_as_target"): 0.0,
-    ("loss", "real_to_generator"): 0.0,
-    ("loss", "pseudo_labels"): 0.0,
-    ("loss", "pseudo_label_threshold"): 0.9,
-    ("optimizer", "lr_schedule"): "constant",
-    ("alignment", "target_cycle"): True,
-    ("alignment", "discriminator_every"): 1,
-    ("alignment", "freeze_after_warm_start"): False,
-}
-#: settings added since runs were first written that an older run's config.yaml lacks and that take today's
-#: default; a run's config.yaml must hold every other setting (and those of :data:`ADDED_SINCE` may be missing)
-DEFAULTED_SINCE = {
-    (None, "precision"),
-    (None, "jit_compile"),
-    (None, "deterministic"),
-    (None, "checkpoint_every"),
-    (None, "worker_timeout"),
-    ("schedule", "mkd_pretrain"),
-    ("schedule", "select_by"),
-    ("alignment", "residual"),
-    ("loss", "real_on_aligned"),
-    ("loss", "lambda_s2r_target"),
-    ("optimizer", "ema"),
-    ("optimizer", "ema_momentum"),
-}
 #: settings of how a run executes, not of what it learns: a resumed run may change them.
 #: ``precision`` is *not* one of them: float16 changes the numbers learnt and adds loss-scale state to
 #: the checkpoints, so a run resumes only in the precision it started with.
 RUNTIME_SETTINGS = ("strategy", "jit_compile", "deterministic", "checkpoint_every", "worker_timeout")
 
-DEFAULTS = {
-    "method": "mkd",
-    "seed": 0,
-    "strategy": "auto",
-    # Keras mixed-precision policy; networks' outputs and every loss stay float32
-    "precision": "float32",
-    "jit_compile": False,  # XLA-compile the distributed training step
-    # bit-reproducible training: deterministic kernels, no Grappler graph rewrites (README, multi-worker training)
-    "deterministic": False,
-    "checkpoint_every": 10.0,  # minutes between step-level checkpoints inside an epoch (0: epoch ends only)
-    # multi-worker: seconds a worker waits for the cluster at start and for one collective operation
-    # (a step's all-reduce) before stopping with an error; must exceed the chief's validation time
-    "worker_timeout": 600.0,
-    "data": {
-        "batch_size": 8,  # slices per stream per step, over all replicas
-        "augment": True,
-        "target_labelled": None,  # keep labels of only N of the cache's labelled target training volumes
-    },
-    "schedule": {
-        "epochs": 20,
-        "steps_per_epoch": 100,
-        # finetune: fraction of steps on the assistant before switching to the target; 0.7 (MKD's warm-start
-        # share) measured +2.6 +- 0.9 Dice over 0.5 on the phantom benchmark (3 seeds, every seed)
-        "finetune_switch": 0.7,
-        # mkd: fraction of steps of warm start (both segmentors on raw assistant slices, as finetune's
-        # first phase; the IAM trains alone) before mutual distillation; 0 = none. 0.7 measured +0.9 +- 0.2
-        # Dice over 0.5 on the phantom benchmark (3 seeds, every seed; README, method comparison)
-        "mkd_pretrain": 0.7,
-        "validation_batch": 32,
-        # the predictor whose validation Dice selects the best checkpoint (null: the method's reported one,
-        # e.g. mkd's ensemble); the IAM-only pipeline selects by "syn", as its S_real may learn nothing
-        "select_by": None,
-    },
-    # kind: a registered architecture (its own settings follow, with its defaults); domain_norm (mkd, joint,
-    # finetune): one batch-norm set per modality, shared convolutions (needs norm: batch)
-    # domain_norm null: the method's registered default (mkd, joint: true; finetune: false; others ignore it);
-    # syn_domain_norm (mkd, with domain_norm): false gives S_syn one batch-norm set for aligned and target images
-    # (S_real keeps one per domain), the paper's S_syn. Measured against true: +0.2 +- 0.6 Dice over 6 seeds
-    # at 1000 steps, -0.6 +- 0.2 at 2000; without the IAM it loses 3.6 +- 1.0, but that is S_syn's moving
-    # statistics mixing raw MRI and CT (benchmarks/target_statistics.py); README, method comparison
-    "segmentor": {
-        "kind": "unet",
-        **registry.SEGMENTORS["unet"].defaults,
-        "norm": "batch",
-        "domain_norm": None,
-        "syn_domain_norm": False,
-    },
-    "alignment": {
-        "base_filters": 16,
-        "num_blocks": 3,
-        "disc_filters": 64,
-        "disc_layers": 3,
-        "norm": "instance",
-        "residual": True,  # G(x) = x + r(x), starts as the identity
-        # odd; > 1: G(x) = s(x) + r(x), s a learnable identity-initialised k x k convolution (1: G(x) = x + r(x));
-        # 7, with the cycle and structure weights below, closes more of the assistant-target intensity gap
-        "skip_kernel": 7,
-        # mkd, how the IAM trains (benchmarks/README.md, "Where MKD's FLOPs go"): false skips the target's cycle
-        # |target - G(F(target))| (the assistant's cycle stays); k > 1 updates the discriminators on every k-th
-        # step only (null: 2 on one device, 1 under a distribution strategy); freeze_after_warm_start stops the
-        # IAM learning when distillation starts (then only G's forward pass runs; no warm start: no freeze).
-        # These defaults and the generators' size (base_filters 16, num_blocks 3) halve the IAM's cost against
-        # the paper's IAM (variant mkd-full-iam, generators 32 / 6) at the same Dice on both phantoms.
-        "target_cycle": False,
-        "discriminator_every": None,
-        "freeze_after_warm_start": True,
-    },
-    "loss": {
-        "temperature": 2.0,
-        "lambda_s2r": 1.0,
-        "lambda_r2s": 1.0,
-        "adversarial": 1.0,
-        "cycle": 0.3,  # CycleGAN's 10 holds G to the assistant's contrast; measured with syn_domain_norm false (README)
-        "segmentation_to_generator": 1.0,
-        "real_on_aligned": 0.0,  # mkd: S_real also supervised on aligned assistant images
-        "syn_on_target": 1.0,  # mkd: S_syn also supervised on the labelled target images (0: the paper)
-        "lambda_s2r_target": 0.0,  # mkd: S_syn -> S_real distillation also on target images (0: the paper)
-        "structure": 3.0,  # mkd: contrast-free structure loss between each image and its translation (0: the paper)
-        "pretrain_on_target": 0.0,  # mkd: both segmentors also learn the labelled target in the warm start
-        "average_teachers": False,  # mkd: distil from the teachers' moving-average weights (needs optimizer.ema)
-        "student_perturbation": 0.0,  # mkd: KD students see a re-contrasted, noisy view (strength s; 0: the paper)
-        "aligned_as_target": 0.0,  # mkd: S_real also learns aligned assistant images through its target set
-        "real_to_generator": 0.0,  # mkd: G also minimises that loss (S_real must read G(assistant) correctly)
-        "pseudo_labels": 0.0,  # mkd: both segmentors learn the pair's confident average on target images
-        "pseudo_label_threshold": 0.9,  # mkd: the confidence a pseudo-label needs
-        "ummkd_temperature": 2.0,
-        "ummkd_weight": 1.0,
-    },
-    "optimizer": {
-        "segmentor_lr": 1.0e-3,
-        "generator_lr": 2.0e-4,
-        "discriminator_lr": 2.0e-4,
-        "gan_beta_1": 0.5,
-        # every method: evaluate, select and export an exponential moving average of the segmentor weights
-        "ema": True,
-        "ema_momentum": 0.99,
-        # every method: "cosine" decays the segmentors' learning rate within each phase of the method's
-        # schedule (mkd: warm start, distillation; finetune: assistant, target), restarting at each phase
-        "lr_schedule": "constant",
-    },
-    "ablation": {"iam": True, "kd_s2r": True, "kd_r2s": True},
-}
+
+def setting(default: Any, rule: Rule, help: str) -> Any:
+    """A field of a settings section: its default, type and range (a :class:`~mkd_tf.rules.Rule`) and one line
+    of help (docs/configuration.md and ``--help`` come from these)."""
+    return field(default=default, metadata={"rule": rule, "help": help})
 
 
-#: every setting's type and range, checked before anything is written
-RULES = {
-    "method": Rule("choice", choices=METHODS),
-    "seed": integer(0),
-    "strategy": Rule("choice", choices=STRATEGIES),
-    "precision": Rule("choice", choices=PRECISIONS),
-    "jit_compile": BOOL,
-    "deterministic": BOOL,
-    "checkpoint_every": NON_NEGATIVE,
-    "worker_timeout": POSITIVE,
-    "data": {"batch_size": integer(1), "augment": BOOL, "target_labelled": integer(0, optional=True)},
-    "schedule": {
-        "epochs": integer(1),
-        "steps_per_epoch": integer(1),
-        "finetune_switch": fraction(),
-        "mkd_pretrain": fraction(high_open=True),
-        "validation_batch": integer(1),
-        "select_by": Rule("choice", choices=PREDICTORS, optional=True),
-    },
-    # plus the rules of the chosen kind's own settings (registry.SEGMENTORS[kind].rules)
-    "segmentor": {
-        "kind": Rule("choice", choices=tuple(registry.SEGMENTORS)),
-        "norm": Rule("choice", choices=NORMS),
-        "domain_norm": Rule("bool", optional=True),
-        "syn_domain_norm": BOOL,
-    },
-    "alignment": {
-        "base_filters": integer(1),
-        "num_blocks": integer(0),
-        "disc_filters": integer(1),
-        "disc_layers": integer(1, 8),
-        "norm": Rule("choice", choices=NORMS),
-        "residual": BOOL,
-        "skip_kernel": integer(1, 15),
-        "target_cycle": BOOL,
-        "discriminator_every": integer(1, optional=True),
-        "freeze_after_warm_start": BOOL,
-    },
-    "loss": {
-        "temperature": POSITIVE,
-        "lambda_s2r": NON_NEGATIVE,
-        "lambda_r2s": NON_NEGATIVE,
-        "adversarial": NON_NEGATIVE,
-        "cycle": NON_NEGATIVE,
-        "segmentation_to_generator": NON_NEGATIVE,
-        "real_on_aligned": NON_NEGATIVE,
-        "syn_on_target": NON_NEGATIVE,
-        "lambda_s2r_target": NON_NEGATIVE,
-        "structure": NON_NEGATIVE,
-        "pretrain_on_target": NON_NEGATIVE,
-        "average_teachers": BOOL,
-        "student_perturbation": fraction(high_open=True),
-        "aligned_as_target": NON_NEGATIVE,
-        "real_to_generator": NON_NEGATIVE,
-        "pseudo_labels": NON_NEGATIVE,
-        "pseudo_label_threshold": fraction(high_open=True),
-        "ummkd_temperature": POSITIVE,
-        "ummkd_weight": NON_NEGATIVE,
-    },
-    "optimizer": {
-        "segmentor_lr": POSITIVE,
-        "generator_lr": POSITIVE,
-        "discriminator_lr": POSITIVE,
-        "gan_beta_1": fraction(high_open=True),
-        "ema": BOOL,
-        "ema_momentum": fraction(high_open=True),
-        "lr_schedule": Rule("choice", choices=LR_SCHEDULES),
-    },
-    "ablation": {"iam": BOOL, "kd_s2r": BOOL, "kd_r2s": BOOL},
-}
+def section(cls: type) -> Any:
+    """A field holding a whole settings section (a dataclass of :func:`setting` fields)."""
+    return field(default_factory=cls, metadata={"section": cls})
 
 
+class Settings:
+    """What every settings section can do (each is a dataclass of :func:`setting` fields)."""
+
+    @classmethod
+    def from_settings(cls, values: dict | None = None) -> "Settings":
+        """The section from a settings mapping: its own keys (the others are ignored), the defaults for those
+        it lacks.
+
+        Example:
+            >>> MKDLossSettings.from_settings({"temperature": 4.0, "ummkd_weight": 1.0}).temperature
+            4.0
+        """
+        values = values or {}
+        return cls(**{item.name: values[item.name] for item in fields(cls) if item.name in values})
+
+
+@dataclass
+class DataSettings(Settings):
+    """``data``: what each training step reads."""
+
+    batch_size: int = setting(8, integer(1), "slices per stream per step, over all replicas (the global batch)")
+    augment: bool = setting(True, BOOL, "random rotation, scale, flip, gamma, contrast and noise on training slices")
+    target_labelled: int | None = setting(
+        None,
+        integer(0, optional=True),
+        "keep the labels of only N of the cache's labelled target training volumes (null: all)",
+    )
+
+
+@dataclass
+class ScheduleSettings(Settings):
+    """``schedule``: the budget, the methods' phases and the checkpoint selection."""
+
+    epochs: int = setting(
+        20, integer(1), "number of epochs; validation, the best checkpoint and resumption happen at epoch ends"
+    )
+    steps_per_epoch: int = setting(100, integer(1), "training steps per epoch")
+    finetune_switch: float = setting(
+        0.7, fraction(), "finetune: fraction of the steps on the assistant before switching to the target"
+    )
+    mkd_pretrain: float = setting(
+        0.7,
+        fraction(high_open=True),
+        "mkd: fraction of the steps of warm start on raw assistant slices before distillation (0: none)",
+    )
+    validation_batch: int = setting(32, integer(1), "slices per batch when predicting the validation volumes")
+    select_by: str | None = setting(
+        None,
+        Rule("choice", choices=PREDICTORS, optional=True),
+        "predictor whose validation Dice selects best/ (null: the method's reported one)",
+    )
+
+
+@dataclass
+class SegmentorSettings(Settings):
+    """``segmentor``: the architecture (``kind``; its own settings, :mod:`mkd_tf.registry`, follow it) and how
+    its normalisation is shared between the modalities."""
+
+    kind: str = setting(
+        "unet",
+        Rule("choice", choices=tuple(registry.SEGMENTORS)),
+        "segmentor architecture (a registered kind; its own settings follow)",
+    )
+    norm: str = setting("batch", Rule("choice", choices=NORMS), "normalisation layers of the segmentors")
+    domain_norm: bool | None = setting(
+        None,
+        Rule("bool", optional=True),
+        "one batch-norm set per modality with shared convolutions (null: the method's default)",
+    )
+    syn_domain_norm: bool = setting(
+        False, BOOL, "mkd, with domain_norm: per-domain batch-norm sets in S_syn too (false: one set, the paper's)"
+    )
+
+
+@dataclass
+class AlignmentSettings(Settings):
+    """``alignment``: the image alignment module's networks, and how MKD trains it."""
+
+    base_filters: int = setting(16, integer(1), "IAM generators' channels of the first level")
+    num_blocks: int = setting(3, integer(0), "IAM generators' residual blocks")
+    disc_filters: int = setting(64, integer(1), "PatchGAN discriminators' channels of the first layer")
+    disc_layers: int = setting(3, integer(1, 8), "PatchGAN discriminators' strided layers")
+    norm: str = setting("instance", Rule("choice", choices=NORMS), "normalisation layers of the IAM")
+    residual: bool = setting(True, BOOL, "generators compute G(x) = x + r(x) and start as the identity")
+    skip_kernel: int = setting(
+        7, integer(1, 15), "odd; > 1: the identity path is a learnable identity-initialised k x k convolution"
+    )
+    target_cycle: bool = setting(
+        False, BOOL, "mkd: false skips the target cycle G(F(target)); the assistant's cycle stays"
+    )
+    discriminator_every: int | None = setting(
+        None,
+        integer(1, optional=True),
+        "mkd: update the discriminators on every k-th step only (1: every step; > 1 on one device only; "
+        "null: 2 on one device, 1 under a distribution strategy)",
+    )
+    freeze_after_warm_start: bool = setting(
+        True,
+        BOOL,
+        "mkd: after the warm start the IAM stops training and only G's forward pass runs (no warm start: it "
+        "trains throughout)",
+    )
+
+
+@dataclass
+class MKDLossSettings(Settings):
+    """MKD's ``loss`` settings: the weights of its loss terms and the distillation temperature."""
+
+    temperature: float = setting(2.0, POSITIVE, "distillation temperature T of the KD terms")
+    lambda_s2r: float = setting(
+        1.0, NON_NEGATIVE, "weight of S_syn -> S_real distillation (on aligned assistant images)"
+    )
+    lambda_r2s: float = setting(1.0, NON_NEGATIVE, "weight of S_real -> S_syn distillation (on all target slices)")
+    lambda_s2r_target: float = setting(
+        1.0,
+        NON_NEGATIVE,
+        "mkd: weight of S_syn -> S_real distillation on all target slices too, both directions there (0: the paper)",
+    )
+    adversarial: float = setting(1.0, NON_NEGATIVE, "weight of the IAM's least-squares adversarial loss")
+    cycle: float = setting(0.3, NON_NEGATIVE, "weight of the IAM's L1 cycle loss (CycleGAN: 10)")
+    segmentation_to_generator: float = setting(
+        1.0, NON_NEGATIVE, "weight of S_syn's segmentation loss flowing into G (keeps anatomy)"
+    )
+    syn_on_target: float = setting(
+        1.0, NON_NEGATIVE, "mkd: S_syn also supervised on the labelled target images (0: the paper)"
+    )
+    structure: float = setting(
+        3.0, NON_NEGATIVE, "mkd: contrast-free structure loss between each image and its translation (0: the paper)"
+    )
+
+
+@dataclass
+class UMMKDLossSettings(Settings):
+    """UMMKD's ``loss`` settings."""
+
+    ummkd_temperature: float = setting(2.0, POSITIVE, "ummkd: temperature of the class-wise KL term")
+    ummkd_weight: float = setting(1.0, NON_NEGATIVE, "ummkd: weight of the class-wise KL term")
+
+
+@dataclass
+class LossSettings(UMMKDLossSettings, MKDLossSettings):
+    """``loss``: every method's own loss settings (MKD's, then UMMKD's), one section."""
+
+
+@dataclass
+class OptimizerSettings(Settings):
+    """``optimizer``: the rates, the IAM's Adam and the segmentors' weight averaging."""
+
+    segmentor_lr: float = setting(
+        1.0e-3, POSITIVE, "Adam learning rate of the segmentors (tune it with mkd compare --tune)"
+    )
+    generator_lr: float = setting(2.0e-4, POSITIVE, "Adam learning rate of the IAM's generators")
+    discriminator_lr: float = setting(2.0e-4, POSITIVE, "Adam learning rate of the IAM's discriminators")
+    gan_beta_1: float = setting(0.5, fraction(high_open=True), "Adam beta_1 of the generators and discriminators")
+    ema: bool = setting(
+        True, BOOL, "evaluate, select and export an exponential moving average of the segmentor weights"
+    )
+    ema_momentum: float = setting(0.99, fraction(high_open=True), "momentum of that moving average")
+    lr_schedule: str = setting(
+        "constant",
+        Rule("choice", choices=LR_SCHEDULES),
+        "cosine: the segmentors' rate decays to 0 within each phase of the method's schedule",
+    )
+
+
+@dataclass
+class AblationSettings(Settings):
+    """``ablation``: MKD's parts, each on in the full method (``--no-iam``, ``--no-kd-s2r``, ``--no-kd-r2s``)."""
+
+    iam: bool = setting(
+        True, BOOL, "mkd: train and use the image alignment module (false: S_syn reads raw assistant images)"
+    )
+    kd_s2r: bool = setting(True, BOOL, "mkd: S_syn -> S_real distillation")
+    kd_r2s: bool = setting(True, BOOL, "mkd: S_real -> S_syn distillation")
+
+
+@dataclass
+class TrainingSettings(Settings):
+    """Every setting of ``mkd train`` and ``mkd compare``: how the run executes, then one section each."""
+
+    method: str = setting(
+        "mkd",
+        Rule("choice", choices=METHODS),
+        "the method to train (a registered method; variants are chosen with mkd compare --methods)",
+    )
+    seed: int = setting(0, integer(0), "seed of the networks' initial weights, the batch order and the augmentation")
+    strategy: str = setting(
+        "auto",
+        Rule("choice", choices=STRATEGIES),
+        "auto: multi-worker if TF_CONFIG names several workers, else every visible GPU, else the CPU",
+    )
+    precision: str = setting(
+        "float32",
+        Rule("choice", choices=PRECISIONS),
+        "Keras mixed-precision policy; networks' outputs and every loss stay float32; a run resumes only in its own",
+    )
+    jit_compile: bool = setting(False, BOOL, "XLA-compile the distributed training step")
+    deterministic: bool = setting(
+        False, BOOL, "bit-reproducible training: deterministic kernels and no Grappler graph rewrites"
+    )
+    checkpoint_every: float = setting(
+        10.0, NON_NEGATIVE, "minutes between step checkpoints inside an epoch (0: at epoch ends only)"
+    )
+    worker_timeout: float = setting(
+        600.0,
+        POSITIVE,
+        "multi-worker: seconds to wait for the cluster at start and for one collective operation (must exceed "
+        "the chief's validation time)",
+    )
+    data: DataSettings = section(DataSettings)
+    schedule: ScheduleSettings = section(ScheduleSettings)
+    segmentor: SegmentorSettings = section(SegmentorSettings)
+    alignment: AlignmentSettings = section(AlignmentSettings)
+    loss: LossSettings = section(LossSettings)
+    optimizer: OptimizerSettings = section(OptimizerSettings)
+    ablation: AblationSettings = section(AblationSettings)
+
+
+def _walk(cls, prefix=""):
+    """``(dotted name, field)`` of every setting of a settings dataclass, sections' settings included."""
+    for item in fields(cls):
+        if "section" in item.metadata:
+            yield from _walk(item.metadata["section"], f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", item
+
+
+def _tree(cls, value_of):
+    """The nested dict of ``value_of(field)`` over ``cls``'s settings (sections as nested dicts)."""
+    return {
+        item.name: _tree(item.metadata["section"], value_of) if "section" in item.metadata else value_of(item)
+        for item in fields(cls)
+    }
+
+
+def _with_kind_settings(tree, kind_values):
+    """``tree`` with the default segmentor kind's own settings right after ``segmentor.kind``."""
+    segmentor = tree["segmentor"]
+    tree["segmentor"] = {"kind": segmentor["kind"], **kind_values, **segmentor}
+    return tree
+
+
+#: every setting's default (the segmentor kind's own settings are its registration's, :mod:`mkd_tf.registry`)
+DEFAULTS = _with_kind_settings(_tree(TrainingSettings, lambda item: item.default), registry.SEGMENTORS["unet"].defaults)
+#: every setting's type and range, checked before anything is written (the chosen kind's are added by
+#: :func:`rules_of`)
+RULES = _tree(TrainingSettings, lambda item: item.metadata["rule"])
 #: one line of help per setting, by dotted name (docs/configuration.md is generated from this,
 #: :data:`DEFAULTS` and :data:`RULES` by ``python -m mkd_tf.config_reference``)
-HELP = {
-    "method": "the method to train (a registered method; variants are chosen with mkd compare --methods)",
-    "seed": "seed of the networks' initial weights, the batch order and the augmentation",
-    "strategy": "auto: multi-worker if TF_CONFIG names several workers, else every visible GPU, else the CPU",
-    "precision": "Keras mixed-precision policy; networks' outputs and every loss stay float32; a run resumes only in its own",
-    "jit_compile": "XLA-compile the distributed training step",
-    "deterministic": "bit-reproducible training: deterministic kernels and no Grappler graph rewrites",
-    "checkpoint_every": "minutes between step checkpoints inside an epoch (0: at epoch ends only)",
-    "worker_timeout": "multi-worker: seconds to wait for the cluster at start and for one collective operation",
-    "data.batch_size": "slices per stream per step, over all replicas (the global batch)",
-    "data.augment": "random rotation, scale, flip, gamma, contrast and noise on training slices",
-    "data.target_labelled": "keep the labels of only N of the cache's labelled target training volumes (null: all)",
-    "schedule.epochs": "number of epochs; validation, the best checkpoint and resumption happen at epoch ends",
-    "schedule.steps_per_epoch": "training steps per epoch",
-    "schedule.finetune_switch": "finetune: fraction of the steps on the assistant before switching to the target",
-    "schedule.mkd_pretrain": "mkd: fraction of the steps of warm start on raw assistant slices before distillation (0: none)",
-    "schedule.validation_batch": "slices per batch when predicting the validation volumes",
-    "schedule.select_by": "predictor whose validation Dice selects best/ (null: the method's reported one)",
-    "segmentor.kind": "segmentor architecture (a registered kind; its own settings follow)",
-    "segmentor.base_filters": "unet: channels of the first level, doubled at every downsampling",
-    "segmentor.depth": "unet: number of downsamplings",
-    "segmentor.dropout": "unet: dropout rate on the bottleneck features during training (0: none)",
-    "segmentor.norm": "normalisation layers of the segmentors",
-    "segmentor.domain_norm": "one batch-norm set per modality with shared convolutions (null: the method's default)",
-    "segmentor.syn_domain_norm": "mkd, with domain_norm: per-domain batch-norm sets in S_syn too (false: one set, the paper's)",
-    "alignment.base_filters": "IAM generators' channels of the first level",
-    "alignment.num_blocks": "IAM generators' residual blocks",
-    "alignment.disc_filters": "PatchGAN discriminators' channels of the first layer",
-    "alignment.disc_layers": "PatchGAN discriminators' strided layers",
-    "alignment.norm": "normalisation layers of the IAM",
-    "alignment.residual": "generators compute G(x) = x + r(x) and start as the identity",
-    "alignment.skip_kernel": "odd; > 1: the identity path is a learnable identity-initialised k x k convolution",
-    "alignment.target_cycle": "mkd: false skips the target cycle G(F(target)); the assistant's cycle stays",
-    "alignment.discriminator_every": (
-        "mkd: update the discriminators on every k-th step only (1: every step; > 1 on one device only; "
-        "null: 2 on one device, 1 under a distribution strategy)"
-    ),
-    "alignment.freeze_after_warm_start": (
-        "mkd: after the warm start the IAM stops training and only G's forward pass runs (no warm start: it "
-        "trains throughout)"
-    ),
-    "loss.temperature": "distillation temperature T of the KD terms",
-    "loss.lambda_s2r": "weight of S_syn -> S_real distillation (on aligned assistant images)",
-    "loss.lambda_r2s": "weight of S_real -> S_syn distillation (on all target slices)",
-    "loss.adversarial": "weight of the IAM's least-squares adversarial loss",
-    "loss.cycle": "weight of the IAM's L1 cycle loss (CycleGAN: 10)",
-    "loss.segmentation_to_generator": "weight of S_syn's segmentation loss flowing into G (keeps anatomy)",
-    "loss.real_on_aligned": "mkd: S_real also supervised on aligned assistant images",
-    "loss.syn_on_target": "mkd: S_syn also supervised on the labelled target images (0: the paper)",
-    "loss.lambda_s2r_target": "mkd: S_syn -> S_real distillation also on target images (0: the paper)",
-    "loss.structure": "mkd: contrast-free structure loss between each image and its translation (0: the paper)",
-    "loss.pretrain_on_target": "mkd: both segmentors also learn the labelled target during the warm start",
-    "loss.average_teachers": "mkd: distil from the teachers' moving-average weights (needs optimizer.ema)",
-    "loss.student_perturbation": "mkd: KD students see a re-contrasted, noisy view of strength s (0: the paper)",
-    "loss.aligned_as_target": "mkd: S_real also learns aligned assistant images through its target batch-norm set",
-    "loss.real_to_generator": "mkd: G also minimises S_real's segmentation loss on aligned assistant images",
-    "loss.pseudo_labels": "mkd: weight of both segmentors learning their confident average on target slices",
-    "loss.pseudo_label_threshold": "mkd: the confidence a pseudo-label needs",
-    "loss.ummkd_temperature": "ummkd: temperature of the class-wise KL term",
-    "loss.ummkd_weight": "ummkd: weight of the class-wise KL term",
-    "optimizer.segmentor_lr": "Adam learning rate of the segmentors (tune it with mkd compare --tune)",
-    "optimizer.generator_lr": "Adam learning rate of the IAM's generators",
-    "optimizer.discriminator_lr": "Adam learning rate of the IAM's discriminators",
-    "optimizer.gan_beta_1": "Adam beta_1 of the generators and discriminators",
-    "optimizer.ema": "evaluate, select and export an exponential moving average of the segmentor weights",
-    "optimizer.ema_momentum": "momentum of that moving average",
-    "optimizer.lr_schedule": "cosine: the segmentors' rate decays to 0 within each phase of the method's schedule",
-    "ablation.iam": "mkd: train and use the image alignment module (false: S_syn reads raw assistant images)",
-    "ablation.kd_s2r": "mkd: S_syn -> S_real distillation",
-    "ablation.kd_r2s": "mkd: S_real -> S_syn distillation",
-}
+HELP = {name: item.metadata["help"] for name, item in _walk(TrainingSettings)}
+HELP.update({f"segmentor.{name}": text for name, text in registry.SEGMENTORS["unet"].help.items()})
 
 
 def rules_of(config):
@@ -416,11 +404,32 @@ def _merge(base, update, where, section=None):
     return base
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping a YAML config file holds (``yaml.safe_load``); one line naming ``path`` when it is missing,
+    not UTF-8, not YAML or not a mapping."""
+    path = Path(path)
+    if not path.exists():
+        fail(path, "config file not found")
+    if not path.is_file():
+        fail(path, "config is not a file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        fail(path, f"config is not UTF-8 text (byte {exc.start}: {exc.reason})")
+    except yaml.YAMLError as exc:
+        fail(path, f"invalid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(values, dict):
+        fail(path, "config must be a mapping")
+    return values
+
+
 def load_config(path=None, overrides=None, recorded=False):
     """Defaults <- YAML file <- overrides (a nested dict of the same shape; `None` values are skipped).
 
-    ``recorded``: the file is a run's ``config.yaml``; a setting it lacks because it was added later
-    (:data:`ADDED_SINCE`) takes the value the run was trained with, not today's default.
+    What the file and the overrides say is first brought to today's settings
+    (:func:`mkd_tf.config_migrations.migrate`: renamed and removed settings). ``recorded``: the file is a
+    run's ``config.yaml``; a setting it lacks because it was added later (:data:`ADDED_SINCE`) takes the
+    value the run was trained with, not today's default.
 
     Returns:
         The resolved config dict.
@@ -428,35 +437,29 @@ def load_config(path=None, overrides=None, recorded=False):
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            fail(path, "config file not found")
-        if not path.is_file():
-            fail(path, "config is not a file")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            fail(path, f"config is not UTF-8 text (byte {exc.start}: {exc.reason})")
-        except yaml.YAMLError as exc:
-            fail(path, f"invalid YAML ({str(exc).splitlines()[0]})")
-        if not isinstance(values, dict):
-            fail(path, "config must be a mapping")
+        values = read_yaml_mapping(path)
         if values.get("method", METHODS[0]) not in METHODS:  # named in the file: the file is to blame
             fail(path, f"setting 'method' must be one of {', '.join(METHODS)}, got {values['method']!r}")
         if recorded:
             check_recorded(values, path)
-            for (section, key), before in ADDED_SINCE.items():
-                if isinstance(values.get(section), dict) and key not in values[section]:
-                    values[section] = {**values[section], key: before}
-        _merge(config, _kind_first(values), path)
+        _merge(config, _kind_first(migrate(values, path, recorded)), path)
     sources = {}  # an invalid value an override gave names its flag, not the config file
     if overrides:
-        overrides = _drop_none(overrides)
+        overrides = migrate(_drop_none(overrides), "command line", recorded=False)
         _merge(config, _kind_first(overrides), "command line")
         sources = {key: FLAGS.get(key, "command line") for key in _dotted_keys(overrides)}
     if config["method"] not in METHODS:
         fail(sources.get("method", "config"), f"unknown method '{config['method']}' (choose from {', '.join(METHODS)})")
     where = path if path is not None else "config"
     check_config(config, where, sources=sources)
+    resolve_for_method(config, where)
+    return config
+
+
+def resolve_for_method(config: dict, where) -> None:
+    """What depends on the chosen method, in place: ``segmentor.domain_norm`` null takes the method's
+    registered default (and is recorded as what the run does), ``syn_domain_norm`` follows ``domain_norm``
+    for every method but MKD; then the checks that span settings (one line naming ``where``)."""
     segmentor, method = config["segmentor"], registry.METHODS[config["method"]]
     if segmentor["domain_norm"] is None or method.domain_norm is None:  # recorded as what the run does
         segmentor["domain_norm"] = bool(method.domain_norm)
@@ -477,11 +480,8 @@ def load_config(path=None, overrides=None, recorded=False):
             f"setting 'alignment.discriminator_every' > 1 needs strategy default or auto, got {config['strategy']!r} "
             "(a distribution strategy cannot skip the discriminators' update on some steps)",
         )
-    if config["loss"]["average_teachers"] and not config["optimizer"]["ema"]:
-        fail(where, "setting 'loss.average_teachers' needs optimizer.ema: true (the averages it distils from)")
     if segmentor["domain_norm"] and segmentor["norm"] != "batch":
         fail(where, f"setting 'segmentor.domain_norm' needs segmentor.norm: batch, got {segmentor['norm']!r}")
-    return config
 
 
 def learning_settings(config):
@@ -512,3 +512,20 @@ def _drop_none(values):
 def save_config(config, path):
     """Write the resolved config as YAML (atomically)."""
     write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+
+
+def method_defaults(method: str) -> dict:
+    """The resolved settings ``mkd train --method METHOD`` uses without a config file (a fresh copy): where
+    a model or network constructor is called without a setting, it takes the value from here, so that
+    ``MKDModel(5, 8)`` in a notebook is the model ``mkd train`` builds.
+
+    Example:
+        >>> method_defaults("mkd")["segmentor"]["domain_norm"]
+        True
+    """
+    return copy.deepcopy(_method_defaults(method))
+
+
+@functools.cache
+def _method_defaults(method):
+    return load_config(overrides={"method": method})

@@ -24,11 +24,11 @@ import numpy as np
 
 from mkd_tf import metrics
 from mkd_tf.data.cache import SliceCache, file_record
-from mkd_tf.data.layouts import MMWHS_LABELS
+from mkd_tf.data.layouts import defined_labels
 from mkd_tf.data.nifti import load_label
 from mkd_tf.data.preprocess import labels_to_original, map_label_values
 from mkd_tf.errors import fail
-from mkd_tf.files import read_json, write_text_atomic
+from mkd_tf.files import write_text_atomic
 from mkd_tf.inference import load_trained, predict_slices
 
 
@@ -164,14 +164,7 @@ def labelled_volumes(
 
 def _all_label_values(cache):
     """Every label value the target dataset defines (kept or not), name -> value."""
-    modality = cache.modality("target")
-    values = dict(modality["label_values"])
-    source = modality.get("label_source", "")
-    if source.endswith("dataset.json") and Path(source).exists():
-        values.update(read_json(source)["labels"])
-    elif modality["layout"] == "mmwhs":
-        values.update(MMWHS_LABELS)
-    return values
+    return defined_labels(cache.modality("target"))
 
 
 def _csv(cases):

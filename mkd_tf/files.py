@@ -72,25 +72,7 @@ def write_files_atomic(files):
     created, temporaries, locks, published, backups, done = [], [], [], [], [], False
     try:
         for path, content in files:
-            path = Path(path)
-            missing, folder = [], path.parent
-            while not folder.exists():
-                missing.append(folder)
-                folder = folder.parent
-            try:
-                for folder in reversed(missing):
-                    folder.mkdir()
-                    created.append(folder)
-                temporary = temporary_sibling(path)
-                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                temporaries.append(temporary)
-                locks.append(descriptor)
-                if fcntl is not None:
-                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                with os.fdopen(os.dup(descriptor), "wb") as handle:
-                    handle.write(content)
-            except OSError as exc:
-                fail(path, f"cannot write ({exc.strerror or exc})")
+            _stage(Path(path), content, created, temporaries, locks)
         for (path, _), temporary in zip(files, temporaries):
             path = Path(path)
             try:
@@ -107,17 +89,8 @@ def write_files_atomic(files):
                 fail(path, f"cannot write ({exc.strerror or exc})")
         done = True
     finally:
-        if not done:
-            # Take back what this call published: the set of outputs appears together or not at all.
-            previous = dict(backups)
-            for path in reversed(published):
-                try:
-                    if previous.get(path) is not None:
-                        os.replace(previous[path], path)
-                    else:
-                        path.unlink()
-                except OSError:
-                    pass
+        if not done:  # take back what this call published: the outputs appear together or not at all
+            _take_back(published, dict(backups))
         for _, backup in backups:
             if backup is not None and backup.exists():
                 backup.unlink()
@@ -132,6 +105,42 @@ def write_files_atomic(files):
                     folder.rmdir()
                 except OSError:
                     pass
+
+
+def _stage(path, content, created, temporaries, locks):
+    """Write ``content`` to a new temporary sibling of ``path`` held under an exclusive ``flock``, creating the
+    missing folders; appends what it made to ``created``, ``temporaries`` and ``locks`` (for the clean-up)."""
+    missing, folder = [], path.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        temporary = temporary_sibling(path)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        temporaries.append(temporary)
+        locks.append(descriptor)
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(os.dup(descriptor), "wb") as handle:
+            handle.write(content)
+    except OSError as exc:
+        fail(path, f"cannot write ({exc.strerror or exc})")
+
+
+def _take_back(published, previous):
+    """Undo the renames into ``published`` paths: the previous content (``previous[path]``, a backup) back,
+    or the path removed when there was none."""
+    for path in reversed(published):
+        try:
+            if previous.get(path) is not None:
+                os.replace(previous[path], path)
+            else:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _keep_previous(path):

@@ -132,31 +132,6 @@ def distillation_loss(teacher_logits, student_logits, temperature):
     return temperature**2 * _mean_per_example(pixel_kl)
 
 
-def pseudo_label_loss(teacher_probabilities, student_logits, threshold):
-    """Cross-entropy of a student on a teacher's confident hard labels (self-training), per example.
-
-    L_b = (1 / HW) * sum_i 1[max_k p_{ik} >= tau] * -log softmax(s_i)_{y_i},   y_i = argmax_k p_{ik}
-
-    Pixels where the teacher is less confident than tau count zero (they stay in the 1 / HW, so that
-    the loss does not grow as fewer pixels pass).
-
-    Args:
-        teacher_probabilities: float tensor `(batch, height, width, classes)`; the caller passes them
-            stop-gradient.
-        student_logits: float tensor `(batch, height, width, classes)`.
-        threshold: tau in [0, 1), Python float.
-
-    Returns:
-        float tensor `(batch,)`.
-    """
-    teacher_probabilities = tf.convert_to_tensor(teacher_probabilities)
-    student_log_probs = tf.nn.log_softmax(tf.cast(student_logits, teacher_probabilities.dtype), axis=-1)
-    labels = tf.argmax(teacher_probabilities, axis=-1)
-    confident = tf.cast(tf.reduce_max(teacher_probabilities, axis=-1) >= threshold, student_log_probs.dtype)
-    pixel_loss = -tf.reduce_sum(_one_hot(labels, student_log_probs) * student_log_probs, axis=-1)
-    return _mean_per_example(confident * pixel_loss)
-
-
 def lsgan_generator_loss(fake_scores):
     """Least-squares GAN loss of the generator (Mao et al., 2017), per example.
 

@@ -14,10 +14,8 @@ To add
         :class:`~mkd_tf.models.cross_modality.CrossModalityModel` subclass whose classmethod
         ``from_settings(config, num_classes, optimizer)`` builds it, plus one :func:`register_method`;
     a variant of a method (other settings, e.g. an ablation): one :func:`register_variant`;
-    a segmentor architecture: a module with a Keras model class taking ``(num_classes, *, norm,
-        num_domains, default_domain, name, **its settings)``, creating every weight in ``build`` and
-        returning logits from ``call(images, training, domain)`` (see
-        :class:`~mkd_tf.models.segmentor.Segmentor`), plus one :func:`register_segmentor`.
+    a segmentor architecture: a module with a Keras model class honouring :data:`SEGMENTOR_CONTRACT`
+        (see :class:`~mkd_tf.models.segmentor.Segmentor`), plus one :func:`register_segmentor`.
 
 Example:
     >>> method_of("mkd-no-iam").name, variant_overrides("mkd-no-iam")
@@ -27,7 +25,7 @@ Example:
 """
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mkd_tf.rules import fraction, integer
 
@@ -74,7 +72,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class SegmentorKind:
-    """A segmentor architecture (``segmentor.kind``).
+    """A segmentor architecture (``segmentor.kind``); its model honours :data:`SEGMENTOR_CONTRACT`.
 
     Args:
         name: the value of ``segmentor.kind``.
@@ -83,6 +81,7 @@ class SegmentorKind:
             and ``syn_domain_norm`` are not among them).
         rules: a :class:`mkd_tf.rules.Rule` for each of its settings.
         summary: one line for the README.
+        help: one line of help per setting (docs/configuration.md).
     """
 
     name: str
@@ -90,8 +89,25 @@ class SegmentorKind:
     defaults: dict
     rules: dict
     summary: str = ""
+    help: dict = field(default_factory=dict)
 
 
+#: everything the methods, the training loop and export call on a segmentor model (a ``keras.Model``):
+#: member -> what it must do. ``tests/test_registry.py`` trains a toy kind that has only these through a
+#: default MKD run, past the end of its warm start.
+SEGMENTOR_CONTRACT = {
+    "__init__(num_classes, *, norm, num_domains, default_domain, name, **its settings)": (
+        "num_domains > 1: one set of normalisation weights per input domain (0: assistant, 1: target), "
+        "default_domain the one used when call() is given none (inference, export)"
+    ),
+    "build(input_shape)": "creates every weight (the optimizers are built right after)",
+    "call(images, training=False, domain=None)": "logits (batch, height, width, num_classes) of (batch, height, width, 1)",
+    "domain_variable_pairs(source, destination)": (
+        "[(weight of domain source, the same weight of domain destination)] over every per-domain weight and "
+        "statistic: MKD starts the target's set from the assistant's at the end of its warm start"
+    ),
+    "output_layer_name (class attribute, optional)": "its last layer, kept float32 under mixed precision",
+}
 METHODS = {}
 VARIANTS = {}
 SEGMENTORS = {}
@@ -115,13 +131,13 @@ def register_variant(name, method, overrides, summary):
     return VARIANTS[name]
 
 
-def register_segmentor(name, model, defaults, rules, summary=""):
+def register_segmentor(name, model, defaults, rules, summary="", help=None):
     """Register a segmentor architecture (see :class:`SegmentorKind`); returns it."""
     if name in SEGMENTORS:
         raise ValueError(f"segmentor kind {name!r} is already registered")
     if set(defaults) != set(rules):
         raise ValueError(f"segmentor kind {name!r}: defaults and rules must name the same settings")
-    SEGMENTORS[name] = SegmentorKind(name, model, dict(defaults), dict(rules), summary)
+    SEGMENTORS[name] = SegmentorKind(name, model, dict(defaults), dict(rules), summary, dict(help or {}))
     return SEGMENTORS[name]
 
 
@@ -246,28 +262,16 @@ register_variant(
     "MKD with CycleGAN's IAM losses (cycle 10, no structure loss) and G(x) = x + r(x) (the earlier IAM)",
 )
 register_variant(
-    "mkd-real-on-aligned",
-    "mkd",
-    {"loss": {"real_on_aligned": 1.0}},
-    "MKD with S_real also supervised on aligned assistant images",
-)
-register_variant(
     "mkd-no-syn-on-target",
     "mkd",
     {"loss": {"syn_on_target": 0.0}},
     "MKD without S_syn's supervision on the labelled target images (the paper's S_syn)",
 )
 register_variant(
-    "mkd-s2r-on-target",
+    "mkd-no-s2r-on-target",
     "mkd",
-    {"loss": {"lambda_s2r_target": 1.0}},
-    "MKD with S_syn -> S_real distillation also on target images (both directions on the target)",
-)
-register_variant(
-    "mkd-pseudo-labels",
-    "mkd",
-    {"loss": {"pseudo_labels": 1.0}},
-    "MKD with both segmentors also learning the pair's confident average prediction on target images",
+    {"loss": {"lambda_s2r_target": 0.0}},
+    "MKD with S_syn -> S_real distillation on aligned images only, as the paper (an earlier default)",
 )
 register_variant(
     "mkd-full-iam",
@@ -305,4 +309,9 @@ register_segmentor(
     defaults={"base_filters": 32, "depth": 4, "dropout": 0.0},
     rules={"base_filters": integer(1), "depth": integer(1, 8), "dropout": fraction(high_open=True)},
     summary="2-D U-Net (Ronneberger et al. 2015): base_filters * 2**level channels, depth downsamplings",
+    help={
+        "base_filters": "unet: channels of the first level, doubled at every downsampling",
+        "depth": "unet: number of downsamplings",
+        "dropout": "unet: dropout rate on the bottleneck features during training (0: none)",
+    },
 )

@@ -17,10 +17,8 @@ minutes inside an epoch; the batches after resume are the ones the uninterrupted
 from __future__ import annotations
 
 import contextlib
-import math
 import os  # noqa: F401  (tests replace os.replace through this module to simulate a kill)
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +26,46 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mkd_tf import cluster, metrics, registry
-from mkd_tf.config import STRATEGIES, learning_settings, load_config
+from mkd_tf import cluster, registry
+from mkd_tf.config import STRATEGIES, learning_settings, load_config, read_yaml_mapping, switched_on
 from mkd_tf.data import pipeline
+from mkd_tf.checkpoints import (  # noqa: F401  (re-exported: load_run's callers and older imports)
+    best_weights_prefix,
+    check_checkpoint_files,
+    model_state,
+    restore_checkpoint,
+    training_state,
+)
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder
 from mkd_tf.models.cross_modality import METHOD_SCHEDULE_SETTINGS, CrossModalityModel, phase_start_step
+from mkd_tf.models.optimizers import make_optimizer
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
 from mkd_tf.run_files import read_cache_record, read_history
 from mkd_tf.run_folder import RunFolder, not_a_run_folder
+from mkd_tf.trainer import Trainer, step_functions, validation_dice  # noqa: F401  (the loop's own API, re-exported)
 
 
-def make_strategy(name: str, worker_timeout: float = 600.0) -> tuple[tf.distribute.Strategy, dict | None]:
+def make_strategy(
+    name: str, worker_timeout: float = 600.0, tf_config: dict | None = None
+) -> tuple[tf.distribute.Strategy, dict | None]:
     """`auto`: MultiWorkerMirroredStrategy when `TF_CONFIG` names more than one worker, else
     MirroredStrategy over all visible GPUs (default strategy without GPUs);
     `mirrored`: MirroredStrategy over all GPUs, or over all logical CPUs when there is no GPU;
     `multi-worker`: MultiWorkerMirroredStrategy on the cluster of `TF_CONFIG` (see :mod:`mkd_tf.cluster`);
     `default`: no distribution.
 
+    Args:
+        tf_config: the parsed `TF_CONFIG` when the caller has read it (``None``: read it here).
+
     Returns:
         `(strategy, tf_config)`: ``tf_config`` is the parsed `TF_CONFIG` under multi-worker, else None.
     """
     if name not in STRATEGIES:
         fail("--strategy", f"unknown strategy '{name}' ({', '.join(STRATEGIES)})")
-    tf_config = cluster.read_tf_config() if name in ("auto", "multi-worker") else None
+    if tf_config is None and name in ("auto", "multi-worker"):
+        tf_config = cluster.read_tf_config()
     if name == "multi-worker" or (name == "auto" and cluster.worker_count(tf_config) > 1):
         if tf_config is None:
             fail(
@@ -167,20 +180,12 @@ def build_method(config: dict[str, Any], num_classes: int) -> CrossModalityModel
     ``optimizer.ema`` is on, the GAN's use ``gan_beta_1``. Under ``mixed_float16`` each is wrapped in a
     ``LossScaleOptimizer`` (float16 gradients would underflow; bfloat16 and float32 need no scaling).
     """
-    settings = config["optimizer"]
     scaled = config.get("precision") == "mixed_float16"
     model_class = registry.load(registry.METHODS[config["method"]].model)
 
     def optimizer(role):
-        if role == "segmentors":
-            inner = keras.optimizers.Adam(
-                segmentor_learning_rate(config, model_class),
-                use_ema=bool(settings["ema"]),
-                ema_momentum=float(settings["ema_momentum"]),
-            )
-        else:  # "generators" / "discriminators"
-            inner = keras.optimizers.Adam(settings[f"{role[:-1]}_lr"], beta_1=settings["gan_beta_1"])
-        return keras.optimizers.LossScaleOptimizer(inner) if scaled else inner
+        rate = segmentor_learning_rate(config, model_class) if role == "segmentors" else None
+        return make_optimizer(config["optimizer"], role, learning_rate=rate, loss_scale=scaled)
 
     return model_class.from_settings(config, num_classes, optimizer)
 
@@ -197,128 +202,6 @@ def segmentor_learning_rate(config: dict[str, Any], model_class: type) -> float 
     # the steps at which the method's own phases start; 0 or a repeat adds no phase
     starts = sorted({0} | {phase_start_step(schedule, name) for name in model_class.schedule_settings})
     return PhasedCosineDecay(settings["segmentor_lr"], starts, total)
-
-
-def validation_dice(
-    model: CrossModalityModel, cache: SliceCache, batch_size: int = 32, split: str = "val"
-) -> dict[str, list[float]] | None:
-    """Dice per predictor and foreground class over all labelled target slices of ``split``.
-
-    The overlaps are accumulated over the whole split (so it is the Dice of the split's volumes stacked
-    together, not a mean over slices; a class absent from both scores 1.0, :mod:`mkd_tf.metrics`).
-    Returns `{predictor: [dice per class]}`, or `None` when the cache has no labelled target slices in
-    the split.
-    """
-    rows = cache.indices("target", split, labelled=True)
-    if rows.size == 0:
-        return None
-    names = model.predictor_names()
-    overlaps = {name: 0.0 for name in names}
-    images, labels = cache.images("target"), cache.labels("target")
-    for start in range(0, rows.size, batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = tf.constant(np.asarray(images[chunk])[..., None])
-        truth = np.asarray(labels[chunk])
-        for name in names:
-            predicted = np.argmax(model.predict_probabilities(batch, name).numpy(), axis=-1)
-            overlaps[name] = overlaps[name] + metrics.class_overlaps(predicted, truth, cache.num_classes)
-    return {name: metrics.dice_of_overlaps(counts)[1:].tolist() for name, counts in overlaps.items()}
-
-
-def model_state(model: keras.Model) -> dict[str, tf.Variable]:
-    """Every variable of the model, keyed by its stable Keras path, for `tf.train.Checkpoint`.
-
-    `tf.train.Checkpoint(model=keras3_model)` silently misses layers kept in Python lists (Keras 3
-    tracks them itself, TF's object graph does not): a U-Net restored that way keeps its initial
-    encoder weights. Naming each variable explicitly makes save and restore complete.
-    """
-    state = {"step_counter": model.step_counter}
-    for variable in model.weights:
-        state[f"model/{variable.path}"] = variable.value
-    return state
-
-
-def training_state(model: CrossModalityModel, epoch_counter: tf.Variable) -> dict[str, Any]:
-    """:func:`model_state` + every optimizer's variables (moments, iterations) and moving averages + the epoch."""
-    state = model_state(model)
-    state["epoch"] = epoch_counter
-    for group, (optimizer, _) in model.optimizers().items():
-        inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer wraps the real one
-        for variable in inner.variables:
-            # Drop the optimizer's own name ("adam_3/..."): it depends on how many were made before.
-            state[f"optimizer/{group}/{variable.path.split('/', 1)[-1]}"] = variable.value
-        if inner is not optimizer:  # the loss scale and its counters (its iteration, lr mirror the inner's)
-            own = {id(v) for v in inner.variables}
-            for variable in optimizer.variables:
-                if id(variable) not in own:
-                    state[f"optimizer/{group}/loss_scale/{variable.path.split('/', 1)[-1]}"] = variable.value
-        if group in model.weight_averages:  # the model keeps the moving averages (`use_ema`): saved under
-            # the keys they had when the optimizer kept them, so older run folders resume
-            for name, average in model.weight_averages[group].named().items():
-                state[f"optimizer/{group}/{name}"] = average.value
-    return state
-
-
-def _restore(checkpoint, path, run, partial=False, saved=False):
-    """Restore every variable of ``checkpoint`` from ``path`` or fail with one line.
-
-    ``saved``: ``path`` was written by `CheckpointManager.save` (which also stores the checkpoint's
-    ``save_counter``: `restore` consumes it, `read` would leave it unmatched), not by `write`.
-    """
-    check_checkpoint_files(path)
-    status = None
-    try:
-        status = checkpoint.restore(path) if saved else checkpoint.read(path)
-        if partial:  # a training checkpoint also holds optimizer state, which inference does not need
-            status.expect_partial().assert_existing_objects_matched()
-        else:
-            status.assert_consumed()
-    except (AssertionError, ValueError, tf.errors.OpError) as exc:
-        if status is not None:
-            status.expect_partial()  # else TF logs every unmatched value when the checkpoint is collected
-        fail(run, f"checkpoint {path} does not match this model ({str(exc).splitlines()[0][:160]})")
-    except IndexError as exc:  # TF's reader: "Read less bytes than requested" for a truncated data file
-        if not saved:
-            raise  # load_run's callers name the best/last checkpoint themselves (mkd_tf.inference.load_trained)
-        data = sorted(Path(path).parent.glob(f"{Path(path).name}.data-*"))
-        fail(
-            data[0] if data else path,
-            f"cannot read the checkpoint to resume from: truncated or corrupt weights file ({exc})",
-        )
-
-
-def check_checkpoint_files(prefix: str | os.PathLike) -> None:
-    """Fail with one line naming the file when a checkpoint's ``.index`` or one of its ``.data-*`` shards is
-    missing or empty (what a killed copy or a full disk leaves), before TensorFlow reads it."""
-    prefix = Path(prefix)
-    index = prefix.with_name(prefix.name + ".index")
-    if not index.is_file() or index.stat().st_size == 0:
-        fail(index, "missing or empty: the checkpoint is incomplete")
-    shards = sorted(prefix.parent.glob(prefix.name + ".data-*-of-*"))
-    if not shards:
-        fail(prefix, "the checkpoint has no .data-* file: it is incomplete")
-    expected = int(shards[0].name.rsplit("-of-", 1)[1])
-    for number in range(expected):
-        shard = prefix.with_name(f"{prefix.name}.data-{number:05d}-of-{expected:05d}")
-        if not shard.is_file():
-            fail(shard, "missing: the checkpoint is incomplete")
-
-
-def _best_weights(run):
-    """Prefix of the best checkpoint, also found when a kill left it at ``.best.old`` (see above)."""
-    for folder in (run / "best", run / ".best.old"):
-        if (folder / "weights.index").exists():
-            return str(folder / "weights")
-    fail(run, "has no best checkpoint yet (training has not finished an epoch)")
-
-
-def _check_finite(logs, epoch, step):
-    for name, value in logs.items():
-        if not math.isfinite(value):
-            raise MkdError(
-                f"training diverged: loss '{name}' is {value} at epoch {epoch + 1}, step {step + 1}; "
-                "lower the learning rates or check the input data"
-            )
 
 
 def cache_record(cache: SliceCache) -> dict[str, Any]:
@@ -371,35 +254,6 @@ def precision_policy(name: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-#: key of the step result that carries the chief's "save a step checkpoint now" to every worker
-_SAVE_NOW = "__save_checkpoint__"
-
-
-def step_functions(
-    strategy: tf.distribute.Strategy, model: CrossModalityModel, jit_compile: bool = False
-) -> tuple[Callable, Callable]:
-    """`(pretrain_step, train_step)`: each runs one distributed step and returns the losses summed over
-    replicas (each replica divides by the global batch) plus :data:`_SAVE_NOW`, the sum over replicas
-    of the flag each worker passed (so every worker learns that the chief asked for a checkpoint)."""
-
-    def distributed(step_function):
-        def replica_step(batch, save_flag):
-            logs = dict(step_function(batch))
-            logs[_SAVE_NOW] = tf.identity(save_flag)
-            return logs
-
-        def run_step(batch, save_flag):
-            per_replica = strategy.run(replica_step, args=(batch, save_flag))
-            return {
-                name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                for name, value in per_replica.items()
-            }
-
-        return tf.function(run_step, jit_compile=bool(jit_compile))
-
-    return distributed(model.pretrain_step), distributed(model.train_step)
-
-
 def train(
     cache_path: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -443,7 +297,7 @@ def train(
             read_history(run / "history.json")
     check_training_slices(cache)
     usable_target_volumes(cache, config)
-    strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]))
+    strategy, tf_config = make_strategy(config["strategy"], float(config["worker_timeout"]), tf_config)
     keras.utils.set_random_seed(int(config["seed"]))  # after the strategy, which configures TF's context
     folder = RunFolder(run, chief)  # locked (chief) from its first write to the end of training
     with (
@@ -482,6 +336,12 @@ def check_run_folder(run: Path, config: dict[str, Any], locked: bool = False) ->
     if not locked:
         RunFolder(run).check_not_in_use()
     if (run / "config.yaml").exists() and RunFolder(run).started():
+        removed = switched_on(read_yaml_mapping(run / "config.yaml"))
+        if removed:
+            fail(
+                run,
+                f"was trained with '{removed[0]}', which mkd-tf no longer has: it cannot be resumed; use a new --out",
+            )
         previous, requested = (
             resume_settings(load_config(run / "config.yaml", recorded=True)),
             resume_settings(config),
@@ -533,175 +393,43 @@ def _xla_errors(jit_compile):
 
 
 def _train(cache, run, config, config_path, strategy, folder, tf_config, verbose):
-    """The loop of :func:`train` (``folder`` knows whether this process writes the run folder)."""
-    size = cache.size
+    """The model and data streams of :func:`train`, run by a :class:`~mkd_tf.trainer.Trainer` (``folder``
+    knows whether this process writes the run folder)."""
     with strategy.scope():
         model = build_method(config, cache.num_classes)
         if config["precision"] != "float32":
             float32_outputs(model)
         try:
-            model.build_for((size, size, 1))
+            model.build_for((cache.size, cache.size, 1))
         except ValueError as exc:
-            fail(config_path or "config", f"the networks do not fit {size}x{size} slices: {exc}")
+            fail(config_path or "config", f"the networks do not fit {cache.size}x{cache.size} slices: {exc}")
         model.build_optimizers()
-        epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        done_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")  # for the broadcast
-        state = training_state(model, epoch_counter)
-        checkpoint = tf.train.Checkpoint(**state)
-    checkpoint.save_counter  # noqa: B018  created now, the same way on every worker
+    distributed = strategy.num_replicas_in_sync > 1 or tf_config is not None
 
-    schedule = config["schedule"]
-    epochs, steps = int(schedule["epochs"]), int(schedule["steps_per_epoch"])
-    history = folder.load_history()
-    # Resume from the furthest checkpoint: the last epoch's, or a step checkpoint inside the next epoch.
-    done, progress = 0, None
-    candidates = []
-    latest = folder.latest_epoch_checkpoint()
-    if latest:
-        candidates.append((int(latest.rsplit("-", 1)[1]) * steps, latest, None))
-    latest_step = folder.latest_step_checkpoint()
-    if latest_step:
-        candidates.append((latest_step[1], latest_step[0], latest_step[2]))
-    if candidates:
-        done, path, progress = max(candidates, key=lambda c: c[0])
-        _restore(checkpoint, path, run, saved=True)
+    def streams(epoch, start):
+        if distributed:
+            return iter(distributed_streams(strategy, cache, config, epoch, start)), None
+        dataset = training_streams(cache, config, epoch, start=start)
+        return iter(dataset), dataset
+
+    trainer = Trainer(
+        model,
+        strategy,
+        folder,
+        cache,
+        config["schedule"],
+        streams,
+        panel_streams=lambda epoch: training_streams(cache, config, epoch),
+        checkpoint_every=float(config["checkpoint_every"]) * 60.0,
+        jit_compile=config["jit_compile"],
+        shared=tf_config is not None,
+        verbose=verbose,
+    )
+    progress = trainer.resume()
     # after the checkpoint is read (an unreadable one changes nothing); the lock is held from here to the end
     folder.prepare(config, cache_record(cache), check=lambda: check_run_folder(run, config, locked=True))
-    if tf_config is not None:  # the chief alone read the checkpoint: every worker takes its state
-        done_counter.assign(done)
-        cluster.broadcast_from_chief(strategy, [*state.values(), done_counter])
-        done = int(done_counter.numpy())
-    first_epoch, skip = divmod(done, steps)
-    if progress is not None and progress.get("epoch") != first_epoch:
-        progress = None
-    history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= first_epoch]
-    if verbose and done:
-        print(
-            f"resuming {run} after epoch {first_epoch}"
-            if not skip
-            else f"resuming {run} at epoch {first_epoch + 1}, step {skip + 1} (from a step checkpoint)"
-        )
-
-    pretrain_step, train_step = step_functions(strategy, model, config["jit_compile"])
-    distributed = strategy.num_replicas_in_sync > 1 or tf_config is not None
-    interval = float(config["checkpoint_every"]) * 60.0
-    last_save = time.monotonic()
-    panel_batch = None
-
-    for epoch in range(first_epoch, epochs):
-        start = skip if epoch == first_epoch else 0
-        if distributed:
-            iterator = iter(distributed_streams(strategy, cache, config, epoch, start))
-        else:
-            dataset = training_streams(cache, config, epoch, start=start)
-            iterator = iter(dataset)
-        if folder.chief and panel_batch is None:  # TensorBoard panels: the first batch of the epoch
-            panel_batch = next(
-                iter(dataset if not distributed and not start else training_streams(cache, config, epoch))
-            )
-        progress_bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="step") if verbose else None
-        if verbose:
-            print(f"epoch {epoch + 1}/{epochs}")
-        totals, earlier_seconds = {}, 0.0
-        if start and progress is not None:  # the partial epoch's sums from before the interruption
-            totals, earlier_seconds = dict(progress["totals"]), float(progress["seconds"])
-        started = time.perf_counter()
-        for step in range(start, steps):
-            global_step = epoch * steps + step
-            step_function = pretrain_step if global_step < model.pretrain_steps else train_step
-            if global_step == model.pretrain_steps > 0:
-                model.end_pretraining()
-            # The chief asks for a step checkpoint when the interval has passed (epoch ends save anyway).
-            ask = folder.chief and 0 < interval <= time.monotonic() - last_save and step < steps - 1
-            result = step_function(next(iterator), tf.constant(1.0 if ask else 0.0))
-            logs = {name: float(value) for name, value in result.items()}
-            save_now = logs.pop(_SAVE_NOW) > 0
-            _check_finite(logs, epoch, step)
-            for name, value in logs.items():
-                totals[name] = totals.get(name, 0.0) + value
-            if progress_bar:
-                progress_bar.update(step + 1, list(logs.items()))
-            if save_now:  # every worker, in step
-                folder.save_step(
-                    checkpoint,
-                    global_step + 1,
-                    {"epoch": epoch, "totals": totals, "seconds": earlier_seconds + time.perf_counter() - started},
-                )
-                last_save = time.monotonic()
-        means = {name: value / steps for name, value in totals.items()}
-        seconds = earlier_seconds + time.perf_counter() - started
-        if folder.chief:
-            _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, steps, seconds, schedule, verbose)
-        epoch_counter.assign(epoch + 1)
-        folder.save_epoch(checkpoint, epoch + 1)
-        last_save = time.monotonic()
-    folder.flush()
-    return {
-        "run": str(run),
-        "epochs": epochs,
-        "best": history["best"],
-        "logs": str(run / "logs"),
-        "chief": folder.chief,
-    }
-
-
-def _finish_epoch(model, cache, folder, history, panel_batch, epoch, means, steps, seconds, schedule, verbose):
-    """Chief only: validation, TensorBoard, best weights and the history record of one finished epoch."""
-    with model.averaged_weights():
-        dice = validation_dice(model, cache, int(schedule["validation_batch"]))
-        # For learning curves only (`mkd compare` plots them); never used to select a checkpoint.
-        test_dice = validation_dice(model, cache, int(schedule["validation_batch"]), split="test")
-    record = {
-        "epoch": epoch + 1,
-        "losses": means,
-        "steps_per_second": steps / seconds,
-        "val_dice": dice,
-        "test_dice": test_dice,
-    }
-    global_step = (epoch + 1) * steps
-    with folder.summary_writer("train").as_default():
-        for name, value in means.items():
-            tf.summary.scalar(f"loss/{name}", value, step=global_step)
-        tf.summary.scalar("steps_per_second", steps / seconds, step=global_step)
-        for name, images in model.image_panels(panel_batch).items():
-            tf.summary.image(f"panels/{name}", images, step=global_step, max_outputs=4)
-    main = schedule.get("select_by") or model.main_predictor()
-    # The log shows a predictor that trains in the epoch's phase (MKD's warm start: S_syn, not the
-    # ensemble, whose S_real target statistics are set only when the warm start ends); `best/` is still
-    # chosen by `main`.
-    phase, training = model.training_phase(global_step)
-    shown_predictor = main if main in training else training[0]
-    if phase is not None:
-        record["phase"] = phase
-    if dice is not None:
-        record["val_dice_mean"] = float(np.mean(dice[main]))
-        record["shown"] = {"predictor": shown_predictor, "val_dice_mean": float(np.mean(dice[shown_predictor]))}
-        with folder.summary_writer("validation").as_default():
-            for name, values in dice.items():
-                for structure, value in zip(cache.classes[1:], values):
-                    tf.summary.scalar(f"dice_{name}/{structure}", value, step=global_step)
-                tf.summary.scalar(f"dice_{name}/mean", float(np.mean(values)), step=global_step)
-            tf.summary.scalar("dice_training_predictor/mean", record["shown"]["val_dice_mean"], step=global_step)
-            tf.summary.text("phase", f"{phase or 'training'}: val Dice of {shown_predictor}", step=global_step)
-    folder.flush()
-    # Without validation data the last epoch is "best": a negative score (no Dice to show) that
-    # grows with the epoch (-epoch would keep the first epoch and score it 0, i.e. a Dice).
-    score = record.get("val_dice_mean", -1.0 / (epoch + 1))
-    if history["best"] is None or score > history["best"]["score"]:
-        with model.averaged_weights():
-            folder.save_best(model_state(model))
-        history["best"] = {"epoch": epoch + 1, "score": score, "predictor": main}
-    # History first: a kill between the two leaves a record newer than the checkpoint, which
-    # resume drops and trains again; the other order would lose the epoch's record for good.
-    history["epochs"].append(record)
-    folder.write_history(history)
-    if verbose:
-        shown = f", val Dice ({shown_predictor}) {record['shown']['val_dice_mean']:.3f}" if dice is not None else ""
-        print(f"epoch {epoch + 1}{f' [{phase}]' if phase else ''}: {steps / seconds:.2f} steps/s{shown}")
-        if phase and (len(history["epochs"]) < 2 or history["epochs"][-2].get("phase") != phase):
-            note = model.phase_note(phase)  # once, when the phase first shows
-            if note:
-                print(note)
+    best = trainer.fit(trainer.share(progress))
+    return {"run": str(run), "epochs": trainer.epochs, "best": best, "logs": str(run / "logs"), "chief": folder.chief}
 
 
 def load_run(
@@ -725,7 +453,7 @@ def load_run(
     size = int(record["preprocess"]["size"])
     model.build_for((size, size, 1))
     if which == "best":
-        _restore(tf.train.Checkpoint(**model_state(model)), _best_weights(run), run)
+        restore_checkpoint(tf.train.Checkpoint(**model_state(model)), best_weights_prefix(run), run)
     else:
         latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
         if latest is None:
@@ -733,6 +461,6 @@ def load_run(
         # The raw weights and the optimizers' moving averages: evaluate the averages, as training did.
         model.build_optimizers()
         state = training_state(model, tf.Variable(0, dtype=tf.int64, trainable=False))
-        _restore(tf.train.Checkpoint(**state), latest, run, partial=True)
+        restore_checkpoint(tf.train.Checkpoint(**state), latest, run, partial=True)
         model.load_averaged_weights()
     return model, config, record

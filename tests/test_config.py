@@ -1,6 +1,7 @@
 """Configuration: defaults <- YAML file <- command-line flags; strict keys; safe YAML only."""
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -252,13 +253,37 @@ def test_select_by_must_be_a_predictor_of_the_method(tmp_path):
     )
 
 
-def test_average_teachers_needs_the_moving_averages():
+def test_removed_switches_load_off_are_refused_on_and_block_only_a_resume(tmp_path, tmp_path_factory):
+    """MKD's removed switches (mkd_tf.config_migrations.REMOVED): a file that has them off (as every run's
+    config.yaml written before did) loads without them; one that turns one on is refused in one line; a
+    run trained with one on still loads for evaluation, but is not resumed under today's step."""
+    from mkd_tf.config_migrations import REMOVED
+    from mkd_tf.training import check_run_folder
+
+    off = {key: value for (_, key), value in REMOVED.items() if value is not None}
+    path = write(tmp_path / "cfg.yaml", yaml.safe_dump({"loss": {**off, "pseudo_label_threshold": 0.9}}))
+    assert not set(REMOVED) & {("loss", key) for key in load_config(path)["loss"]}
+    for key, value in (("pseudo_labels", 1.0), ("average_teachers", True)):
+        path = write(tmp_path / "on.yaml", yaml.safe_dump({"loss": {key: value}}))
+        with pytest.raises(MkdError) as raised:
+            load_config(path)
+        assert str(raised.value) == (
+            f"{path}: setting 'loss.{key}' was removed (it did not beat the default MKD: benchmarks/README.md)"
+        )
+    with pytest.raises(MkdError, match="^command line: setting 'loss.real_on_aligned' was removed"):
+        load_config(overrides={"loss": {"real_on_aligned": 1.0}})
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs.shared_run(tmp_path_factory, "mkd-no-iam").path, run)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    recorded["loss"]["pseudo_labels"] = 1.0
+    (run / "config.yaml").write_text(yaml.safe_dump(recorded))
+    config = load_config(run / "config.yaml", recorded=True)  # evaluate, predict, export read it so
+    assert "pseudo_labels" not in config["loss"]
     with pytest.raises(MkdError) as raised:
-        load_config(overrides={"loss": {"average_teachers": True}, "optimizer": {"ema": False}})
+        check_run_folder(run, config)
     assert str(raised.value) == (
-        "config: setting 'loss.average_teachers' needs optimizer.ema: true (the averages it distils from)"
+        f"{run}: was trained with 'loss.pseudo_labels', which mkd-tf no longer has: it cannot be resumed; use a new --out"
     )
-    assert load_config(overrides={"loss": {"average_teachers": True}})["loss"]["average_teachers"] is True
 
 
 def test_the_iam_cost_settings_are_checked_in_one_line():
@@ -281,3 +306,26 @@ def test_the_iam_cost_settings_are_checked_in_one_line():
         "config: setting 'alignment.discriminator_every' > 1 needs strategy default or auto, got 'mirrored' "
         "(a distribution strategy cannot skip the discriminators' update on some steps)"
     )
+
+
+def test_every_setting_is_one_typed_field_with_its_default_rule_and_help():
+    """DEFAULTS, RULES and HELP are the settings dataclasses' fields (the segmentor kind's own settings are its
+    registration's), so there is one home for each setting."""
+    from dataclasses import asdict
+
+    from mkd_tf import registry
+    from mkd_tf.config import HELP, RULES, MKDLossSettings, TrainingSettings, method_defaults
+
+    defaults = copy.deepcopy(DEFAULTS)
+    kind = registry.SEGMENTORS[defaults["segmentor"]["kind"]]
+    for name in kind.defaults:
+        defaults["segmentor"].pop(name)
+    assert asdict(TrainingSettings()) == defaults
+    dotted = {f"{key}.{name}" for key, rule in RULES.items() if isinstance(rule, dict) for name in rule}
+    dotted |= {key for key, rule in RULES.items() if not isinstance(rule, dict)}
+    assert dotted | {f"segmentor.{name}" for name in kind.defaults} == set(HELP)
+    assert all(HELP[name].strip() for name in HELP)
+    # a method's own settings are a section of their own, with the same defaults
+    assert asdict(MKDLossSettings()).items() <= DEFAULTS["loss"].items()
+    assert method_defaults("mkd")["segmentor"]["domain_norm"] is True  # the method's registered default
+    assert method_defaults("mkd") is not method_defaults("mkd")  # a fresh copy: a caller may change it

@@ -97,20 +97,6 @@ def test_distillation_loss_zero_for_identical_logits():
     np.testing.assert_allclose(result, [0.0], atol=1e-7)
 
 
-def test_pseudo_label_loss_by_hand_counts_only_confident_pixels():
-    # PROBS' hard labels are 0, 1 / 2, 0 with confidences 0.7, 0.8 / 0.5, 0.6.
-    log_student = np.log(_softmax(STUDENT.astype(np.float64)))[0]
-    picked = [log_student[0, 0, 0], log_student[0, 1, 1], log_student[1, 0, 2], log_student[1, 1, 0]]
-    every_pixel = losses.pseudo_label_loss(PROBS, STUDENT, 0.0).numpy()
-    assert every_pixel.shape == (1,)
-    np.testing.assert_allclose(every_pixel, [-np.mean(picked)], rtol=1e-5)
-    # At 0.65 only the first two pixels pass; the mean is still over all four pixels.
-    np.testing.assert_allclose(
-        losses.pseudo_label_loss(PROBS, STUDENT, 0.65).numpy(), [-sum(picked[:2]) / 4], rtol=1e-5
-    )
-    np.testing.assert_allclose(losses.pseudo_label_loss(PROBS, STUDENT, 0.9).numpy(), [0.0], atol=1e-7)
-
-
 def test_distillation_gradient_reaches_student_only_with_stop_gradient():
     teacher = tf.Variable(TEACHER)
     student = tf.Variable(STUDENT)

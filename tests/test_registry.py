@@ -1,5 +1,7 @@
 """The method and segmentor registries (mkd_tf/registry.py) and the segmentor factory behind them."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from mkd_tf import compare, registry
 from mkd_tf.config import load_config
 from mkd_tf.errors import MkdError
 from mkd_tf.models.segmentor_factory import build_segmentor
-from mkd_tf.training import build_method
+from mkd_tf.training import build_method, train
+from tests.scripts import tiny_runs
 
 TINY = {
     "segmentor": {"base_filters": 2, "depth": 1},
@@ -19,23 +22,33 @@ TINY = {
 
 
 class TinySegmentor(keras.Model):
-    """A registered-kind stand-in: one 3x3 convolution to the class logits (``width`` is its own setting)."""
+    """A registered-kind stand-in: a 3x3 convolution, a per-domain scale and shift (its "batch-norm sets"),
+    then a 1x1 convolution to the class logits (``width`` is its own setting). It implements the whole
+    segmentor contract (mkd_tf.registry.SegmentorKind), ``domain_variable_pairs`` included."""
 
     output_layer_name = "logits"
 
     def __init__(self, num_classes, width=3, norm="batch", num_domains=1, default_domain=0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.num_domains, self.default_domain = width, num_domains, default_domain
-        self.hidden = keras.layers.Conv2D(width, 3, padding="same", activation="relu")
+        self.hidden = keras.layers.Conv2D(width, 3, padding="same")
         self.logits = keras.layers.Conv2D(num_classes, 1)
+        self.domain_pairs_asked = []
 
     def build(self, input_shape):  # the contract: every weight exists after build (optimizers are built next)
         self.hidden.build(input_shape)
         self.logits.build(tuple(input_shape[:-1]) + (self.width,))
+        self.scales = [self.add_weight((self.width,), "ones", name=f"scale{d}") for d in range(self.num_domains)]
+        self.shifts = [self.add_weight((self.width,), "zeros", name=f"shift{d}") for d in range(self.num_domains)]
         self.built = True
 
+    def domain_variable_pairs(self, source, destination):
+        self.domain_pairs_asked.append((source, destination))
+        return [(self.scales[source], self.scales[destination]), (self.shifts[source], self.shifts[destination])]
+
     def call(self, images, training=False, domain=None):
-        return self.logits(self.hidden(images))
+        domain = self.default_domain if domain is None else domain
+        return self.logits(keras.ops.relu(self.hidden(images) * self.scales[domain] + self.shifts[domain]))
 
 
 def _batch(size=16, classes=4):
@@ -83,6 +96,34 @@ def test_a_new_segmentor_kind_is_one_class_plus_one_registration(monkeypatch):
         load_config(overrides={"segmentor": {"kind": "tiny", "width": 0}})
     with pytest.raises(MkdError, match="unknown setting 'depth'"):
         load_config(overrides={"segmentor": {"kind": "tiny", "depth": 3}})
+
+
+def test_a_toy_segmentor_kind_trains_through_a_default_mkd_run_past_the_warm_start(monkeypatch, tmp_path_factory):
+    """The default MKD (per-domain sets in S_real) with a toy kind, through the training loop: the warm
+    start's end starts S_real's target set from its assistant set (domain_variable_pairs), distillation
+    follows, and the run is scored and saved."""
+    monkeypatch.setattr(registry, "SEGMENTORS", dict(registry.SEGMENTORS))
+    registry.register_segmentor(
+        "tiny", "tests.test_registry:TinySegmentor", defaults={"width": 3}, rules={"width": registry.integer(1)}
+    )
+    _, cache = tiny_runs.tiny_cache(tmp_path_factory)
+    run = tmp_path_factory.mktemp("toy_kind") / "run"
+    overrides = {
+        "method": "mkd",
+        "segmentor": {"kind": "tiny"},
+        "alignment": TINY["alignment"],
+        "data": {"batch_size": 2},
+        "schedule": {"epochs": 2, "steps_per_epoch": 2, "mkd_pretrain": 0.5},
+    }
+    with tiny_runs.capture_models() as built, tiny_runs.eager():
+        train(cache, run, overrides=overrides, verbose=0)
+    model = built[-1]
+    assert isinstance(model.real_segmentor, TinySegmentor) and model.real_segmentor.num_domains == 2
+    assert model.real_segmentor.domain_pairs_asked == [(0, 1)]  # once, at the warm start's end
+    epochs = json.loads((run / "history.json").read_text())["epochs"]
+    assert [e["phase"] for e in epochs] == ["warm start", "distillation"]
+    assert "kd_r2s" in epochs[1]["losses"] and np.isfinite(epochs[1]["losses"]["total"])
+    assert (run / "best" / "weights.index").exists()
 
 
 def test_an_unknown_segmentor_kind_is_one_line():

@@ -34,7 +34,8 @@ from tests.scripts import tiny_runs
 SCRIPTS = Path(__file__).parent / "scripts"
 MKD_EXECUTABLE = Path(sys.executable).with_name("mkd")
 IAM_TERMS = {"adversarial", "cycle", "structure", "discriminator"}  # loss.structure is on by default
-ALL_MKD_TERMS = {"seg_syn", "seg_real", "seg_syn_target", "kd_s2r", "kd_r2s"} | IAM_TERMS
+ALL_MKD_TERMS = {"seg_syn", "seg_real", "seg_syn_target", "kd_s2r", "kd_r2s", "kd_s2r_target"} | IAM_TERMS
+MKD_DISTILLATION = {"kd_s2r", "kd_r2s", "kd_s2r_target"}  # each with weight 1 in "total"
 MKD_SEGMENTATION = {"seg_syn", "seg_real", "seg_syn_target"}  # each with weight 1 in "total"
 MKD_PREDICTORS = ["syn", "real", "ensemble"]
 
@@ -240,8 +241,8 @@ def test_nan_loss_stops_training_naming_the_term_and_the_step(tmp_path, cache_pa
     def poisoned(teacher, student, temperature):
         calls["n"] += 1
         value = original(teacher, student, temperature)
-        # Two KD terms per step (s2r first): call 7 is kd_s2r of epoch 2, step 2.
-        return value * np.nan if calls["n"] >= 7 else value
+        # Three KD terms per step (s2r on aligned images first): call 10 is kd_s2r of epoch 2, step 2.
+        return value * np.nan if calls["n"] >= 10 else value
 
     monkeypatch.setattr(losses, "distillation_loss", poisoned)
     # No warm start: every step distils, so the call count maps to (epoch, step) as above.
@@ -270,14 +271,19 @@ METHODS = {
     "joint": ({"seg_assistant", "seg_target"}, ["joint"], {"seg_assistant", "seg_target"}),
     "finetune": ({"seg"}, ["finetune"], {"seg"}),
     "ummkd": ({"seg_assistant", "seg_target", "kd"}, ["ummkd"], {"seg_assistant", "seg_target", "kd"}),
-    "mkd-no-iam": (
-        ALL_MKD_TERMS - IAM_TERMS,
+    "mkd-no-iam": (ALL_MKD_TERMS - IAM_TERMS, MKD_PREDICTORS, MKD_SEGMENTATION | MKD_DISTILLATION),
+    # without S_syn -> S_real distillation neither of its terms (aligned images, target images) runs
+    "mkd-no-kd-s2r": (
+        ALL_MKD_TERMS - {"kd_s2r", "kd_s2r_target"},
         MKD_PREDICTORS,
-        MKD_SEGMENTATION | {"kd_s2r", "kd_r2s"},
+        MKD_SEGMENTATION | {"kd_r2s"},
     ),
-    "mkd-no-kd-s2r": (ALL_MKD_TERMS - {"kd_s2r"}, MKD_PREDICTORS, MKD_SEGMENTATION | {"kd_r2s"}),
-    "mkd-no-kd-r2s": (ALL_MKD_TERMS - {"kd_r2s"}, MKD_PREDICTORS, MKD_SEGMENTATION | {"kd_s2r"}),
-    "mkd": (ALL_MKD_TERMS, MKD_PREDICTORS, MKD_SEGMENTATION | {"kd_s2r", "kd_r2s"}),
+    "mkd-no-kd-r2s": (
+        ALL_MKD_TERMS - {"kd_r2s"},
+        MKD_PREDICTORS,
+        MKD_SEGMENTATION | {"kd_s2r", "kd_s2r_target"},
+    ),
+    "mkd": (ALL_MKD_TERMS, MKD_PREDICTORS, MKD_SEGMENTATION | MKD_DISTILLATION),
 }
 
 

@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from mkd_cli.main import main as cli
-from mkd_tf import training
+from mkd_tf import trainer, training
 from mkd_tf.training import load_run, train
 from tests.scripts import tiny_runs
 
@@ -95,7 +95,7 @@ def test_a_kill_between_the_renames_of_best_keeps_a_best_checkpoint(tmp_path, ca
     def rising_dice(model, *args, **kwargs):
         return {name: [next(scores)] * 7 for name in model.predictor_names()}
 
-    monkeypatch.setattr(training, "validation_dice", rising_dice)
+    monkeypatch.setattr(trainer, "validation_dice", rising_dice)
     monkeypatch.setattr(training.os, "replace", die_before_the_second_rename)
     with tiny_runs.eager(), pytest.raises(KeyboardInterrupt):
         train(cache_path, run, overrides=overrides, verbose=0)
@@ -235,7 +235,7 @@ def test_a_run_that_diverged_before_its_first_checkpoint_restarts_with_another_c
     def diverge(logs, epoch, step):
         raise training.MkdError(f"training diverged: loss 'total' is nan at epoch {epoch + 1}, step {step + 1}")
 
-    monkeypatch.setattr(training, "_check_finite", diverge)
+    monkeypatch.setattr(trainer, "check_finite", diverge)
     assert "training diverged" in one_line_error(_invoke_train(cache_path, run, "--seed", "1"))
     assert sorted(p.name for p in run.iterdir()) == ["cache.json", "config.yaml"]
     monkeypatch.undo()

@@ -4,17 +4,20 @@ import re
 
 import pytest
 
+import tensorflow as tf
+
 from mkd_tf.data.cache import SliceCache
-from mkd_tf.training import _finish_epoch
+from mkd_tf.trainer import Trainer
 from tests.scripts import tiny_runs
 
 
 class RecordingFolder:
-    """The chief's run folder as `_finish_epoch` uses it, recording instead of writing checkpoints."""
+    """The chief's run folder as `Trainer.end_epoch` uses it, recording instead of writing checkpoints."""
+
+    chief = True
 
     def __init__(self, logs):
-        import tensorflow as tf
-
+        self.path = logs
         self.writers = {name: tf.summary.create_file_writer(str(logs / name)) for name in ("train", "validation")}
         self.saved_best, self.histories = 0, []
 
@@ -23,6 +26,9 @@ class RecordingFolder:
 
     def save_best(self, state):
         self.saved_best += 1
+
+    def load_history(self):
+        return {"epochs": [], "best": None}
 
     def write_history(self, history):
         self.histories.append(history)
@@ -39,13 +45,15 @@ def mkd_model_and_cache(tmp_path_factory):
 
 def epoch_lines(model, cache, tmp_path, capsys, epochs, steps):
     """The printed line and history record of each epoch, validated on the tiny cache."""
-    folder, history = RecordingFolder(tmp_path), {"epochs": [], "best": None}
-    schedule = {"validation_batch": 32, "select_by": None}
+    folder = RecordingFolder(tmp_path)
+    schedule = {"epochs": epochs, "steps_per_epoch": steps, "validation_batch": 32, "select_by": None}
     model.image_panels = lambda batch: {}  # no panels: nothing here looks at them
+    trainer = Trainer(model, tf.distribute.get_strategy(), folder, cache, schedule, None, None, verbose=1)
+    history = trainer.history
     lines = []
     notes = []
     for epoch in range(epochs):
-        _finish_epoch(model, cache, folder, history, None, epoch, {"total": 1.0}, steps, 1.0, schedule, 1)
+        trainer.end_epoch(epoch, {"total": 1.0}, 1.0)
         printed = capsys.readouterr().out.strip().splitlines()
         lines.append(printed[0])
         notes.append(printed[1:])

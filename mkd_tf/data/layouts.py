@@ -6,6 +6,7 @@ table (name -> value in its files). The two modalities' tables are matched **by 
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +68,41 @@ class Dataset:
     label_source: str = ""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A dataset folder layout, registered in :data:`LAYOUTS` (as methods are in :mod:`mkd_tf.registry`).
+
+    Args:
+        name: the ``layout`` recorded in the cache (``"mmwhs"``, ``"nnunet"``).
+        recognises: ``(folder) -> bool``: whether a folder is of this layout.
+        read: ``(folder, modality or None) -> Dataset``: its cases and label table; fails with one line
+            naming the file on anything malformed.
+        defined_labels: ``(modality record of the cache) -> {name: value}``: every label the dataset
+            defines, kept or not (evaluation maps the other values of a reference file to background).
+        summary: one line for the docs.
+    """
+
+    name: str
+    recognises: Callable[[Path], bool]
+    read: Callable[[Path, str | None], "Dataset"]
+    defined_labels: Callable[[dict], dict]
+    summary: str
+
+
+#: the registered layouts, in the order :func:`discover` tries them
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout) -> Layout:
+    """Register ``layout`` (see :class:`Layout`); returns it."""
+    if layout.name in LAYOUTS:
+        raise ValueError(f"layout {layout.name!r} is already registered")
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
 def discover(path, modality=None):
-    """Detect the layout of ``path`` and list its cases.
+    """Detect the layout of ``path`` (the first registered :class:`Layout` that recognises it) and list its cases.
 
     Args:
         path: an MM-WHS modality folder (`ct_train/`), an MM-WHS root holding `ct_train/` and
@@ -83,23 +117,41 @@ def discover(path, modality=None):
         fail(root, "folder not found")
     if not root.is_dir():
         fail(root, "not a folder")
-    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
-        return _nnunet(root)
-    if any(_MMWHS_IMAGE.match(p.name) for p in root.iterdir()):
-        return _mmwhs_folder(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and re.match(r"^[a-z]+_train$", p.name))
-    if folders:
-        if modality is None:
-            fail(
-                root, f"MM-WHS root holds {', '.join(folders)}: choose one with --target-modality/--assistant-modality"
-            )
-        folder = root / f"{modality.lower()}_train"
-        if not folder.is_dir():
-            fail(root, f"no {modality.lower()}_train/ folder (found {', '.join(folders)})")
-        return _mmwhs_folder(folder)
+    for layout in LAYOUTS.values():
+        if layout.recognises(root):
+            return layout.read(root, modality)
     if not any(root.iterdir()):
         fail(root, "folder is empty")
     fail(root, "not an MM-WHS 2017 folder (*_image.nii.gz) nor an nnU-Net v2 raw folder (dataset.json, imagesTr/)")
+
+
+def defined_labels(modality: dict) -> dict:
+    """Every label value the dataset behind a cache's modality record defines, kept or not, name -> value."""
+    values = dict(modality["label_values"])
+    values.update(LAYOUTS[modality["layout"]].defined_labels(modality))
+    return values
+
+
+# --- MM-WHS 2017 -------------------------------------------------------------------------------------
+def _mmwhs_train_folders(root):
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and re.match(r"^[a-z]+_train$", p.name))
+
+
+def _is_mmwhs(root):
+    """A modality folder (``*_image.nii.gz``) or a root holding ``<modality>_train/`` folders."""
+    return any(_MMWHS_IMAGE.match(p.name) for p in root.iterdir()) or bool(_mmwhs_train_folders(root))
+
+
+def _read_mmwhs(root, modality):
+    if any(_MMWHS_IMAGE.match(p.name) for p in root.iterdir()):
+        return _mmwhs_folder(root)
+    folders = _mmwhs_train_folders(root)
+    if modality is None:
+        fail(root, f"MM-WHS root holds {', '.join(folders)}: choose one with --target-modality/--assistant-modality")
+    folder = root / f"{modality.lower()}_train"
+    if not folder.is_dir():
+        fail(root, f"no {modality.lower()}_train/ folder (found {', '.join(folders)})")
+    return _mmwhs_folder(folder)
 
 
 def _mmwhs_folder(folder):
@@ -162,7 +214,7 @@ def check_dataset_json(path, spec):
         fail(path, "key 'labels' has no background (value 0)")
 
 
-def _nnunet(root):
+def _read_nnunet(root, modality=None):
     spec_path = root / "dataset.json"
     if not spec_path.exists():
         fail(root, "nnU-Net folder has no dataset.json")
@@ -191,6 +243,31 @@ def _nnunet(root):
             if case_id not in known:
                 fail(label, f"label file without its image (expected {images_dir / (case_id + '_0000' + ending)})")
     return Dataset(root, "nnunet", modality, cases, {str(k): v for k, v in labels.items()}, str(spec_path))
+
+
+def _is_nnunet(root):
+    return (root / "dataset.json").exists() or (root / "imagesTr").is_dir()
+
+
+def _nnunet_labels(modality):
+    """The labels of the ``dataset.json`` the cache was prepared from, when it is still there."""
+    source = Path(modality.get("label_source", ""))
+    return read_json(source)["labels"] if source.name == "dataset.json" and source.exists() else {}
+
+
+# nnU-Net first: an nnU-Net folder may hold anything next to dataset.json
+register_layout(
+    Layout("nnunet", _is_nnunet, _read_nnunet, _nnunet_labels, "nnU-Net v2 raw: dataset.json, imagesTr/, labelsTr/")
+)
+register_layout(
+    Layout(
+        "mmwhs",
+        _is_mmwhs,
+        _read_mmwhs,
+        lambda modality: dict(MMWHS_LABELS),
+        "MM-WHS 2017: <modality>_train/<modality>_train_<id>_image.nii.gz and _label.nii.gz",
+    )
+)
 
 
 def structure_names(dataset, structures=None):

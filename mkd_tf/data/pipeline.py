@@ -254,16 +254,19 @@ def slice_dataset(
         fail(cache.path, "sharded streams need whole batches (drop_remainder or repeat)")
     block_size = batch_size // shard_count
     block = None if shard_count == 1 else (shard_index * block_size, batch_size)
-    config = _augment_config(augment)
-    size = cache.size
-    images, labels = cache.images(role), cache.labels(role)
-    has_label = np.ascontiguousarray(cache.slice_table(role)[:, HAS_LABEL], dtype=np.float32)
+    whole = drop_remainder or repeat
+    dataset = _row_batches(rows, int(seed), shuffle, repeat, batch_size, whole).enumerate()
+    if start:
+        dataset = dataset.skip(int(start))
+    static_batch = block_size if whole else None
+    load = _batch_loader(cache, role, (block, block_size, static_batch), _augment_config(augment), int(seed))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
-    def gather(batch_rows):
-        # Fancy indexing copies just these rows out of the memmaps (the OS page cache does the rest).
-        return np.asarray(images[batch_rows]), np.asarray(labels[batch_rows]), has_label[batch_rows]
 
-    seed = int(seed)
+def _row_batches(rows, seed, shuffle, repeat, batch_size, whole):
+    """Batches of cache rows: a fresh seeded permutation per epoch (``shuffle``), cycling (``repeat``); only
+    whole batches when ``whole``."""
     rows_tensor = tf.constant(rows)
 
     def epoch_rows(epoch):
@@ -279,8 +282,21 @@ def slice_dataset(
         dataset = tf.data.Dataset.from_tensor_slices(rows_tensor)
         if repeat:
             dataset = dataset.repeat()
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder or repeat)
-    static_batch = block_size if (drop_remainder or repeat) else None
+    return dataset.batch(batch_size, drop_remainder=whole)
+
+
+def _batch_loader(cache, role, shape, config, seed):
+    """``(batch index, rows) -> batch dict``: the rows' slices (this shard's ``block`` of them, ``block_size``
+    rows; ``shape = (block, block_size, static_batch)``) out of the cache's memmaps, augmented with a
+    per-batch seed."""
+    size = cache.size
+    block, block_size, static_batch = shape
+    images, labels = cache.images(role), cache.labels(role)
+    has_label = np.ascontiguousarray(cache.slice_table(role)[:, HAS_LABEL], dtype=np.float32)
+
+    def gather(batch_rows):
+        # Fancy indexing copies just these rows out of the memmaps (the OS page cache does the rest).
+        return np.asarray(images[batch_rows]), np.asarray(labels[batch_rows]), has_label[batch_rows]
 
     def load(batch_index, batch_rows):
         if block is not None:
@@ -297,11 +313,7 @@ def slice_dataset(
         batch_labels = tf.cast(batch_labels, tf.int32)
         return {"image": batch_images, "label": batch_labels, "has_label": batch_has_label}
 
-    dataset = dataset.enumerate()
-    if start:
-        dataset = dataset.skip(int(start))
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return load
 
 
 def training_dataset(cache, batch_size=8, *, augment=True, seed=0, labelled_target_volumes=None, shard=(0, 1), start=0):

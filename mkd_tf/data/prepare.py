@@ -232,37 +232,12 @@ def prepare_cache(
     plans = plan_splits(datasets, options)
     if not any(plans["target"].get(c.case_id) for c in datasets["target"].cases):
         fail(target_path, "no target cases to write")
-    keep_labels = {}
-    for role in ROLES:
-        dataset, plan = datasets[role], plans[role]
-        for case in dataset.cases:
-            split = plan.get(case.case_id)
-            if split not in (None, "train") and case.label is None:
-                fail(case.image, f"{split} case has no label file")
-        keep_labels[role] = _labelled_training_cases(
-            dataset, plan, options.target_labelled if role == "target" else None, options.seed
-        )
-    config = options.preprocess
-    manifest = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mkd_tf_version": __version__,
-        "classes": classes,
-        "preprocess": config.to_dict(),
-        "split": {
-            "seed": options.seed,
-            "fractions": list(options.split),
-            "file": options.split_file,
-            "target_labeled": options.target_labelled,
-        },  # manifest key spelt as in earlier caches
-        "modalities": {},
-    }
+    keep_labels = {role: _labels_kept(datasets[role], plans[role], role, options) for role in ROLES}
+    manifest = _manifest(classes, options)
     cropped = {role: {} for role in ROLES}  # case id -> labelled voxels outside the window
-    with CacheWriter(out, config.size, overwrite=options.overwrite) as writer:
+    with CacheWriter(out, options.preprocess.size, overwrite=options.overwrite) as writer:
         for role in ROLES:
-            dataset, plan = datasets[role], plans[role]
-            value_to_class = {
-                value: (classes.index(name) if name in classes else 0) for name, value in dataset.labels.items()
-            }
+            dataset = datasets[role]
             manifest["modalities"][role] = {
                 "name": dataset.modality,
                 "layout": dataset.layout,
@@ -271,47 +246,88 @@ def prepare_cache(
                 "label_source": dataset.label_source,
             }
             for case in dataset.cases:
-                split = plan.get(case.case_id)
+                split = plans[role].get(case.case_id)
                 if split is None:
                     continue
                 has_label = case.label is not None and (split != "train" or case.case_id in keep_labels[role])
-                image = load_image(case.image)
-                label = None
-                if case.label is not None:
-                    label = load_label(case.label)
-                    check_same_grid(image, label)
-                slices, label_slices, params = preprocess_volume(image, label, dataset.modality, config, value_to_class)
-                lost = int(params.get("cropped_label_voxels", 0))
-                if lost:
-                    cropped[role][case.case_id] = lost
-                entry = {
-                    "case_id": case.case_id,
-                    "image": str(Path(case.image).resolve()),
-                    "label": str(Path(case.label).resolve()) if case.label is not None else None,
-                    "inverse": params,
-                }
-                if case.label is not None:  # `mkd evaluate` scores this file: it must still be this one
-                    entry["label_file"] = file_record(case.label)
-                if options.allow_crop or not any(cropped.values()):  # once refused, only count
-                    writer.add_volume(role, slices, label_slices, split, has_label, entry)
+                lost = _write_case(writer, role, dataset, case, split, has_label, classes, options, cropped)
                 progress(
                     f"{role:9s} {case.case_id:24s} {split:5s} {'labelled' if has_label else 'unlabelled':10s} "
-                    f"{slices.shape[0]} slices" + (f", {lost} labelled voxels outside the window" if lost else "")
+                    f"{lost[0]} slices" + (f", {lost[1]} labelled voxels outside the window" if lost[1] else "")
                 )
-        losses = _losses(cropped)
-        if losses and not options.allow_crop:
-            spacing = ",".join(f"{s:g}" for s in config.spacing)
-            fail(
-                f"--size {config.size}",
-                f"the {config.size}x{config.size} window at --spacing {spacing} mm cuts off "
-                f"labelled voxels: {losses}; use a larger --size or a coarser --spacing, or --allow-crop to "
-                f"accept the loss",
-            )
+        _check_crop(cropped, options)
         manifest["crop"] = {
             "allow_crop": bool(options.allow_crop),
             "dropped_label_voxels": {role: dict(cropped[role]) for role in ROLES},
         }
         return writer.finish(manifest)
+
+
+def _labels_kept(dataset, plan, role, options):
+    """The training cases of ``role`` that keep their labels (``--target-labelled`` of the target's); a
+    validation or test case without a label file fails in one line."""
+    for case in dataset.cases:
+        split = plan.get(case.case_id)
+        if split not in (None, "train") and case.label is None:
+            fail(case.image, f"{split} case has no label file")
+    return _labelled_training_cases(dataset, plan, options.target_labelled if role == "target" else None, options.seed)
+
+
+def _manifest(classes, options):
+    """The cache manifest before the volumes are written (their modalities and crops are added after)."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mkd_tf_version": __version__,
+        "classes": classes,
+        "preprocess": options.preprocess.to_dict(),
+        "split": {
+            "seed": options.seed,
+            "fractions": list(options.split),
+            "file": options.split_file,
+            "target_labeled": options.target_labelled,
+        },  # manifest key spelt as in earlier caches
+        "modalities": {},
+    }
+
+
+def _write_case(writer, role, dataset, case, split, has_label, classes, options, cropped):
+    """Read, check and preprocess one case and add its slices to the cache (unless a crop was already refused);
+    returns ``(slices, labelled voxels outside the window)`` and records the latter in ``cropped``."""
+    value_to_class = {value: (classes.index(name) if name in classes else 0) for name, value in dataset.labels.items()}
+    image = load_image(case.image)
+    label = None
+    if case.label is not None:
+        label = load_label(case.label)
+        check_same_grid(image, label)
+    slices, label_slices, params = preprocess_volume(image, label, dataset.modality, options.preprocess, value_to_class)
+    lost = int(params.get("cropped_label_voxels", 0))
+    if lost:
+        cropped[role][case.case_id] = lost
+    entry = {
+        "case_id": case.case_id,
+        "image": str(Path(case.image).resolve()),
+        "label": str(Path(case.label).resolve()) if case.label is not None else None,
+        "inverse": params,
+    }
+    if case.label is not None:  # `mkd evaluate` scores this file: it must still be this one
+        entry["label_file"] = file_record(case.label)
+    if options.allow_crop or not any(cropped.values()):  # once refused, only count
+        writer.add_volume(role, slices, label_slices, split, has_label, entry)
+    return slices.shape[0], lost
+
+
+def _check_crop(cropped, options):
+    """Fail in one line when the window cut labelled voxels off and ``--allow-crop`` was not given."""
+    losses = _losses(cropped)
+    if losses and not options.allow_crop:
+        config = options.preprocess
+        spacing = ",".join(f"{s:g}" for s in config.spacing)
+        fail(
+            f"--size {config.size}",
+            f"the {config.size}x{config.size} window at --spacing {spacing} mm cuts off "
+            f"labelled voxels: {losses}; use a larger --size or a coarser --spacing, or --allow-crop to "
+            f"accept the loss",
+        )
 
 
 def _losses(cropped):

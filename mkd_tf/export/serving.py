@@ -494,16 +494,44 @@ def export_run(
     Every problem with the arguments, the run or the existing ``saved_models/`` is found before anything
     is written; a failure after that removes the folders this call created.
     """
-    import keras
-    import tensorflow as tf
-
     # TensorFlow-heavy: kept out of this module's import so that mkd_tf.export.client (which reads
     # read_model_asset) starts without TensorFlow (measured: 0.5 s vs 3-13 s for `import mkd_tf.inference`)
     from mkd_tf.inference import load_trained
 
     out = Path(out)
-    name = out.name
-    if not _MODEL_NAME.match(name):
+    labels, previous = _check_export_target(out, version, labels)
+    model, config, record = load_trained(run_dir, checkpoint)
+    which = resolve_predictor(model, which)
+    size, values = int(record["preprocess"]["size"]), class_values(record)
+    created = _missing_folders(out)  # removed again if the export fails
+    out.mkdir(parents=True, exist_ok=True)
+    version = int(version) if version is not None else max(existing_versions(out), default=0) + 1
+    archive = _export_archive(model, which, size, values, record)
+    asset = {
+        **_model_asset(out.name, version, record, values),
+        "run": str(Path(run_dir).resolve()),
+        "checkpoint": checkpoint,
+        "method": config["method"],
+        "predictor": which,
+    }
+    target = _publish(archive, asset, out / str(version), created)
+    config_path, after, moved = _point_labels(previous, out, version, labels, serving_root)
+    return {
+        "path": str(target),
+        "version": version,
+        "name": out.name,
+        "predictor": which,
+        "method": config["method"],
+        "models_config": str(config_path),
+        "labels": after,
+        "moved": moved,
+    }
+
+
+def _check_export_target(out: Path, version: int | None, labels: Iterable[str]):
+    """Refuse, before anything is written, a model folder, version or label :func:`export_run` must not write;
+    returns the checked labels and the parsed models.config beside the folder (``None`` when there is none)."""
+    if not _MODEL_NAME.match(out.name):
         fail(
             out, "model name (the folder name) must be letters, digits, '_', '-', '.' and start with a letter or digit"
         )
@@ -522,18 +550,22 @@ def export_run(
         )
     previous = read_models_config(out.parent) if out.parent.is_dir() else None  # unreadable: fail now, not later
     _check_editable(previous, out.parent / MODELS_CONFIG)
-    model, config, record = load_trained(run_dir, checkpoint)
-    which = resolve_predictor(model, which)
-    size = int(record["preprocess"]["size"])
-    values = class_values(record)
-    created = []  # folders this export creates, removed again if it fails
-    folder = out
-    while not folder.exists():
-        created.append(folder)
-        folder = folder.parent
-    out.mkdir(parents=True, exist_ok=True)
-    version = int(version) if version is not None else max(existing_versions(out), default=0) + 1
-    target = out / str(version)
+    return labels, previous
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _export_archive(model, which: str, size: int, values: list[int], record: dict):
+    """The ``keras.export.ExportArchive`` of the predictor ``which``, with its three signatures."""
+    import keras
+    import tensorflow as tf
 
     chosen, probabilities = probability_function(model.segmentors(), which)
     serving_default, labels_only, segment_slices = serving_functions(
@@ -542,33 +574,26 @@ def export_run(
     archive = keras.export.ExportArchive()
     for segmentor in chosen:
         archive.track(segmentor)
-    archive.add_endpoint(
-        "serving_default",
-        serving_default,
-        input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32, name="image")],
-    )
-    archive.add_endpoint(
-        "labels_only", labels_only, input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32, name="image")]
-    )
-    archive.add_endpoint(
-        "segment_slices",
-        segment_slices,
-        input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32, name="image")],
-    )
+    fixed = [tf.TensorSpec((None, size, size, 1), tf.float32, name="image")]
+    archive.add_endpoint("serving_default", serving_default, input_signature=fixed)
+    archive.add_endpoint("labels_only", labels_only, input_signature=fixed)
+    any_size = [tf.TensorSpec((None, None, None, 1), tf.float32, name="image")]
+    archive.add_endpoint("segment_slices", segment_slices, input_signature=any_size)
+    return archive
 
-    asset = {
+
+def _model_asset(name: str, version: int, record: dict, values: list[int]) -> dict[str, Any]:
+    """The model's own record (:data:`MODEL_ASSET`): what a client needs to prepare slices and read labels
+    (the run's part, its method and predictor, is added by :func:`export_run`)."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mkd_tf_version": __version__,
-        "run": str(Path(run_dir).resolve()),
-        "checkpoint": checkpoint,
-        "method": config["method"],
-        "predictor": which,
         "cache": record["path"],
-        "size": size,
+        "size": int(record["preprocess"]["size"]),
         "classes": record["classes"],
         "label_values": {cls: int(v) for cls, v in zip(record["classes"], values)},
         "class_values": values,
@@ -577,7 +602,12 @@ def export_run(
         "target_intensity": record["target_intensity"],
         "signatures": SIGNATURE_DOCS,
     }
-    staging = temporary_sibling(out / str(version), folder=True)
+
+
+def _publish(archive, asset: dict, target: Path, created: list[Path]) -> Path:
+    """Write the SavedModel, its warm-up requests and asset into a staging folder, then rename it to
+    ``target`` (never over an existing version); on failure remove the folders in ``created``."""
+    staging = temporary_sibling(target, folder=True)
     published, lock = False, None
     try:
         staging.mkdir()
@@ -585,7 +615,7 @@ def export_run(
         archive.write_out(str(staging), verbose=False)
         extra = staging / "assets.extra"
         extra.mkdir()
-        _warmup_requests(extra / WARMUP_FILE, name, size)
+        _warmup_requests(extra / WARMUP_FILE, asset["name"], asset["size"])
         (extra / MODEL_ASSET).write_text(json.dumps(asset, indent=1))
         try:
             os.rename(staging, target)  # fails if another export created the version meanwhile
@@ -602,7 +632,13 @@ def export_run(
                     folder.rmdir()
                 except OSError:
                     break
-    before = {}
+    return target
+
+
+def _point_labels(previous, out: Path, version: int, labels: list[str], serving_root: str):
+    """Serve the new version under ``labels`` in models.config; returns its path, this model's labels after
+    the export (label -> version) and the labels that moved (label -> previous version)."""
+    name, before = out.name, {}
     if previous is not None:
         for entry in previous.model_config_list.config:
             if entry.name == name:
@@ -612,13 +648,4 @@ def export_run(
     after = {label: version for label, version in before.items() if version in served_versions(out)}
     after.update({label: version for label in labels})
     moved = {label: before[label] for label in labels if label in before and before[label] != version}
-    return {
-        "path": str(target),
-        "version": version,
-        "name": name,
-        "predictor": which,
-        "method": config["method"],
-        "models_config": str(config_path),
-        "labels": after,
-        "moved": moved,
-    }
+    return config_path, after, moved

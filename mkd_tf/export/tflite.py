@@ -225,26 +225,11 @@ def convert_to_tflite(
         >>> convert_to_tflite("saved_models/heart/1", "heart.tflite", quantize="float16")["agreement"]  # doctest: +SKIP
         0.9991
     """
-    import tensorflow as tf
-
     saved_model_dir, out = Path(saved_model_dir), Path(out)
-    if not (saved_model_dir / "saved_model.pb").exists():
-        fail(saved_model_dir, "not a SavedModel folder (no saved_model.pb); pass saved_models/NAME/<version>")
-    if out.suffix != ".tflite":
-        fail(out, "output must end in .tflite")
-    if out.is_dir():
-        fail(out, "is a folder; pass the .tflite file to write")
-    check_parent_is_folder(out, "write the TFLite file")  # before the conversion, which takes a while
-    if quantize not in QUANTIZATIONS:
-        raise MkdError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
+    _check_paths(saved_model_dir, out, quantize)
     asset = read_model_asset(saved_model_dir)
     threshold = DEFAULT_MIN_AGREEMENT[quantize] if min_agreement is None else float(min_agreement)
-    cache_path = cache or asset["cache"]
-    if not Path(cache_path).is_dir():
-        fail(cache_path, "slice cache for the parity check not found (pass --cache)")
-    slice_cache = SliceCache(cache_path, verify=False)
-    if slice_cache.classes != asset["classes"] or slice_cache.size != asset["size"]:
-        fail(slice_cache.path, f"classes/size ({slice_cache.size}) differ from the export's ({asset['size']})")
+    slice_cache = _parity_cache(cache or asset["cache"], asset)
     test_rows = evenly_spaced(slice_cache.indices("target", "test"), parity_slices)
     if test_rows.size == 0:
         fail(slice_cache.path, "no target test slices for the parity check")
@@ -254,46 +239,74 @@ def convert_to_tflite(
         representative = np.asarray(
             images[evenly_spaced(slice_cache.indices("target", "train"), representative_slices)]
         )
+    content = _convert(saved_model_dir, quantize, representative)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as temporary:
+        temporary.write_bytes(content)
+        result = _parity(saved_model_dir, temporary, np.asarray(images[test_rows]), len(asset["classes"]))
+        result = {"path": str(out), "bytes": len(content), "quantize": quantize, **result}
+        result.update({"ops": sorted(op_names(content)), "min_agreement": threshold})
+        if report:
+            report(parity_line(result))
+        if result["agreement"] < threshold:
+            raise MkdError(
+                f"{out}: TFLite ({quantize}) labels agree with the SavedModel's at Dice {result['agreement']:.4f} "
+                f"< --min-agreement {threshold}; not written"
+            )
+    return result
 
+
+def _check_paths(saved_model_dir: Path, out: Path, quantize: str) -> None:
+    """One line, before the conversion (which takes a while), for a bad SavedModel folder, output or mode."""
+    if not (saved_model_dir / "saved_model.pb").exists():
+        fail(saved_model_dir, "not a SavedModel folder (no saved_model.pb); pass saved_models/NAME/<version>")
+    if out.suffix != ".tflite":
+        fail(out, "output must end in .tflite")
+    if out.is_dir():
+        fail(out, "is a folder; pass the .tflite file to write")
+    check_parent_is_folder(out, "write the TFLite file")
+    if quantize not in QUANTIZATIONS:
+        raise MkdError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
+
+
+def _parity_cache(cache_path, asset: dict) -> SliceCache:
+    """The slice cache the parity check and int8 calibration read; it must match the export."""
+    if not Path(cache_path).is_dir():
+        fail(cache_path, "slice cache for the parity check not found (pass --cache)")
+    slice_cache = SliceCache(cache_path, verify=False)
+    if slice_cache.classes != asset["classes"] or slice_cache.size != asset["size"]:
+        fail(slice_cache.path, f"classes/size ({slice_cache.size}) differ from the export's ({asset['size']})")
+    return slice_cache
+
+
+def _convert(saved_model_dir: Path, quantize: str, representative: np.ndarray | None) -> bytes:
+    """The .tflite flatbuffer of ``serving_default``; builtin ops only (no Flex, no custom ops)."""
     converter = make_converter(saved_model_dir, quantize, representative)
     try:
         content = converter.convert()
     except Exception as exc:  # the converter raises ConverterError and plain exceptions alike
         raise MkdError(f"{saved_model_dir}: TFLite conversion ({quantize}) failed: {str(exc).splitlines()[0]}")
-    ops = sorted(op_names(content))
-    foreign = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
+    foreign = [op for op in sorted(op_names(content)) if op.startswith("Flex") or op == "CUSTOM"]
     if foreign:
         fail(saved_model_dir, f"conversion produced non-builtin ops {foreign}")
+    return content
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as temporary:
-        temporary.write_bytes(content)
-        held_out = np.asarray(images[test_rows])
-        signature = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE]
-        reference_labels, reference_probabilities = run_saved_model(signature, held_out)
-        lite_labels, lite_probabilities = run_tflite(temporary, held_out)
-        agreement = dice_agreement(
-            untie(lite_labels, reference_labels, reference_probabilities), reference_labels, len(asset["classes"])
-        )
-        result = {
-            "path": str(out),
-            "bytes": len(content),
-            "quantize": quantize,
-            "agreement": agreement,
-            "pixel_agreement": float(np.mean(lite_labels == reference_labels)),
-            "max_probability_difference": float(np.abs(lite_probabilities - reference_probabilities).max()),
-            "slices": int(test_rows.size),
-            "ops": ops,
-            "min_agreement": threshold,
-        }
-        if report:
-            report(parity_line(result))
-        if agreement < threshold:
-            raise MkdError(
-                f"{out}: TFLite ({quantize}) labels agree with the SavedModel's at Dice {agreement:.4f} "
-                f"< --min-agreement {threshold}; not written"
-            )
-    return result
+
+def _parity(saved_model_dir: Path, tflite_file: Path, held_out: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """How the .tflite model's labels and probabilities agree with the SavedModel's on ``held_out`` slices."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE]
+    reference_labels, reference_probabilities = run_saved_model(signature, held_out)
+    lite_labels, lite_probabilities = run_tflite(tflite_file, held_out)
+    return {
+        "agreement": dice_agreement(
+            untie(lite_labels, reference_labels, reference_probabilities), reference_labels, num_classes
+        ),
+        "pixel_agreement": float(np.mean(lite_labels == reference_labels)),
+        "max_probability_difference": float(np.abs(lite_probabilities - reference_probabilities).max()),
+        "slices": int(held_out.shape[0]),
+    }
 
 
 def parity_line(result: dict[str, Any]) -> str:

@@ -20,7 +20,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from mkd_tf import config
 from mkd_tf.models.segmentor import normalization
+
+#: a network setting left out takes ``mkd train``'s default (:data:`mkd_tf.config.DEFAULTS`, ``alignment``)
+_DEFAULTS = config.DEFAULTS["alignment"]
 
 
 @keras.saving.register_keras_serializable(package="mkd_tf")
@@ -79,12 +83,12 @@ class ResnetBlock(keras.layers.Layer):
         A tensor with the input's shape `(batch, height, width, filters)`.
 
     Example:
-    >>> block = ResnetBlock(8)
+    >>> block = ResnetBlock(8, "instance")
     >>> tuple(block(keras.ops.zeros((2, 8, 8, 8))).shape)
     (2, 8, 8, 8)
     """
 
-    def __init__(self, filters, norm="instance", **kwargs):
+    def __init__(self, filters, norm, **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
         self.norm = norm
@@ -180,7 +184,15 @@ class ResnetGenerator(keras.Model):
     #: the last layer, kept in float32 under a mixed-precision policy (training.float32_outputs)
     output_layer_name = "head"
 
-    def __init__(self, base_filters=32, num_blocks=6, norm="instance", residual=True, skip_kernel=1, **kwargs):
+    def __init__(
+        self,
+        base_filters=_DEFAULTS["base_filters"],
+        num_blocks=_DEFAULTS["num_blocks"],
+        norm=_DEFAULTS["norm"],
+        residual=_DEFAULTS["residual"],
+        skip_kernel=_DEFAULTS["skip_kernel"],
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if base_filters < 1:
             raise ValueError(f"base_filters must be >= 1, got {base_filters}")
@@ -325,7 +337,13 @@ class PatchDiscriminator(keras.Model):
     #: the last layer, kept in float32 under a mixed-precision policy (training.float32_outputs)
     output_layer_name = "score"
 
-    def __init__(self, base_filters=64, num_layers=3, norm="instance", **kwargs):
+    def __init__(
+        self,
+        base_filters=_DEFAULTS["disc_filters"],
+        num_layers=_DEFAULTS["disc_layers"],
+        norm=_DEFAULTS["norm"],
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if base_filters < 1:
             raise ValueError(f"base_filters must be >= 1, got {base_filters}")
@@ -456,13 +474,13 @@ class ImageAlignmentModule(keras.Model):
 
     def __init__(
         self,
-        base_filters=32,
-        num_blocks=6,
-        disc_filters=64,
-        disc_layers=3,
-        norm="instance",
-        residual=True,
-        skip_kernel=1,
+        base_filters=_DEFAULTS["base_filters"],
+        num_blocks=_DEFAULTS["num_blocks"],
+        disc_filters=_DEFAULTS["disc_filters"],
+        disc_layers=_DEFAULTS["disc_layers"],
+        norm=_DEFAULTS["norm"],
+        residual=_DEFAULTS["residual"],
+        skip_kernel=_DEFAULTS["skip_kernel"],
         **kwargs,
     ):
         super().__init__(**kwargs)

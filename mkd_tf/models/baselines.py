@@ -18,7 +18,9 @@ comparison"): on for `joint` (44.9 -> 77.9 mean Dice over 3 seeds), off for `fin
 import keras
 import tensorflow as tf
 
+from mkd_tf import config
 from mkd_tf.models.cross_modality import ASSISTANT_DOMAIN, TARGET_DOMAIN, CrossModalityModel, phase_start_step
+from mkd_tf.models.optimizers import default_optimizer
 from mkd_tf.models.segmentor_factory import build_segmentor
 
 
@@ -30,30 +32,38 @@ class SingleSegmentorModel(CrossModalityModel):
         global_batch_size: int, slices per stream per step over all replicas.
         segmentor: dict of segmentor settings (see :func:`~mkd_tf.models.segmentor_factory.build_segmentor`).
         optimizer: keras optimizer for the segmentor.
-        predictor: name under which the segmentor is reported (`"real"`, `"syn"`, `"joint"`, ...).
+        predictor: name under which the segmentor is reported (`"real"`, `"syn"`, `"joint"`, ...; ``None``:
+            the class's ``predictor_name``).
         domain_norm: bool, one batch-norm set per modality (see the module docstring).
+
+    A setting left ``None`` takes ``mkd train``'s default for :attr:`method_name`
+    (:func:`mkd_tf.config.method_defaults`).
     """
 
     def __init__(
         self,
-        num_classes,
-        global_batch_size,
-        segmentor=None,
-        optimizer=None,
-        predictor="segmentor",
-        domain_norm=False,
+        num_classes: int,
+        global_batch_size: int,
+        segmentor: dict | None = None,
+        optimizer: keras.optimizers.Optimizer | None = None,
+        predictor: str | None = None,
+        domain_norm: bool | None = None,
         **kwargs,
     ):
         super().__init__(num_classes, global_batch_size, **kwargs)
-        self.segmentor_args = dict(segmentor or {})
-        self.predictor = predictor
-        self.domain_norm = bool(domain_norm)
+        # a setting left out: mkd train's default for this method (one source of truth: mkd_tf.config)
+        defaults = config.method_defaults(self.method_name)
+        self.segmentor_args = dict(segmentor if segmentor is not None else defaults["segmentor"])
+        self.predictor = self.predictor_name if predictor is None else predictor
+        self.domain_norm = bool(defaults["segmentor"]["domain_norm"] if domain_norm is None else domain_norm)
         domains = {"num_domains": 2, "default_domain": TARGET_DOMAIN} if self.domain_norm else {}
-        self.segmentor = build_segmentor(num_classes, self.segmentor_args, name=predictor, **domains)
-        self.segmentor_optimizer = optimizer or keras.optimizers.Adam(1e-3)
+        self.segmentor = build_segmentor(num_classes, self.segmentor_args, name=self.predictor, **domains)
+        self.segmentor_optimizer = optimizer or default_optimizer("segmentors")
 
     #: the name of the segmentor's predictor when built from settings
     predictor_name = "segmentor"
+    #: the registered method (:mod:`mkd_tf.registry`) whose defaults a setting left out takes
+    method_name = "target-only"
 
     @classmethod
     def from_settings(cls, config, num_classes, optimizer):
@@ -106,6 +116,7 @@ class AssistantOnlyModel(SingleSegmentorModel):
     """Supervised on raw (unaligned) assistant slices; evaluated on the target."""
 
     predictor_name = "syn"
+    method_name = "assistant-only"
 
     def loss_terms(self, batch):
         return {"seg_syn": self.supervised(batch["assistant"])}
@@ -115,6 +126,7 @@ class JointModel(SingleSegmentorModel):
     """Supervised on both modalities' labelled slices with one set of weights."""
 
     predictor_name = "joint"
+    method_name = "joint"
 
     def loss_terms(self, batch):
         return {
@@ -127,14 +139,18 @@ class FinetuneModel(SingleSegmentorModel):
     """Assistant first, then target: the step budget is split at ``switch_step``.
 
     Args:
-        switch_step: steps spent on the assistant before training on the target.
+        switch_step: steps spent on the assistant before training on the target (``None``: ``mkd
+            train``'s default, ``schedule.finetune_switch`` of the default budget).
     """
 
     predictor_name = "finetune"
+    method_name = "finetune"
     schedule_settings = ("finetune_switch",)
 
-    def __init__(self, *args, switch_step=0, **kwargs):
+    def __init__(self, *args, switch_step: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if switch_step is None:  # mkd train's: schedule.finetune_switch of the default budget
+            switch_step = phase_start_step(config.method_defaults("finetune")["schedule"], "finetune_switch")
         self.switch_step = int(switch_step)
 
     @classmethod

@@ -13,6 +13,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from mkd_tf import config, registry
+
+#: a setting left out takes ``mkd train``'s default (the ``unet`` registration, :mod:`mkd_tf.registry`)
+_UNET = registry.SEGMENTORS["unet"].defaults
+
 NORMS = ("batch", "instance", "none")
 
 
@@ -65,7 +70,7 @@ class ConvBlock(keras.layers.Layer):
     (2, 16, 16, 8)
     """
 
-    def __init__(self, filters, norm="batch", num_domains=1, **kwargs):
+    def __init__(self, filters, norm, num_domains=1, **kwargs):
         super().__init__(**kwargs)
         check_domains(num_domains, norm)
         self.filters = filters
@@ -169,10 +174,10 @@ class Segmentor(keras.Model):
     def __init__(
         self,
         num_classes,
-        base_filters=32,
-        depth=4,
-        norm="batch",
-        dropout=0.0,
+        base_filters=_UNET["base_filters"],
+        depth=_UNET["depth"],
+        norm=config.DEFAULTS["segmentor"]["norm"],
+        dropout=_UNET["dropout"],
         num_domains=1,
         default_domain=0,
         **kwargs,

@@ -14,8 +14,9 @@ predictions agree, which needs no pixel correspondence between the unpaired batc
 import keras
 import tensorflow as tf
 
-from mkd_tf import losses
+from mkd_tf import config, losses
 from mkd_tf.models.cross_modality import ASSISTANT_DOMAIN, TARGET_DOMAIN, CrossModalityModel
+from mkd_tf.models.optimizers import default_optimizer
 from mkd_tf.models.segmentor_factory import build_segmentor
 
 
@@ -60,9 +61,11 @@ class UMMKDModel(CrossModalityModel):
         global_batch_size: int, slices per stream per step over all replicas.
         segmentor: dict of segmentor settings (``kind`` and its arguments; ``norm`` is
             forced to `"batch"`, because modality-specific batch norm is the method).
-        optimizer: keras optimizer of the segmentor (default Adam(1e-3)).
+        optimizer: keras optimizer of the segmentor.
         temperature: T of the class-wise softened softmax (UMMKD uses 2).
         kd_weight: weight of KD in L.
+
+    A setting left ``None`` takes ``mkd train``'s default (:func:`mkd_tf.config.method_defaults`).
 
     Call: ``model.predict_probabilities(images, which="ummkd")`` on target slices
     `(batch, height, width, 1)` -> `(batch, height, width, num_classes)`, through the target's batch
@@ -78,16 +81,24 @@ class UMMKDModel(CrossModalityModel):
     loss_settings = ("ummkd_temperature", "ummkd_weight")
 
     def __init__(
-        self, num_classes, global_batch_size, segmentor=None, optimizer=None, temperature=2.0, kd_weight=1.0, **kwargs
+        self,
+        num_classes: int,
+        global_batch_size: int,
+        segmentor: dict | None = None,
+        optimizer: keras.optimizers.Optimizer | None = None,
+        temperature: float | None = None,
+        kd_weight: float | None = None,
+        **kwargs,
     ):
         super().__init__(num_classes, global_batch_size, **kwargs)
-        self.segmentor_args = {**dict(segmentor or {}), "norm": "batch"}
-        self.temperature = float(temperature)
-        self.kd_weight = float(kd_weight)
+        defaults = config.method_defaults("ummkd")  # a setting left out: mkd train's
+        self.segmentor_args = {**dict(segmentor if segmentor is not None else defaults["segmentor"]), "norm": "batch"}
+        self.temperature = float(defaults["loss"]["ummkd_temperature"] if temperature is None else temperature)
+        self.kd_weight = float(defaults["loss"]["ummkd_weight"] if kd_weight is None else kd_weight)
         self.network = build_segmentor(
             num_classes, self.segmentor_args, name="ummkd", num_domains=2, default_domain=TARGET_DOMAIN
         )
-        self.segmentor_optimizer = optimizer or keras.optimizers.Adam(1e-3)
+        self.segmentor_optimizer = optimizer or default_optimizer("segmentors")
 
     @classmethod
     def from_settings(cls, config, num_classes, optimizer):

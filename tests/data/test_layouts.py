@@ -241,3 +241,32 @@ def test_nnunet_labels_tr_that_is_a_file(tmp_path):
     with pytest.raises(MkdError) as info:
         discover(tmp_path)
     assert _message(info) == f"{tmp_path / 'labelsTr'}: is not a folder (expected labelsTr/ holding the label files)"
+
+
+def test_layouts_are_registered_and_evaluation_asks_the_layout_for_its_labels(tmp_path):
+    """discover() tries the registered layouts in order; a new one is one registration."""
+    from mkd_tf.data import layouts
+
+    assert list(layouts.LAYOUTS) == ["nnunet", "mmwhs"]
+    assert layouts.defined_labels({"layout": "mmwhs", "label_values": {"background": 0}}) == MMWHS_LABELS
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    (folder / "scan.txt").write_text("x")
+    custom = layouts.Layout(
+        "flat",
+        lambda root: (root / "scan.txt").exists(),
+        lambda root, modality: layouts.Dataset(root, "flat", "ct", [], {"background": 0, "organ": 7}, "flat"),
+        lambda modality: {"organ": 7, "other_organ": 9},
+        "a test layout",
+    )
+    registered = dict(layouts.LAYOUTS)
+    try:
+        layouts.register_layout(custom)
+        assert discover(folder).layout == "flat"
+        record = {"layout": "flat", "label_values": {"background": 0, "organ": 7}}
+        assert layouts.defined_labels(record) == {"background": 0, "organ": 7, "other_organ": 9}
+        with pytest.raises(ValueError, match="already registered"):
+            layouts.register_layout(custom)
+    finally:
+        layouts.LAYOUTS.clear()
+        layouts.LAYOUTS.update(registered)

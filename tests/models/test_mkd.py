@@ -41,12 +41,21 @@ def make_batch(seed=0, labelled_target=True):
     return batch
 
 
+#: unless a test says otherwise: the paper's step (distillation from the first step, the full IAM: the target
+#: cycle and the discriminators on every step, one batch-norm set per segmentor), so that every loss term
+#: runs; the constructor's defaults are `mkd train`'s (tested below)
+PAPER_STEP = {"target_cycle": True, "discriminator_every": 1, "pretrain_steps": 0, "domain_norm": False}
+PAPER_STEP["syn_domain_norm"] = True  # with domain_norm: S_syn too keeps one set per domain
+#: and the paper's losses (CycleGAN's cycle weight, no structure loss, S_syn -> S_real on aligned images only)
+PAPER_LOSSES = {"cycle": 10.0, "structure": 0.0, "lambda_s2r_target": 0.0}
+
+
 def make_model(sgd=0.0, weights=None, alignment=None, **switches):
-    """A built model; SGD learning rates so that a zero rate freezes a group exactly. Unless a test says
-    otherwise it trains the full IAM (the target cycle, the discriminators on every step: every loss term
-    of the paper's step); the constructor's defaults are the cheaper IAM's, as `mkd train`'s."""
+    """A built model; SGD learning rates so that a zero rate freezes a group exactly."""
     keras.utils.set_random_seed(1)
-    switches = {"target_cycle": True, "discriminator_every": 1, **switches}
+    switches = {**PAPER_STEP, **switches}
+    if not isinstance(weights, MKDLossWeights):
+        weights = {**PAPER_LOSSES, **(weights or {})}
     rates = sgd if isinstance(sgd, dict) else {k: sgd for k in ("segmentors", "generators", "discriminators")}
     model = MKDModel(
         CLASSES,
@@ -217,7 +226,7 @@ def independent_terms(model, batch, temperature, aligned=True, s2r_on_target=Fal
 
 @pytest.mark.parametrize("use_iam", [True, False])
 def test_logged_terms_and_total_match_an_independent_computation(use_iam):
-    weights = MKDLossWeights(temperature=3.0, lambda_s2r=0.7, lambda_r2s=1.9, syn_on_target=0.6, lambda_s2r_target=0.4)
+    weights = {"temperature": 3.0, "lambda_s2r": 0.7, "lambda_r2s": 1.9, "syn_on_target": 0.6, "lambda_s2r_target": 0.4}
     model = make_model(sgd=0.1, weights=weights, use_iam=use_iam)
     batch = make_batch()
     expected = independent_terms(model, batch, 3.0, aligned=use_iam, s2r_on_target=True)
@@ -316,66 +325,6 @@ def test_structure_loss_reaches_only_the_generators():
     assert "structure" not in make_model(sgd=0.01).train_step(make_batch())  # off by default (the paper)
 
 
-def test_s_real_supervised_on_aligned_images_reaches_only_s_real():
-    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT, S_real on aligned
-    logs, loss, reached = loss_term_reach(make_model(sgd=0.01, weights={"real_on_aligned": 1.0}), 3)
-    assert reached == {"S_real"}  # aligned images are stop-gradient
-    assert float(logs["seg_real_aligned"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
-    assert "seg_real_aligned" not in make_model(sgd=0.01).train_step(make_batch())
-
-
-def test_s_real_reading_aligned_images_trains_only_the_generator():
-    """``real_to_generator``: G learns to make images S_real (its target set, inference mode) segments as
-    the assistant's labels say; the segmentors' optimizer never sees the term and S_real's statistics stay."""
-    # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT, S_real reads aligned
-    model = make_model(sgd=0.01, domain_norm=True, weights={"real_to_generator": 1.0})
-    logs, loss, reached = loss_term_reach(model, 3)
-    assert reached == {"S_real", "G"}  # the gradient exists for S_real, but only G's objective holds the term
-    assert float(logs["seg_real_aligned_as_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
-
-    def step(weight):
-        model = make_model(
-            sgd={"segmentors": 0.01, "generators": 0.1, "discriminators": 0.01},
-            domain_norm=True,
-            weights={"real_to_generator": weight},
-        )
-        model.train_step(make_batch())
-        return snapshot(model), [v.numpy() for v in model.real_segmentor.non_trainable_variables]
-
-    after_on, statistics_on = step(1.0)
-    after_off, statistics_off = step(0.0)
-    assert changed(after_off, after_on) == {"G"}  # the same step without the term differs in G alone
-    assert all(np.array_equal(a, b) for a, b in zip(statistics_on, statistics_off))
-    assert "seg_real_aligned_as_target" not in make_model(sgd=0.01).train_step(make_batch())  # off by default
-    assert "seg_real_aligned_as_target" not in make_model(
-        sgd=0.01, weights={"real_to_generator": 1.0}, use_iam=False
-    ).train_step(make_batch())
-
-
-def test_s_real_learning_aligned_images_as_target_trains_only_s_real():
-    """``aligned_as_target``: S_real learns the assistant's labels on aligned images through its target set
-    with frozen statistics; with ``real_to_generator`` 0 nothing else moves."""
-
-    def step(weight):
-        model = make_model(sgd=0.1, domain_norm=True, weights={"aligned_as_target": weight})
-        # No labelled target: no training-mode pass of S_real's target set (which would move its moving
-        # statistics) comes before this term in the step.
-        batch = make_batch(labelled_target=False)
-        # an untrained residual G is the identity: S_real reads the assistant images themselves
-        reads = model.real_segmentor.predict_probabilities(batch["assistant"]["image"], domain=1)
-        expected = float(tf.reduce_mean(losses.segmentation_loss(batch["assistant"]["label"], reads)))
-        logs = model.train_step(batch)
-        return model, logs, expected
-
-    model_on, logs_on, expected = step(1.0)
-    model_off, logs_off, _ = step(0.0)
-    assert float(logs_on["seg_real_aligned_as_target"]) == pytest.approx(expected, rel=1e-5)
-    assert float(logs_on["total"]) == pytest.approx(float(logs_off["total"]) + expected, rel=1e-5)
-    assert changed(snapshot(model_off), snapshot(model_on)) == {"S_real"}
-    statistics_on, statistics_off = (m.real_segmentor.non_trainable_variables for m in (model_on, model_off))
-    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(statistics_on, statistics_off))
-
-
 def test_s_syn_supervised_on_labelled_target_images_reaches_only_s_syn():
     # segmentation calls: S_syn on aligned, S_real on labelled CT, S_syn on labelled CT
     model = make_model(sgd=0.01, domain_norm=True)  # syn_on_target is on by default
@@ -392,32 +341,8 @@ def test_s_syn_to_s_real_distillation_on_target_images_reaches_only_s_real():
     logs, loss, reached = loss_term_reach(model, 2, name="distillation_loss")
     assert reached == {"S_real"}  # the teacher S_syn is stop-gradient
     assert float(logs["kd_s2r_target"]) == pytest.approx(float(tf.reduce_mean(loss)), rel=1e-5)
-    assert "kd_s2r_target" not in make_model(sgd=0.01).train_step(make_batch())  # off by default (the paper)
-
-
-def test_pseudo_labels_teach_both_segmentors_from_their_confident_average_on_target_images():
-    # pseudo_label_loss calls: the pair's average teaching S_syn, then teaching S_real
-    weights = {"pseudo_labels": 1.0, "pseudo_label_threshold": 0.0}
-    logs, to_syn, reached = loss_term_reach(make_model(sgd=0.01, weights=weights), 0, name="pseudo_label_loss")
-    assert reached == {"S_syn"}  # the average is stop-gradient
-    _, to_real, reached = loss_term_reach(make_model(sgd=0.01, weights=weights), 1, name="pseudo_label_loss")
-    assert reached == {"S_real"}
-    assert float(logs["pseudo_target"]) == pytest.approx(float(tf.reduce_mean(to_syn + to_real)), rel=1e-5)
-    # By hand from the same weights: both segmentors on the target images, their average's argmax.
-    model = make_model(sgd=0.0, weights=weights)
-    target = make_batch()["target"]["image"]
-    real = model.real_segmentor(target, training=True)
-    syn = model.synthetic_segmentor(target, training=True)
-    labels = tf.argmax(tf.nn.softmax(real) + tf.nn.softmax(syn), axis=-1)
-    expected = sum(
-        float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
-        for logits in (syn, real)
-    )
-    assert float(model.train_step(make_batch())["pseudo_target"]) == pytest.approx(expected, rel=1e-5)
-    # A threshold no average reaches removes the term's value; off by default (the paper).
-    strict = make_model(sgd=0.01, weights={"pseudo_labels": 1.0, "pseudo_label_threshold": 0.999})
-    assert float(strict.train_step(make_batch())["pseudo_target"]) == 0.0
-    assert "pseudo_target" not in make_model(sgd=0.01).train_step(make_batch())
+    off = make_model(sgd=0.01, weights={"lambda_s2r_target": 0.0}).train_step(make_batch())
+    assert "kd_s2r_target" not in off  # 0: the paper's step
 
 
 def test_warm_start_step_trains_both_segmentors_on_the_assistant_and_the_iam_alone():
@@ -454,7 +379,14 @@ def test_domain_norm_keeps_each_domains_statistics_and_starts_the_target_from_th
     ema = {k: keras.optimizers.SGD(0.1) for k in ("generators", "discriminators")}
     ema["segmentors"] = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
     model = MKDModel(
-        CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, domain_norm=True, optimizers=ema, pretrain_steps=1
+        CLASSES,
+        BATCH,
+        segmentor=SEGMENTOR,
+        alignment=ALIGNMENT,
+        domain_norm=True,
+        syn_domain_norm=True,
+        optimizers=ema,
+        pretrain_steps=1,
     )
     model.build_for((SIZE, SIZE, 1))
     model.build_optimizers()
@@ -508,7 +440,8 @@ def test_without_r2s_distillation_s_syn_predicts_the_target_with_the_set_it_trai
     assert (full.synthetic_segmentor.default_domain, full.real_segmentor.default_domain) == (1, 1)
     # --target-labelled 0: no labelled target slices, so the default syn_on_target cannot train the set
     segmentor = {"domain_norm": True, "syn_domain_norm": True}
-    settings = {"method": "mkd", "ablation": {"kd_r2s": False}, "segmentor": segmentor}
+    paper = {"lambda_s2r_target": 0.0}  # S_syn -> S_real on the target would show S_syn target images
+    settings = {"method": "mkd", "ablation": {"kd_r2s": False}, "segmentor": segmentor, "loss": paper}
     for labelled, domain in ((0, 0), (1, 1)):
         config = load_config(overrides={**settings, "data": {"target_labelled": labelled}})
         assert build_method(config, CLASSES).synthetic_segmentor.default_domain == domain
@@ -550,107 +483,7 @@ def test_syn_domain_norm_off_gives_s_syn_one_set_and_s_real_one_per_domain():
     assert (built.synthetic_segmentor.num_domains, built.real_segmentor.num_domains) == (1, 2)
     plain = make_model(syn_domain_norm=False)
     assert (plain.synthetic_segmentor.num_domains, plain.real_segmentor.num_domains) == (1, 1)
-    assert make_model(domain_norm=True).synthetic_segmentor.num_domains == 2  # the library default splits nothing
-
-
-def _ema_model(**kwargs):
-    """A built domain-norm model whose segmentor optimizer keeps a moving average (momentum 0.5)."""
-    keras.utils.set_random_seed(1)
-    optimizers = {k: keras.optimizers.SGD(0.1) for k in ("generators", "discriminators")}
-    optimizers["segmentors"] = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
-    model = MKDModel(
-        CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, domain_norm=True, optimizers=optimizers, **kwargs
-    )
-    model.build_for((SIZE, SIZE, 1))
-    model.build_optimizers()
-    return model
-
-
-def test_warm_start_on_the_labelled_target_trains_and_keeps_the_target_set():
-    """``pretrain_on_target``: the warm start also supervises both segmentors on the labelled target slices
-    (their target batch-norm set), and its end keeps that set instead of copying the assistant's."""
-    model = _ema_model(pretrain_steps=1, loss_weights={"pretrain_on_target": 0.5})
-    batch = make_batch(0)
-    untrained = _ema_model()  # the same initial weights (seeded), before the step
-    expected = sum(
-        float(model.supervised_on_target(segmentor, batch["target_labelled"]))
-        for segmentor in (untrained.synthetic_segmentor, untrained.real_segmentor)
-    )
-    target_before = _norm_stats(model.real_segmentor, 1)
-    logs = model.pretrain_step(batch)
-    assert float(logs["seg_target"]) == pytest.approx(expected, rel=1e-4)
-    assert float(logs["total"]) == pytest.approx(
-        float(logs["seg_syn"]) + float(logs["seg_real"]) + 0.5 * expected, rel=1e-4
-    )
-    target_after = _norm_stats(model.real_segmentor, 1)
-    assert not any(np.array_equal(a, b) for a, b in zip(target_before, target_after))
-    model.end_pretraining()
-    for kept, now in zip(target_after, _norm_stats(model.real_segmentor, 1)):
-        np.testing.assert_array_equal(kept, now)
-    assert not all(
-        np.array_equal(a, b) for a, b in zip(_norm_stats(model.real_segmentor, 0), _norm_stats(model.real_segmentor, 1))
-    )
-    assert "seg_target" not in _ema_model(pretrain_steps=1).pretrain_step(batch)  # off by default
-
-
-def test_average_teachers_distil_from_the_moving_average_weights():
-    """``average_teachers``: each KD term's teacher is the segmentor run with its optimizer's moving average
-    of the weights (training mode, batch statistics untouched); the student keeps its current weights."""
-    model = _ema_model(loss_weights={"average_teachers": True})
-    for seed in (0, 2):  # the first step sets each average to the weights; the second moves them apart
-        model.train_step(make_batch(seed))
-    batch = make_batch(1)
-    real, syn = model.real_segmentor, model.synthetic_segmentor
-    averages = model.average_by_variable()
-    saved = [v.numpy().copy() for v in real.variables]
-    assert not all(np.array_equal(v.numpy(), averages[id(v)].numpy()) for v in real.trainable_variables)
-    student = syn(batch["target"]["image"], training=True, domain=1)
-    for variable in real.trainable_variables:
-        variable.assign(averages[id(variable)])
-    teacher = real(batch["target"]["image"], training=True, domain=1)
-    for variable, value in zip(real.variables, saved):
-        variable.assign(value)
-    expected = float(tf.reduce_mean(losses.distillation_loss(teacher, student, 2.0)))
-    stats_before = _norm_stats(real, 1)
-    logs = model.train_step(batch)
-    assert float(logs["kd_r2s"]) == pytest.approx(expected, rel=1e-4)
-    # S_real's target statistics moved once (its own supervised and live passes), as without the option:
-    # the teacher pass itself leaves them alone.
-    reference = _ema_model()
-    for seed in (0, 2):
-        reference.train_step(make_batch(seed))
-    for variable, value in zip(reference.real_segmentor.variables, saved):
-        variable.assign(value)
-    reference.train_step(batch)
-    for ours, theirs in zip(_norm_stats(real, 1), _norm_stats(reference.real_segmentor, 1)):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
-    assert not all(np.array_equal(a, b) for a, b in zip(stats_before, _norm_stats(real, 1)))
-
-
-def test_student_perturbation_shows_the_kd_students_a_perturbed_view():
-    """``student_perturbation``: S_syn learns S_real's clean-view prediction on target images from a
-    re-contrasted, noisy view (the same for the same step, another for the other stream)."""
-    model = make_model(sgd=0.1, weights={"student_perturbation": 0.3})
-    batch = make_batch(0)
-    images = batch["target"]["image"]
-    view = model.student_view(images, 1)
-    np.testing.assert_array_equal(view, model.student_view(images, 1))  # stateless: repeatable
-    assert not np.allclose(view, model.student_view(images, 0))
-    change = (view - images).numpy()
-    # the perturbation is of the size asked for: noise of 0.3 x the slice std (contrast changes add a little)
-    assert 0.25 < change.std() / images.numpy().std() < 0.45
-    real, syn = model.real_segmentor, model.synthetic_segmentor
-    expected = float(
-        tf.reduce_mean(losses.distillation_loss(real(images, training=True), syn(view, training=True), 2.0))
-    )
-    logs = model.train_step(batch)
-    assert float(logs["kd_r2s"]) == pytest.approx(expected, rel=1e-4)
-    assert not np.allclose(model.student_view(images, 1), view)  # the next step draws anew
-    unperturbed = make_model()
-    assert unperturbed.student_view(images, 1) is images and unperturbed.perturbation_seed == 0
-
-
-# --- the IAM's cost: shared discriminator passes, target cycle, discriminators every k-th step, frozen IAM ----
+    assert make_model(domain_norm=True).synthetic_segmentor.num_domains == 2  # syn_domain_norm true: S_syn splits too
 
 
 def previous_alignment_losses(model, assistant_images, target_images, aligned, logs):
@@ -816,12 +649,29 @@ def test_the_default_cheaper_iam_reaches_the_model_and_trains_and_mkd_full_iam_r
         None,
         True,
     )
-    assert MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT).freeze_iam_after_warm_start is False
+    without_warm_start = MKDModel(CLASSES, BATCH, segmentor=SEGMENTOR, alignment=ALIGNMENT, pretrain_steps=0)
+    assert without_warm_start.freeze_iam_after_warm_start is False
     # mkd-full-iam: the paper's IAM training
     full = registry.variant_overrides("mkd-full-iam")
     assert set(full) == {"alignment"}
     paper = build_method(load_config(overrides={**overrides, "alignment": {**ALIGNMENT, **full["alignment"]}}), CLASSES)
     assert (paper.target_cycle, paper.discriminator_every, paper.freeze_iam_after_warm_start) == (True, 1, False)
+
+
+def test_the_model_built_without_settings_is_the_one_mkd_train_builds():
+    """Every constructor setting left out is mkd train's default (mkd_tf.config), not a default of its own."""
+    keras.utils.set_random_seed(1)
+    constructed = MKDModel(CLASSES, 8)
+    keras.utils.set_random_seed(1)
+    trained = build_method(load_config(overrides={"method": "mkd"}), CLASSES)
+    assert constructed.get_config() == {**trained.get_config(), "name": constructed.name}
+    assert constructed.get_config()["loss_weights"]["cycle"] == 0.3 and constructed.pretrain_steps == 1400
+    for role, (optimizer, _) in trained.optimizers().items():
+        default, _ = constructed.optimizers()[role]
+        assert type(default) is type(optimizer) and default.get_config() == {
+            **optimizer.get_config(),
+            "name": default.name,
+        }
 
 
 def test_the_default_discriminator_period_is_every_step_under_a_distribution_strategy():

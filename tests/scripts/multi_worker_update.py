@@ -7,7 +7,7 @@ Run once per worker, each with its own `TF_CONFIG` (tests/test_multi_worker.py s
 Each worker writes ``OUT_DIR/worker<i>.npz``:
 
 - ``after_<k>``: every model and optimizer variable after one distributed step of the real training
-  code (:func:`mkd_tf.training.step_functions`) on a fixed global batch of 4 slices, 2 per worker;
+  code (:func:`mkd_tf.trainer.step_functions`) on a fixed global batch of 4 slices, 2 per worker;
 - ``batch_<stream>``: this worker's first batch of :func:`mkd_tf.training.distributed_streams` on CACHE
   (the data path of `mkd train`), to check that the workers' shards make up the unsharded batch.
 
@@ -33,7 +33,7 @@ STRATEGY = cluster.make_multi_worker_strategy(120.0, TF_CONFIG)  # before anythi
 
 import keras  # noqa: E402
 
-from mkd_tf import training  # noqa: E402
+from mkd_tf import trainer, training  # noqa: E402
 from mkd_tf.config import load_config  # noqa: E402
 from mkd_tf.data.cache import SliceCache  # noqa: E402
 from mkd_tf.models.mkd import MKDModel  # noqa: E402
@@ -48,7 +48,15 @@ ALIGNMENT = {"base_filters": 4, "num_blocks": 1, "disc_filters": 4, "disc_layers
 def make_model(global_batch_size):
     # Plain SGD: the update is lr * gradient, so any error in the loss scaling shows up 1:1.
     optimizers = {name: keras.optimizers.SGD(0.1) for name in ("segmentors", "generators", "discriminators")}
-    model = MKDModel(CLASSES, global_batch_size, segmentor=SEGMENTOR, alignment=ALIGNMENT, optimizers=optimizers)
+    model = MKDModel(
+        CLASSES,
+        global_batch_size,
+        segmentor=SEGMENTOR,
+        alignment=ALIGNMENT,
+        optimizers=optimizers,
+        pretrain_steps=0,  # distillation from the first step, with the IAM learning
+        domain_norm=False,  # instance norm (see SEGMENTOR)
+    )
     model.build_for((SIZE, SIZE, 1))
     model.build_optimizers()
     return model
@@ -96,8 +104,10 @@ def main(out, cache_path):
         i = context.replica_id_in_sync_group
         return tf.nest.map_structure(lambda a: tf.constant(a[i * per_replica : (i + 1) * per_replica]), batch)
 
-    _, train_step = training.step_functions(strategy, model)
-    logs = train_step(strategy.experimental_distribute_values_from_function(shard), tf.constant(1.0 if chief else 0.0))
+    _, train_step = trainer.step_functions(strategy, model)
+    logs, _ = train_step(
+        strategy.experimental_distribute_values_from_function(shard), tf.constant(1.0 if chief else 0.0)
+    )
     logs = {name: float(value) for name, value in logs.items()}
     arrays = {f"after_{k}": v.numpy() for k, v in enumerate(state(model))}
 

@@ -45,7 +45,15 @@ def make_model(global_batch_size):
     optimizers = {name: keras.optimizers.SGD(0.1) for name in ("generators", "discriminators")}
     # The segmentors' weights are averaged (``use_ema``, kept by the model): updated on every replica too.
     optimizers["segmentors"] = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
-    model = MKDModel(CLASSES, global_batch_size, segmentor=SEGMENTOR, alignment=ALIGNMENT, optimizers=optimizers)
+    model = MKDModel(
+        CLASSES,
+        global_batch_size,
+        segmentor=SEGMENTOR,
+        alignment=ALIGNMENT,
+        optimizers=optimizers,
+        pretrain_steps=0,  # distillation from the first step, with the IAM learning
+        domain_norm=False,  # instance norm (see SEGMENTOR)
+    )
     model.build_for((SIZE, SIZE, 1))
     model.build_optimizers()
     return model

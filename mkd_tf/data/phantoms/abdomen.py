@@ -131,8 +131,17 @@ def make_anatomy(rng, shape, affine):
     t = TISSUES
     tissues = np.full(points.shape[1], t["air"], dtype=np.uint8)
 
-    # Body: an elliptic cylinder along z; subcutaneous fat, a muscle wall, then the abdominal cavity
-    # (bowel and mesentery with patches of visceral fat).
+    body_centre, body_radii, fat_mm, cavity = _body(rng, warped, tissues)
+    vertebra = _spine_and_vessels(rng, warped, tissues, body_centre, body_radii, fat_mm)
+    _stomach(rng, warped, tissues, body_centre)
+    _organs(rng, warped, tissues, body_centre, cavity, vertebra)
+    return tissues.reshape(shape)
+
+
+def _body(rng, warped, tissues):
+    """Body: an elliptic cylinder along z; subcutaneous fat, a muscle wall, then the abdominal cavity (bowel
+    and mesentery with patches of visceral fat). Returns its centre, radii, fat thickness and the cavity."""
+    t = TISSUES
     body_centre = np.array([rng.uniform(-4, 4), rng.uniform(-4, 4), 0.0])
     body_radii = np.array([rng.uniform(118, 130), rng.uniform(88, 100), 1e6])
     fat_mm = rng.uniform(8.0, 20.0)
@@ -146,8 +155,13 @@ def make_anatomy(rng, shape, affine):
     # Fluid-filled bowel loops: small blobs of a smooth field.
     loops = _smooth_noise(rng, warped, 10.0, 1.0) > rng.uniform(1.0, 1.4)
     tissues[cavity & loops & ~visceral_fat] = t["fluid"]
+    return body_centre, body_radii, fat_mm, cavity
 
-    # Spine at the back: vertebral body, paraspinal muscles behind it, psoas muscles beside it.
+
+def _spine_and_vessels(rng, warped, tissues, body_centre, body_radii, fat_mm):
+    """Spine at the back: vertebral body, paraspinal muscles behind it, psoas muscles beside it; the aorta
+    left-anterior of the vertebra, the inferior vena cava right-anterior. Returns the vertebra's centre."""
+    t = TISSUES
     back = body_centre[1] - body_radii[1] + fat_mm
     vertebra = body_centre + np.array([0.0, back - body_centre[1] + rng.uniform(44, 50), 0.0])
     tissues[ellipsoid(warped, vertebra + np.array([0.0, -30.0, 0.0]), (34.0, 20.0, 1e6))] = t["muscle"]
@@ -155,17 +169,24 @@ def make_anatomy(rng, shape, affine):
         tissues[ellipsoid(warped, vertebra + np.array([side * 24.0, -2.0, 0.0]), (10.0, 12.0, 1e6))] = t["muscle"]
     tissues[ellipsoid(warped, vertebra, (rng.uniform(15, 18), rng.uniform(13, 16), 1e6))] = t["bone"]
     tissues[ellipsoid(warped, vertebra + np.array([0.0, -24.0, 0.0]), (4.0, 11.0, 1e6))] = t["bone"]  # spinous process
-    # Aorta left-anterior of the vertebra, inferior vena cava right-anterior.
     aorta = vertebra + np.array([-rng.uniform(12, 16), rng.uniform(22, 26), 0.0])
     cava = vertebra + np.array([rng.uniform(20, 26), rng.uniform(24, 30), 0.0])
     tissues[ellipsoid(warped, aorta, (1.0, 1.0, 1e6), grow=rng.uniform(9.0, 11.0))] = t["vessel"]
     tissues[ellipsoid(warped, cava, (rng.uniform(9, 12), rng.uniform(6, 9), 1e6))] = t["vessel"]
+    return vertebra
 
-    # Stomach: left upper quadrant, anterior, a fluid-filled sac with a muscular wall.
+
+def _stomach(rng, warped, tissues, body_centre):
+    """Stomach: left upper quadrant, anterior, a fluid-filled sac with a muscular wall."""
     stomach = body_centre + np.array([-rng.uniform(30, 45), rng.uniform(25, 40), rng.uniform(35, 50)])
     stomach_radii = np.array([30.0, 22.0, 28.0]) * rng.uniform(0.8, 1.15)
-    tissues[ellipsoid(warped, stomach, stomach_radii, grow=4.0)] = t["muscle"]
-    tissues[ellipsoid(warped, stomach, stomach_radii)] = t["fluid"]
+    tissues[ellipsoid(warped, stomach, stomach_radii, grow=4.0)] = TISSUES["muscle"]
+    tissues[ellipsoid(warped, stomach, stomach_radii)] = TISSUES["fluid"]
+
+
+def _organs(rng, warped, tissues, body_centre, cavity, vertebra):
+    """The labelled organs: kidneys, spleen and the liver's two lobes, inside the cavity."""
+    t = TISSUES
 
     def organ(name, centre, semi_axes, long_axis, angles, spread):
         # Per-case size, position and rotation about the organ's nominal frame.
@@ -207,7 +228,6 @@ def make_anatomy(rng, shape, affine):
     )
     left_lobe = right_lobe - body_centre + np.array([-rng.uniform(48, 58), rng.uniform(14, 22), rng.uniform(4, 12)])
     organ("liver", left_lobe, (40.0, 22.0, 26.0), (1.0, 0.2, 0.0), rng.uniform(-8, 8, size=3), 3.0)
-    return tissues.reshape(shape)
 
 
 def tissue_labels(tissues, modality):
