@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from mkd_tf import registry
-from mkd_tf.config_migrations import ADDED_SINCE, DEFAULTED_SINCE, REMOVED, RENAMED, migrate, switched_on  # noqa: F401
+from mkd_tf.config_migrations import ADDED_SINCE, DEFAULTED_SINCE, RENAMED, migrate
 from mkd_tf.errors import fail
 from mkd_tf.files import write_text_atomic
 from mkd_tf.rules import BOOL, NON_NEGATIVE, POSITIVE, Rule, fraction, integer
@@ -384,7 +384,6 @@ def check_recorded(values, where):
 
 def _merge(base, update, where, section=None):
     for key, value in update.items():
-        key = RENAMED.get((section, key), key)
         if section == "segmentor" and key == "kind" and value != base.get("kind"):
             if value not in registry.SEGMENTORS:
                 fail(where, f"setting 'segmentor.kind' must be one of {', '.join(registry.SEGMENTORS)}, got {value!r}")

@@ -150,7 +150,7 @@ def labelled_volumes(
     file's own grid, and that grid's voxel spacing in mm."""
     value_to_class = {
         int(value): cache.classes.index(name) if name in cache.classes else 0
-        for name, value in _all_label_values(cache).items()
+        for name, value in defined_labels(cache.modality("target")).items()  # every label, kept or not
     }
     images = cache.images("target")
     for volume in cache.volumes("target", split):
@@ -160,11 +160,6 @@ def labelled_volumes(
         reference = map_label_values(reference_file.data, value_to_class, volume["label"])
         start, stop = volume["slices"]
         yield volume, np.asarray(images[start:stop]), reference, reference_file.spacing
-
-
-def _all_label_values(cache):
-    """Every label value the target dataset defines (kept or not), name -> value."""
-    return defined_labels(cache.modality("target"))
 
 
 def _csv(cases):

@@ -110,9 +110,9 @@ class Trainer:
         shared: several workers: the chief's restored state is broadcast to all.
         verbose: 1 prints progress, 0 nothing.
 
-    Example:
-        >>> trainer = Trainer(model, strategy, folder, cache, config["schedule"], streams)  # doctest: +SKIP
-        >>> trainer.fit(trainer.resume())  # doctest: +SKIP
+    Example (what :func:`mkd_tf.training.train` does, after building the model in the strategy's scope):
+        >>> trainer = Trainer(model, strategy, folder, cache, config["schedule"], streams, panel_streams)  # doctest: +SKIP
+        >>> best = trainer.fit(trainer.share(trainer.resume()))  # doctest: +SKIP
     """
 
     def __init__(

@@ -27,15 +27,10 @@ import numpy as np
 import tensorflow as tf
 
 from mkd_tf import cluster, registry
-from mkd_tf.config import STRATEGIES, learning_settings, load_config, read_yaml_mapping, switched_on
+from mkd_tf.checkpoints import best_weights_prefix, model_state, restore_checkpoint, training_state
+from mkd_tf.config import STRATEGIES, learning_settings, load_config, read_yaml_mapping
+from mkd_tf.config_migrations import switched_on
 from mkd_tf.data import pipeline
-from mkd_tf.checkpoints import (  # noqa: F401  (re-exported: load_run's callers and older imports)
-    best_weights_prefix,
-    check_checkpoint_files,
-    model_state,
-    restore_checkpoint,
-    training_state,
-)
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.errors import MkdError, fail
 from mkd_tf.files import check_parent_is_folder
@@ -44,7 +39,7 @@ from mkd_tf.models.optimizers import make_optimizer
 from mkd_tf.phased_cosine_decay import PhasedCosineDecay
 from mkd_tf.run_files import read_cache_record, read_history
 from mkd_tf.run_folder import RunFolder, not_a_run_folder
-from mkd_tf.trainer import Trainer, step_functions, validation_dice  # noqa: F401  (the loop's own API, re-exported)
+from mkd_tf.trainer import Trainer
 
 
 def make_strategy(

@@ -20,7 +20,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from mkd_cli.main import main as cli
-from mkd_tf import losses, training
+from mkd_tf import checkpoints, losses, training
 from mkd_tf.config import load_config
 from mkd_tf.data.cache import SliceCache
 from mkd_tf.data.nifti import load_label
@@ -612,7 +612,7 @@ def test_a_run_whose_optimizer_kept_the_moving_averages_loads_and_resumes(tmp_pa
     for optimizer, variables in old.optimizers().values():
         optimizer.build(variables)
     assert not old.weight_averages
-    checkpoint = tf.train.Checkpoint(**training.training_state(old, tf.Variable(0, dtype=tf.int64)))
+    checkpoint = tf.train.Checkpoint(**checkpoints.training_state(old, tf.Variable(0, dtype=tf.int64)))
     checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).assert_consumed()  # one layout
     old.train_step(next(iter(training.training_streams(cache, config, epoch=1))))  # moves weights and averages
     tf.train.CheckpointManager(checkpoint, run / "checkpoints", max_to_keep=1).save(checkpoint_number=1)

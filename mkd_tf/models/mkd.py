@@ -248,10 +248,9 @@ class MKDModel(CrossModalityModel):
         """Training-mode logits of ``segmentor`` on (aligned) assistant-domain images."""
         return segmentor(images, training=True, domain=self.domain_of(segmentor, ASSISTANT_DOMAIN))
 
-    def on_target(self, segmentor, images, training=True):
-        """Logits of ``segmentor`` on ``images`` read as target-domain images (training-mode by default;
-        ``training=False`` uses the set's moving statistics and leaves them untouched)."""
-        return segmentor(images, training=training, domain=self.domain_of(segmentor, TARGET_DOMAIN))
+    def on_target(self, segmentor, images):
+        """Training-mode logits of ``segmentor`` on target-domain images."""
+        return segmentor(images, training=True, domain=self.domain_of(segmentor, TARGET_DOMAIN))
 
     def iam_learns(self):
         """Whether the IAM learns in :meth:`train_step` (it has one, not frozen after the warm start)."""
@@ -285,12 +284,11 @@ class MKDModel(CrossModalityModel):
             return self.supervised_loss(self.on_target(segmentor, labelled_target["image"]), labelled_target)
 
     def syn_teaches_real(self, syn_on_aligned, aligned):
-        """S_syn -> S_real distillation on the aligned images (the paper's first KD term): KL(S_syn_T || S_real_T) T^2 of
-        :func:`~mkd_tf.losses.distillation_loss`; the teacher's logits and the images are stop-gradient."""
+        """S_syn -> S_real distillation on the aligned images (the paper's first KD term,
+        :meth:`distillation_term`); the aligned images are stop-gradient too."""
         with tf.name_scope("segmentor_real_on_aligned"):
             student = self.on_assistant(self.real_segmentor, tf.stop_gradient(aligned))
-        teacher = tf.stop_gradient(syn_on_aligned)
-        return self.average(losses.distillation_loss(teacher, student, self.loss_weights.temperature))
+        return self.distillation_term(syn_on_aligned, student)
 
     def both_on_target(self, target_images):
         """Training-mode logits of S_real, then of S_syn, on every target slice (labelled or not)."""
@@ -302,8 +300,8 @@ class MKDModel(CrossModalityModel):
 
     def distillation_term(self, teacher_logits, student_logits):
         """KL(teacher_T || student_T) T^2 (:func:`~mkd_tf.losses.distillation_loss`), the teacher stop-gradient:
-        on the target, S_real -> S_syn (the paper's second KD term) and S_syn -> S_real
-        (``lambda_s2r_target``, both directions on the target as in deep mutual learning)."""
+        every KD term (S_syn -> S_real on aligned images; on the target S_real -> S_syn, the paper's second,
+        and S_syn -> S_real, ``lambda_s2r_target``: both directions there, as in deep mutual learning)."""
         teacher = tf.stop_gradient(teacher_logits)
         return self.average(losses.distillation_loss(teacher, student_logits, self.loss_weights.temperature))
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from mkd_tf.models.baselines import TargetOnlyModel
-from mkd_tf.training import training_state
+from mkd_tf.checkpoints import training_state
 
 SIZE, BATCH, CLASSES = 32, 2, 4
 SEGMENTOR = {"base_filters": 4, "depth": 2}

@@ -218,7 +218,7 @@ def main_mkd_run(tmp_path_factory):
 def _in_memory_checkpoint(model):
     import tensorflow as tf
 
-    from mkd_tf.training import training_state
+    from mkd_tf.checkpoints import training_state
 
     return tf.train.Checkpoint(**training_state(model, tf.Variable(0, dtype=tf.int64, trainable=False)))
 
