@@ -10,12 +10,13 @@ range (a :class:`~mkd_tf.rules.Rule`) and one line of help. :data:`DEFAULTS`, :d
 :mod:`mkd_tf.config_migrations`.
 
 `mkd train --config cfg.yaml` merges the file over the defaults, then command-line flags over that; the
-result (a plain nested dict, the YAML's shape) is written to `RUN/config.yaml`. Only `yaml.safe_load` is
-used.
+result (a plain nested dict, the YAML's shape) is written to `RUN/config.yaml`. Files are read with
+PyYAML's safe loader, which also reads ``4e-3`` as a number (:class:`ConfigLoader`).
 """
 
 import copy
 import functools
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -336,7 +337,8 @@ FLAGS = {
 
 
 def check_config(config, where, rules=None, prefix="", sources=None):
-    """Fail with one line naming where the first setting whose type or range is wrong came from.
+    """Fail with one line naming where the first setting whose type or range is wrong came from; a whole
+    number written as a float (``2.0``, ``1e3``) becomes an int in place.
 
     Args:
         config: the resolved settings.
@@ -354,6 +356,8 @@ def check_config(config, where, rules=None, prefix="", sources=None):
         problem = rule.problem(config[key])
         if problem:
             fail((sources or {}).get(f"{prefix}{key}", where), f"setting '{prefix}{key}' {problem}")
+        if rule.kind == "int" and config[key] is not None:
+            config[key] = int(config[key])  # `epochs: 2.0` or `1e3` is a whole number: ranges and shapes need an int
 
 
 def check_recorded(values, where):
@@ -403,16 +407,33 @@ def _merge(base, update, where, section=None):
     return base
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-3`` / ``4E-3`` as numbers.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``4.0e-3``): ``segmentor_lr: 4e-3`` would be the
+    text ``'4e-3'`` and be refused, though YAML 1.2, Python and the command line read it as 0.004.
+
+    Example:
+        >>> yaml.load("lr: 4e-3", Loader=ConfigLoader)
+        {'lr': 0.004}
+    """
+
+
+ConfigLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: yaml.safe_load is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def read_yaml_mapping(path: Path) -> dict:
-    """The mapping a YAML config file holds (``yaml.safe_load``); one line naming ``path`` when it is missing,
-    not UTF-8, not YAML or not a mapping."""
+    """The mapping a YAML config file holds (:class:`ConfigLoader`, safe); one line naming ``path`` when it is
+    missing, not UTF-8, not YAML or not a mapping."""
     path = Path(path)
     if not path.exists():
         fail(path, "config file not found")
     if not path.is_file():
         fail(path, "config is not a file")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader) or {}
     except UnicodeDecodeError as exc:
         fail(path, f"config is not UTF-8 text (byte {exc.start}: {exc.reason})")
     except yaml.YAMLError as exc:

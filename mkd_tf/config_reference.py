@@ -25,8 +25,8 @@ Every hyper-parameter of `mkd train` and `mkd compare` is a field of a typed set
 `mkd_tf/config.py` (`TrainingSettings`, `DataSettings`, `ScheduleSettings`, ..., `MKDLossSettings`), with
 its default, its type and range and one line of help; this page is generated from them.
 
-Override any of them in a YAML file (read with `yaml.safe_load` only) and pass it with `--config`;
-command-line flags (`--epochs`, `--batch-size`, `--target-labelled`, ...) override the file:
+Override any of them in a YAML file (read with a safe YAML loader that also reads `4e-3` as a number) and
+pass it with `--config`; command-line flags (`--epochs`, `--batch-size`, `--target-labelled`, ...) override the file:
 
 ```yaml
 # cfg.yaml

@@ -130,6 +130,27 @@ def test_bad_config_files_fail_in_one_line_naming_the_file(tmp_path, text, probl
     assert str(raised.value) == f"{path}: {problem}"
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_and_whole_floats_are_ints(tmp_path):
+    # PyYAML alone (YAML 1.1) reads 4e-3 as the text '4e-3'; Python, YAML 1.2 and the command line read a number
+    assert yaml.safe_load("lr: 4e-3") == {"lr": "4e-3"}
+    path = write(
+        tmp_path / "cfg.yaml",
+        "optimizer: {segmentor_lr: 4e-3, generator_lr: 2E-4}\nschedule: {epochs: 2.0, steps_per_epoch: 1e2}\n",
+    )
+    config = load_config(path)
+    assert config["optimizer"]["segmentor_lr"] == 0.004 and config["optimizer"]["generator_lr"] == 0.0002
+    assert config["schedule"]["epochs"] == 2 and type(config["schedule"]["epochs"]) is int
+    assert config["schedule"]["steps_per_epoch"] == 100 and type(config["schedule"]["steps_per_epoch"]) is int
+    for text, problem in [
+        ("optimizer: {segmentor_lr: 4e-3x}\n", "setting 'optimizer.segmentor_lr' must be a finite number, got '4e-3x'"),
+        ('optimizer: {segmentor_lr: "4e-3"}\n', "setting 'optimizer.segmentor_lr' must be a finite number, got '4e-3'"),
+        ("schedule: {epochs: 2.5}\n", "setting 'schedule.epochs' must be a whole number, got 2.5"),
+    ]:
+        with pytest.raises(MkdError) as raised:
+            load_config(write(path, text))
+        assert str(raised.value) == f"{path}: {problem}"
+
+
 def test_unknown_flag_values_and_missing_files(tmp_path):
     with pytest.raises(MkdError, match="^--method: unknown method 'sifa' \\(choose from mkd, target-only, "):
         load_config(overrides={"method": "sifa"})
