@@ -1,6 +1,6 @@
 """The results table of evaluated runs kept in separate folders (run by hand; not a test).
 
-    .venv/bin/python benchmarks/method_table.py NAME=FOLDER [NAME=FOLDER ...] [--out OUT] [--config TEXT]
+    .venv/bin/python benchmarks/method_table.py NAME=FOLDER [NAME=FOLDER ...] [--out OUT] [--config TEXT] [--trained-at COMMIT]
 
 Each FOLDER holds ``seedN`` run folders that ``mkd compare`` (or ``mkd evaluate``) has scored
 (``seedN/metrics.json``, test volumes). For each NAME it prints the main predictor's mean Dice (%), ASSD and
@@ -39,6 +39,7 @@ def main():
     parser.add_argument("runs", nargs="+", metavar="NAME=FOLDER")
     parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
     parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
+    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
     args = parser.parse_args()
     rows = []
     for item in args.runs:
@@ -61,7 +62,7 @@ def main():
         table.append(f"| {row['method']} | {row['seeds']} | {per_seed} | " + " | ".join(cells) + " |")
     print("\n".join(table))
     if args.out:
-        write_record(args.out, args.config, table, {"rows": rows})
+        write_record(args.out, args.config, table, {"rows": rows}, args.trained_at)
 
 
 if __name__ == "__main__":

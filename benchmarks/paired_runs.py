@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -50,11 +51,17 @@ def paired(base, candidate, base_predictor=None):
     return result
 
 
-def record_header(config):
-    """The standard record header (benchmarks/README.md): date, commit, command, config, machine."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
+def record_header(config, trained_at=None):
+    """The standard record header (benchmarks/README.md): date, commit, command, config, machine. The commit is
+    ``trained_at`` (the runs' own, when the scoring checkout is a later one), else the checkout's HEAD."""
+    if trained_at is not None and not re.fullmatch(r"[0-9a-f]{7,40}", trained_at):
+        raise SystemExit(f"error: --trained-at: expected a commit hash, got {trained_at!r}")
+    commit = (
+        trained_at
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+    )
     return {
         "date": datetime.date.today().isoformat(),
         "commit": commit,
@@ -66,10 +73,10 @@ def record_header(config):
     }
 
 
-def write_record(out, config, body, data):
+def write_record(out, config, body, data, trained_at=None):
     """Write ``OUT.md`` (the standard header, then the ``body`` lines) and ``OUT.json`` (``{"header": ...}``
     and ``data``'s keys): the record pair every script of this folder writes."""
-    header = record_header(config)
+    header = record_header(config, trained_at)
     lines = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), "", *body]
     Path(f"{out}.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     Path(f"{out}.json").write_text(json.dumps({"header": header, **data}, indent=2) + "\n")
@@ -82,6 +89,7 @@ def main():
     parser.add_argument("--base-predictor", help="BASE's predictor to pair every candidate predictor with")
     parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
     parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
+    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
     args = parser.parse_args()
     rows, lines = [], []
     base_dice = {p: (s, d) for p, (s, d, _) in paired(args.base, args.base, None).items()}
@@ -116,7 +124,7 @@ def main():
                 + ("" if difference is None else f"{np.mean(difference):+.1f} ± {np.std(difference):.1f}")
                 + " |"
             )
-        write_record(args.out, args.config, table, {"rows": rows})
+        write_record(args.out, args.config, table, {"rows": rows}, args.trained_at)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Validation Dice per epoch of each predictor, over the seeds of evaluated runs (run by hand; not a test).
 
-    .venv/bin/python benchmarks/phase_curves.py FOLDER [FOLDER ...] [--out OUT] [--config TEXT]
+    .venv/bin/python benchmarks/phase_curves.py FOLDER [FOLDER ...] [--out OUT] [--config TEXT] [--trained-at COMMIT]
 
 Each FOLDER holds ``seedN`` run folders (as ``mkd compare`` makes them, or links to them). For every epoch
 it prints the phase the run was in (``history.json``: warm start, distillation, ...) and, per predictor
@@ -36,6 +36,7 @@ def main():
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
     parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
+    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
     args = parser.parse_args()
     text, data = [], {}
     for folder in args.folders:
@@ -53,7 +54,7 @@ def main():
     print("\n".join(text))
     if args.out:
         intro = ["Validation Dice (%, mean over structures) per epoch: mean over seeds (per seed).", ""]
-        write_record(args.out, args.config, intro + text, {"runs": data})
+        write_record(args.out, args.config, intro + text, {"runs": data}, args.trained_at)
 
 
 if __name__ == "__main__":

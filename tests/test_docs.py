@@ -121,3 +121,16 @@ def test_every_benchmark_record_is_cited_and_has_a_header(record):
 def test_every_figure_in_docs_is_cited(figure):
     cited = any(figure.name in page.read_text(encoding="utf-8") for page in PAGES)
     assert cited, f"docs/{figure.name} is cited nowhere (git rm it)"
+
+
+@pytest.mark.parametrize("page", PAGES + sorted(RESULTS.glob("*.md")), ids=_relative)
+def test_every_table_has_its_separator_row(page):
+    # without the `| --- |` row under its header, Markdown renders a table as one paragraph of pipes
+    lines = FENCE.sub("", page.read_text(encoding="utf-8")).splitlines()
+    for number, line in enumerate(lines):
+        starts_table = line.startswith("|") and (number == 0 or not lines[number - 1].startswith("|"))
+        if starts_table:
+            following = lines[number + 1] if number + 1 < len(lines) else ""
+            assert re.fullmatch(r"\|( *:?-{3,}:? *\|)+", following.strip()), (
+                f"{_relative(page)}: the table starting '{line[:60]}' has no separator row under its header"
+            )
