@@ -1,13 +1,13 @@
 """Would a weighted ensemble lift MKD above S_real? (run by hand on finished MKD runs; not a test).
 
-    .venv/bin/python benchmarks/ensemble_weights.py RUN [RUN ...] [--out benchmarks/results/ensemble_weights]
+    .venv/bin/python benchmarks/ensemble_weights.py RUN [RUN ...] [--out OUT] [--config TEXT] [--trained-at COMMIT]
 
 MKD's ensemble is the mean of S_syn's and S_real's softmax (the paper's). For each run (its best
 checkpoint) this scores ``w * p_real + (1 - w) * p_syn`` for several ``w`` on the validation and the test
 volumes, with the same mean Dice as ``mkd evaluate`` (original grid, mean over structures, then over
 volumes; ``w = 0.5`` reproduces the ``mkd`` row of ``mkd compare`` and ``w = 1`` its ``[real]`` row).
 It also scores the honest way to choose ``w``: the one with the best validation Dice, applied to the
-test volumes. Writes OUT.json and OUT.md (the table, also printed).
+test volumes. Writes the record pair OUT.md and OUT.json (the table, also printed).
 """
 
 import argparse
@@ -97,14 +97,19 @@ def table(results, weights=WEIGHTS):
 
 
 def score_runs(description, score_run, make_table, default_out):
-    """The command line of a script that scores finished MKD runs: ``RUN [RUN ...] [--out OUT]``; prints
-    ``make_table({run: score_run(run)})`` and writes it to OUT.md, the scores (and the command) to OUT.json.
-    A bad run folder ends it with one ``error:`` line, as the CLI does."""
+    """The command line of a script that scores finished MKD runs: ``RUN [RUN ...] [--out OUT] [--config TEXT]
+    [--trained-at COMMIT]``; prints ``make_table({run: score_run(run)})`` and writes the record pair OUT.md
+    (the standard header, then the table) and OUT.json (the header, then the scores). A bad run folder ends
+    it with one ``error:`` line, as the CLI does."""
+    from paired_runs import write_record
+
     from mkd_tf.errors import MkdError
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="finished MKD run folders")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / default_out))
+    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
+    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
     args = parser.parse_args()
     try:
         results = {run: score_run(run) for run in args.runs}
@@ -112,9 +117,7 @@ def score_runs(description, score_run, make_table, default_out):
         sys.exit(f"error: {error}")
     text = make_table(results)
     print(text)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
-    out.with_suffix(".md").write_text(text)
+    write_record(args.out, args.config, text.splitlines(), {"results": results}, args.trained_at)
 
 
 def main():

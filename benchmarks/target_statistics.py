@@ -1,7 +1,7 @@
 """Is what a run loses without the IAM its features, or S_syn's batch statistics? (run by hand on finished
 MKD runs; not a test)
 
-    .venv/bin/python benchmarks/target_statistics.py RUN [RUN ...] [--out benchmarks/results/target_statistics]
+    .venv/bin/python benchmarks/target_statistics.py RUN [RUN ...] [--out OUT] [--config TEXT] [--trained-at COMMIT]
 
 For each run (its best checkpoint) this scores S_syn, S_real and their ensemble on the CT test volumes
 twice, with the same mean Dice as ``mkd evaluate``: as trained, and after recomputing every batch-norm
