@@ -11,31 +11,10 @@ says how loaded the cores were while they trained (``--machine``), which the sco
 """
 
 import argparse
-import datetime
 import json
-import os
-import re
 from pathlib import Path
 
-
-def comparison_record(folder, command, commit, config, machine):
-    """``(markdown lines, json dict)`` of the record of the ``mkd compare`` output in ``folder``."""
-    folder = Path(folder)
-    if not re.fullmatch(r"[0-9a-f]{7,40}", commit):
-        raise SystemExit(f"error: --trained-at: expected a commit hash, got {commit!r}")
-    for name in ("comparison.md", "comparison.json"):
-        if not (folder / name).is_file():
-            raise SystemExit(f"error: {folder / name}: not found (run mkd compare --out {folder} first)")
-    header = {
-        "date": datetime.date.today().isoformat(),
-        "commit": commit,
-        "command": command,
-        "config": config,
-        "machine": machine or f"{os.cpu_count()} cores",
-    }
-    lines = ["<!-- record header -->", *(f"- {key}: {value}" for key, value in header.items()), ""]
-    lines += (folder / "comparison.md").read_text(encoding="utf-8").splitlines()
-    return lines, {"header": header, **json.loads((folder / "comparison.json").read_text(encoding="utf-8"))}
+from paired_runs import write_record
 
 
 def main():
@@ -45,11 +24,15 @@ def main():
     parser.add_argument("--command", required=True, help="the mkd compare command that wrote the folder")
     parser.add_argument("--trained-at", required=True, help="the commit the runs were trained at")
     parser.add_argument("--config", default="", help="the runs' data and settings, for the header")
-    parser.add_argument("--machine", default="", help="cores and load while the runs trained")
+    parser.add_argument("--machine", required=True, help="cores and load while the runs trained")
     args = parser.parse_args()
-    lines, data = comparison_record(args.folder, args.command, args.trained_at, args.config, args.machine)
-    Path(f"{args.out}.md").write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
-    Path(f"{args.out}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    folder = Path(args.folder)
+    for name in ("comparison.md", "comparison.json"):
+        if not (folder / name).is_file():
+            raise SystemExit(f"error: {folder / name}: not found (run mkd compare --out {folder} first)")
+    body = (folder / "comparison.md").read_text(encoding="utf-8").splitlines()
+    data = json.loads((folder / "comparison.json").read_text(encoding="utf-8"))
+    write_record(args.out, args.config, body, data, args.trained_at, args.command, args.machine)
     print(f"{args.out}.md, {args.out}.json")
 
 

@@ -51,9 +51,10 @@ def paired(base, candidate, base_predictor=None):
     return result
 
 
-def record_header(config, trained_at=None):
+def record_header(config, trained_at=None, command=None, machine=None):
     """The standard record header (benchmarks/README.md): date, commit, command, config, machine. The commit is
-    ``trained_at`` (the runs' own, when the scoring checkout is a later one), else the checkout's HEAD."""
+    ``trained_at`` (the runs' own, when the scoring checkout is a later one), else the checkout's HEAD; the
+    command and machine are this script's and the current load unless given (the runs' own)."""
     if trained_at is not None and not re.fullmatch(r"[0-9a-f]{7,40}", trained_at):
         raise SystemExit(f"error: --trained-at: expected a commit hash, got {trained_at!r}")
     commit = (
@@ -65,18 +66,19 @@ def record_header(config, trained_at=None):
     return {
         "date": datetime.date.today().isoformat(),
         "commit": commit,
-        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]),
+        "command": command or f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]),
         "config": config,
-        "machine": f"{os.cpu_count()} cores; load average "
+        "machine": machine
+        or f"{os.cpu_count()} cores; load average "
         + ", ".join(f"{v:.2f}" for v in os.getloadavg())
         + " (scoring only: the runs' own machine notes are in the README)",
     }
 
 
-def write_record(out, config, body, data, trained_at=None):
+def write_record(out, config, body, data, trained_at=None, command=None, machine=None):
     """Write ``OUT.md`` (the standard header, then the ``body`` lines) and ``OUT.json`` (``{"header": ...}``
     and ``data``'s keys): the record pair every script of this folder writes."""
-    header = record_header(config, trained_at)
+    header = record_header(config, trained_at, command, machine)
     lines = ["<!-- record header -->", *(f"- {k}: {v}" for k, v in header.items()), "", *body]
     Path(f"{out}.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     Path(f"{out}.json").write_text(json.dumps({"header": header, **data}, indent=2) + "\n")
