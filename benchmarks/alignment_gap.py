@@ -1,6 +1,6 @@
 """How far a trained IAM moves the assistant's appearance towards the target's (run by hand; not a test).
 
-    .venv/bin/python benchmarks/alignment_gap.py CACHE RUN [RUN ...] [--judge CT_RUN]
+    .venv/bin/python benchmarks/alignment_gap.py CACHE RUN [RUN ...] [--judge CT_RUN] [--out OUT --config TEXT]
 
 For every structure (the cache's classes, background included) prints the mean intensity, and the
 standard deviation within the structure (noise, bias field), of the network inputs: the assistant's
@@ -15,6 +15,9 @@ training volume labelled. Its main predictor segments the assistant's slices, ra
 mean foreground Dice against the assistant's labels is printed: how CT-like G's images are *to a CT
 segmentor* -- anatomy kept and appearance converted together, which per-structure means cannot show
 (a G that moves a boundary or keeps MRI's texture scores low here).
+
+``--out OUT``: also write the record pair OUT.md / OUT.json with the standard header (``--config``: the
+runs' settings; ``--trained-at``: the commit they were trained at).
 """
 
 import argparse
@@ -70,7 +73,16 @@ def main():
     parser.add_argument("cache")
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--judge", help="a run trained on the target only (see the module docstring)")
+    parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
+    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
+    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
     args = parser.parse_args()
+    lines, results = [], {}
+
+    def say(line=""):
+        print(line)
+        lines.append(line)
+
     judge = None
     if args.judge:
         judge, _, _ = load_run(args.judge)
@@ -86,21 +98,29 @@ def main():
             raise SystemExit(f"error: {run}: this run has no image alignment module")
         aligned_slices = aligned_images(model, assistant)
         aligned = structure_statistics(aligned_slices, assistant_labels, len(classes))
-        print(f"\n{run}\n")
-        print("| structure | MRI mean | aligned mean | CT mean | gap closed | MRI std | aligned std | CT std |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        say(f"\n{run}\n")
+        say("| structure | MRI mean | aligned mean | CT mean | gap closed | MRI std | aligned std | CT std |")
+        say("| --- | --- | --- | --- | --- | --- | --- | --- |")
         fractions = gap_closed(raw, aligned, target)
+        structures = {}
         for name, a, g, t, fraction in zip(classes, raw, aligned, target, fractions):
             if fraction is None:
                 continue
             cells = f"{a[0]:.2f} | {g[0]:.2f} | {t[0]:.2f} | {fraction:.2f} | {a[1]:.2f} | {g[1]:.2f} | {t[1]:.2f}"
-            print(f"| {name} | {cells} |")
-        closed = np.mean([fraction for fraction in fractions[1:] if fraction is not None])
-        print(f"\ngap closed, mean over the foreground structures: {closed:.2f}")
+            say(f"| {name} | {cells} |")
+            structures[name] = {"mri": a, "aligned": g, "ct": t, "gap_closed": fraction}
+        closed = float(np.mean([fraction for fraction in fractions[1:] if fraction is not None]))
+        say(f"\ngap closed, mean over the foreground structures: {closed:.2f}")
+        results[run] = {"structures": structures, "gap_closed": closed}
         if judge is not None:
             raw_dice = judge_dice(judge, assistant, assistant_labels, len(classes))
             aligned_dice = judge_dice(judge, aligned_slices, assistant_labels, len(classes))
-            print(f"CT segmentor ({args.judge}) mean Dice on MRI {raw_dice:.1f}, on G(MRI) {aligned_dice:.1f}")
+            say(f"CT segmentor ({args.judge}) mean Dice on MRI {raw_dice:.1f}, on G(MRI) {aligned_dice:.1f}")
+            results[run]["judge_dice"] = {"mri": raw_dice, "aligned": aligned_dice}
+    if args.out:
+        from paired_runs import write_record
+
+        write_record(args.out, args.config, lines, {"results": results}, args.trained_at)
 
 
 if __name__ == "__main__":
