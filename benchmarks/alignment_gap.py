@@ -23,6 +23,7 @@ runs' settings; ``--trained-at``: the commit they were trained at).
 import argparse
 
 import numpy as np
+from paired_runs import add_record_arguments, write_record
 
 from mkd_tf import metrics
 from mkd_tf.data.cache import SliceCache
@@ -73,9 +74,7 @@ def main():
     parser.add_argument("cache")
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--judge", help="a run trained on the target only (see the module docstring)")
-    parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
-    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
-    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
+    add_record_arguments(parser)
     args = parser.parse_args()
     lines, results = [], {}
 
@@ -118,8 +117,6 @@ def main():
             say(f"CT segmentor ({args.judge}) mean Dice on MRI {raw_dice:.1f}, on G(MRI) {aligned_dice:.1f}")
             results[run]["judge_dice"] = {"mri": raw_dice, "aligned": aligned_dice}
     if args.out:
-        from paired_runs import write_record
-
         write_record(args.out, args.config, lines, {"results": results}, args.trained_at)
 
 

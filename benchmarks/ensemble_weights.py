@@ -11,7 +11,6 @@ test volumes. Writes the record pair OUT.md and OUT.json (the table, also printe
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -101,15 +100,13 @@ def score_runs(description, score_run, make_table, default_out):
     [--trained-at COMMIT]``; prints ``make_table({run: score_run(run)})`` and writes the record pair OUT.md
     (the standard header, then the table) and OUT.json (the header, then the scores). A bad run folder ends
     it with one ``error:`` line, as the CLI does."""
-    from paired_runs import write_record
+    from paired_runs import add_record_arguments, write_record
 
     from mkd_tf.errors import MkdError
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="finished MKD run folders")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / default_out))
-    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
-    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
+    add_record_arguments(parser, out_default=str(ROOT / "benchmarks" / "results" / default_out))
     args = parser.parse_args()
     try:
         results = {run: score_run(run) for run in args.runs}

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from paired_runs import write_record
+from paired_runs import add_record_arguments, write_record
 
 METRICS = (("dice", "mean Dice", 100.0), ("assd", "ASSD (mm)", 1.0), ("hd95", "HD95 (mm)", 1.0))
 
@@ -37,9 +37,7 @@ def seed_scores(folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="NAME=FOLDER")
-    parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
-    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
-    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
+    add_record_arguments(parser)
     args = parser.parse_args()
     rows = []
     for item in args.runs:

@@ -75,6 +75,15 @@ def record_header(config, trained_at=None, command=None, machine=None):
     }
 
 
+def add_record_arguments(parser, out_default=None):
+    """``--out``, ``--config`` and ``--trained-at``: the arguments of a script that writes a record pair
+    (:func:`write_record`); ``out_default``: write one even without ``--out``."""
+    help_out = "write OUT.md and OUT.json" if out_default else "also write OUT.md and OUT.json"
+    parser.add_argument("--out", default=out_default, help=f"{help_out}, records with the standard header")
+    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
+    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
+
+
 def write_record(out, config, body, data, trained_at=None, command=None, machine=None):
     """Write ``OUT.md`` (the standard header, then the ``body`` lines) and ``OUT.json`` (``{"header": ...}``
     and ``data``'s keys): the record pair every script of this folder writes."""
@@ -89,9 +98,7 @@ def main():
     parser.add_argument("base")
     parser.add_argument("candidates", nargs="+")
     parser.add_argument("--base-predictor", help="BASE's predictor to pair every candidate predictor with")
-    parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
-    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
-    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
+    add_record_arguments(parser)
     args = parser.parse_args()
     rows, lines = [], []
     base_dice = {p: (s, d) for p, (s, d, _) in paired(args.base, args.base, None).items()}

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from paired_runs import write_record
+from paired_runs import add_record_arguments, write_record
 
 
 def curves(folder):
@@ -34,9 +34,7 @@ def curves(folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+")
-    parser.add_argument("--out", help="also write OUT.md and OUT.json, records with the standard header")
-    parser.add_argument("--config", default="", help="the runs' settings, for the record's header")
-    parser.add_argument("--trained-at", help="the commit the runs were trained at [the checkout's HEAD]")
+    add_record_arguments(parser)
     args = parser.parse_args()
     text, data = [], {}
     for folder in args.folders:
